@@ -1,0 +1,248 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The life of one backup folder under a backup root.
+
+``<root>/<UTC timestamp>.incomplete/`` is written first; only a backup that is complete and
+checked is renamed to ``<root>/<UTC timestamp>/`` and pointed at by ``<root>/latest``. A lock file
+keeps two backups of one root apart; a folder left ``.incomplete`` by an interrupted run is
+removed by the next run that holds the lock. Retention never deletes the newest complete backup."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage, _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
+    PacsError, fsync_dir, iso, os_error_cause, sha256_file, utc_now, write_json_atomic)
+
+__metaclass__ = type
+
+FORMAT = "pacs.orthanc.backup"
+FORMAT_VERSION = 1
+NAME_RE = re.compile(r"^\d{8}T\d{6}(\.\d{1,6})?Z$")
+INCOMPLETE = ".incomplete"
+LOCK = ".lock"
+WORK = ".work"
+STATE_FILE = "storage.tsv"
+
+
+def complete_backups(root: str) -> list:
+    """Names of complete backups (a timestamp folder holding manifest.json), oldest first."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if NAME_RE.match(n) and not os.path.islink(os.path.join(root, n))
+                  and os.path.isfile(os.path.join(root, n, "manifest.json")))
+
+
+def latest_backup(root: str):
+    names = complete_backups(root)
+    return os.path.join(root, names[-1]) if names else None
+
+
+def _read_lock(path: str):
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
+def _free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _copy_config(config_path: str, dest: str) -> list:
+    """Copy the configuration file, or the whole configuration folder, keeping modes."""
+    if os.path.isdir(config_path):
+        shutil.copytree(config_path, dest, symlinks=True)
+    else:
+        os.makedirs(dest, mode=0o700)
+        shutil.copy2(config_path, os.path.join(dest, os.path.basename(config_path)))
+    return sorted(os.path.relpath(os.path.join(d, f), dest) for d, _s, fs in os.walk(dest) for f in fs)
+
+
+def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
+                expected_storage_bytes: int = 0, min_free_bytes: int = 0,
+                stale_lock_seconds: int = 86400, check_mode: bool = False) -> dict:
+    """Take the lock, clean up leftovers, check room, create the incomplete folder, copy the
+    configuration. Returns the names and paths the later steps use."""
+    step = "prepare backup folder"
+    now = utc_now()
+    name = now.strftime("%Y%m%dT%H%M%SZ")
+    result = {"name": name, "root": root, "started_at": iso(now), "removed_incomplete": []}
+    if not os.path.isdir(root):
+        if check_mode:
+            result.update({"changed": True, "path": os.path.join(root, name + INCOMPLETE)})
+            return result
+        try:
+            os.makedirs(root, mode=0o700)
+        except OSError as exc:
+            raise PacsError(step, f"cannot create the backup root: {os_error_cause(exc)}")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PacsError(step, f"the backup root {root} is not writable")
+
+    lock_path = os.path.join(root, LOCK)
+    held = _read_lock(lock_path) if os.path.exists(lock_path) else None
+    if held is not None:
+        try:
+            age = now.timestamp() - os.stat(lock_path).st_mtime
+        except FileNotFoundError:
+            age = 0
+        if age < stale_lock_seconds:
+            raise PacsError(step, f"another backup ({held.get('name', '?')}, started {held.get('started_at', '?')}) "
+                            f"holds the lock {lock_path}; wait for it to end. If no backup is running, "
+                            "remove that file")
+    previous = latest_backup(root)
+    index_bytes = sum(os.path.getsize(os.path.join(index_dir, f)) for f in _sqlite.index_files(index_dir))
+    needed = index_bytes + min_free_bytes
+    if not _storage.same_filesystem(storage_dir, root):
+        already = 0
+        if previous:
+            try:
+                with open(os.path.join(previous, "manifest.json"), encoding="utf-8") as handle:
+                    already = int(json.load(handle).get("storage", {}).get("bytes", 0))
+            except (OSError, ValueError, TypeError):
+                already = 0
+        needed += max(0, expected_storage_bytes - already)
+    free = _free_bytes(root)
+    result.update({"previous": previous, "free_bytes": free, "needed_bytes": needed})
+    if free < needed:
+        raise PacsError(step, f"not enough free space in {root}: about {needed} bytes are needed "
+                        f"(index {index_bytes}, new storage files, margin {min_free_bytes}), {free} are free")
+    path = os.path.join(root, name + INCOMPLETE)
+    result["path"] = path
+    if check_mode:
+        result["changed"] = True
+        return result
+    try:
+        fd = os.open(lock_path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"name": name, "started_at": iso(now), "pid": os.getpid()}, handle)
+        os.rename(lock_path + ".new", lock_path)
+        for leftover in sorted(os.listdir(root)):
+            if leftover.endswith(INCOMPLETE) and leftover != name + INCOMPLETE:
+                shutil.rmtree(os.path.join(root, leftover))
+                result["removed_incomplete"].append(leftover)
+        if os.path.exists(path) or os.path.exists(os.path.join(root, name)):
+            raise PacsError(step, f"a backup named {name} exists already; try again in a second")
+        os.makedirs(os.path.join(path, WORK), mode=0o700)
+        os.chmod(path, 0o700)
+        result["config_files"] = _copy_config(config_path, os.path.join(path, "config"))
+    except OSError as exc:
+        raise PacsError(step, os_error_cause(exc))
+    result.update({"changed": True, "state_file": os.path.join(path, WORK, STATE_FILE),
+                   "storage_path": os.path.join(path, "storage"), "index_path": os.path.join(path, "index")})
+    return result
+
+
+def _release_lock(root: str, name: str) -> None:
+    lock_path = os.path.join(root, LOCK)
+    if _read_lock(lock_path).get("name") == name:
+        os.unlink(lock_path)
+
+
+def discard_backup(root: str, name: str, check_mode: bool = False) -> dict:
+    """Remove an incomplete backup (never a complete one) and release its lock."""
+    path = os.path.join(root, name + INCOMPLETE)
+    existed = os.path.isdir(path)
+    if not check_mode:
+        if existed:
+            shutil.rmtree(path)
+        if os.path.isdir(root):
+            _release_lock(root, name)
+    return {"changed": existed, "removed": path if existed else None}
+
+
+def retention(root: str, keep: int, protect: str, check_mode: bool = False) -> list:
+    names = complete_backups(root)
+    keep = max(1, keep)
+    doomed = [n for n in names[:-keep] if n != protect]
+    if not check_mode:
+        for name in doomed:
+            # rename first so that a half-deleted backup never looks complete
+            trash = os.path.join(root, name + ".deleting" + INCOMPLETE)
+            os.rename(os.path.join(root, name), trash)
+            shutil.rmtree(trash)
+    return doomed
+
+
+def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: str = "new",
+                 workers: int = 2, check_mode: bool = False) -> dict:
+    """Check the incomplete backup, write its manifest, rename it complete, point ``latest`` at
+    it, apply retention and release the lock. Fails, leaving it incomplete, when a check fails."""
+    step = "check and complete backup"
+    path = os.path.join(root, name + INCOMPLETE)
+    if not os.path.isdir(path):
+        raise PacsError(step, f"there is no incomplete backup {path}")
+    state = _storage.read_state(os.path.join(path, WORK, STATE_FILE))
+    new_files = {u for u, (_s, origin) in state.items() if origin != _storage.ORIGIN_PREVIOUS}
+    report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=lambda u: u in new_files)
+    if not report["ok"]:
+        problems = "; ".join(f"{v['count']} {k} (e.g. {v['examples'][0]})" for k, v in sorted(report["problems"].items()))
+        raise PacsError(step, f"the backup in {path} failed its check: {problems}", verification=report)
+
+    ended = utc_now()
+    storage_totals = _storage.summarize(state)
+    files = {}
+    for directory, _subdirs, filenames in os.walk(path):
+        rel_dir = os.path.relpath(directory, path)
+        if rel_dir == "storage" or rel_dir.startswith("storage" + os.sep) or rel_dir.split(os.sep)[0] == WORK:
+            continue
+        for filename in filenames:
+            rel = os.path.normpath(os.path.join(rel_dir, filename))
+            if rel != "manifest.json":
+                files[rel] = sha256_file(os.path.join(directory, filename))
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "host": host,
+        "orthanc": {"version": facts.get("orthanc_version"), "name": facts.get("orthanc_name"),
+                    "database_version": report.get("schema_version")},
+        "database_schema_version": report.get("schema_version"),
+        "backend": facts.get("backend", "sqlite"),
+        "storage_compression": facts.get("storage_compression"),
+        "source": {"config_path": facts.get("config_path"), "storage_directory": facts.get("storage_directory"),
+                   "index_directory": facts.get("index_directory")},
+        "started_at": facts.get("started_at"),
+        "stopped_at": facts.get("stopped_at"),
+        "restarted_at": facts.get("restarted_at"),
+        "ended_at": iso(ended),
+        "downtime_seconds": facts.get("downtime_seconds"),
+        "counts": report["counts"],
+        "storage": {"files": storage_totals["files"], "bytes": storage_totals["bytes"],
+                    "new_files": storage_totals["new_files"], "new_bytes": storage_totals["new_bytes"],
+                    "linked_files": storage_totals["linked_files"], "linked_bytes": storage_totals["linked_bytes"],
+                    "copied_files": storage_totals["copied_files"], "copied_bytes": storage_totals["copied_bytes"],
+                    "previous": facts.get("previous")},
+        "verification": {"md5": md5, "files_checked": report["files_checked"],
+                         "files_hashed": report["files_hashed"], "orphans": report["orphans"]},
+        "files": files,
+    }
+    final = os.path.join(root, name)
+    result = {"changed": True, "path": final, "manifest": manifest, "verification": report}
+    if check_mode:
+        return result
+    try:
+        shutil.rmtree(os.path.join(path, WORK))
+        write_json_atomic(os.path.join(path, "manifest.json"), manifest)
+        fsync_dir(path)
+        os.rename(path, final)
+        link_tmp = os.path.join(root, ".latest.new")
+        if os.path.lexists(link_tmp):
+            os.unlink(link_tmp)
+        os.symlink(name, link_tmp)
+        os.rename(link_tmp, os.path.join(root, "latest"))
+        fsync_dir(root)
+        result["deleted_by_retention"] = retention(root, keep, protect=name)
+        _release_lock(root, name)
+    except OSError as exc:
+        raise PacsError(step, os_error_cause(exc))
+    return result

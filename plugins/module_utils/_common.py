@@ -1,0 +1,143 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Shared helpers of pacs.orthanc: the one error type, the one way to run a command,
+hashing and atomic writes. Runs on the managed host: standard library only."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+
+__metaclass__ = type
+
+HASH_CHUNK = 1024 * 1024
+
+
+class PacsError(Exception):
+    """A failure with a step and a cause, turned into one clear fail_json message.
+
+    ``step`` says what the module was doing ("read configuration", "copy index"),
+    ``cause`` why it failed, in words an administrator can act on."""
+
+    def __init__(self, step: str, cause: str, **details):
+        super().__init__(f"{step}: {cause}")
+        self.step = step
+        self.cause = cause
+        self.details = details
+
+    def as_result(self) -> dict:
+        result = {"msg": str(self), "step": self.step, "cause": self.cause}
+        result.update(self.details)
+        return result
+
+
+def os_error_cause(exc: OSError) -> str:
+    """A short cause for an OSError that names the path: 'No space left on device: /x'."""
+    text = exc.strerror or str(exc)
+    if exc.filename:
+        text = f"{text}: {exc.filename}"
+    return text
+
+
+def run_command(argv: list, step: str, data: bytes | None = None, env: dict | None = None,
+                check: bool = True, timeout: float | None = None):
+    """The one place that runs external programs: an argument list (no shell), LC_ALL=C,
+    secrets passed through ``data`` (standard input) or ``env``, never through argv.
+
+    Returns (rc, stdout, stderr) as text. With ``check`` a non-zero exit raises PacsError
+    naming the program and the last lines of its error output."""
+    full_env = dict(os.environ)
+    full_env.update({"LC_ALL": "C", "LANG": "C"})
+    if env:
+        full_env.update(env)
+    try:
+        proc = subprocess.run(argv, input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=full_env, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise PacsError(step, f"program not found: {argv[0]}")
+    except subprocess.TimeoutExpired:
+        raise PacsError(step, f"{os.path.basename(argv[0])} did not finish within {timeout} s")
+    out = proc.stdout.decode("utf-8", "replace")
+    err = proc.stderr.decode("utf-8", "replace")
+    if check and proc.returncode != 0:
+        tail = " ".join(err.strip().splitlines()[-3:]) or out.strip()[-300:]
+        raise PacsError(step, f"{os.path.basename(argv[0])} exited with {proc.returncode}: {tail}")
+    return proc.returncode, out, err
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(HASH_CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def md5_file(path: str) -> str:
+    digest = hashlib.md5()  # Orthanc records MD5s; this is a checksum, not security
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(HASH_CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def iso(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def write_json_atomic(path: str, data, mode: int = 0o600) -> None:
+    """Write JSON to a temporary file beside ``path``, fsync it, then rename it into place."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_module(module, action) -> None:
+    """Call ``action(module)`` and turn its outcome into exit_json/fail_json.
+
+    PacsError becomes a clear message with its step and cause; an OSError becomes one too
+    (the step is then the module's name), so that no traceback reaches the user."""
+    try:
+        result = action(module)
+    except PacsError as exc:
+        module.fail_json(**exc.as_result())
+    except OSError as exc:
+        module.fail_json(msg=f"{module._name}: {os_error_cause(exc)}", step=module._name,
+                         cause=os_error_cause(exc))
+    module.exit_json(**result)

@@ -1,0 +1,192 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: backup_set
+short_description: Open, complete or discard one backup folder of an Orthanc host
+version_added: 0.1.0
+description:
+  - C(open) takes the backup root's lock, removes folders that an interrupted run left
+    incomplete, checks that the root is writable and has room, creates
+    C(<root>/<UTC timestamp>.incomplete/) and copies the Orthanc configuration (file or whole
+    folder) into its C(config/).
+  - C(close) checks the incomplete backup (index integrity, every file the index lists present in
+    C(storage/) with its size, and the MD5 that the index records for O(md5) files), writes
+    C(manifest.json) with a SHA-256 of every file outside C(storage/), renames the folder to its
+    final name, points C(latest) at it, applies retention and releases the lock. When a check
+    fails the folder stays incomplete and the module fails.
+  - C(discard) removes an incomplete backup (never a complete one) and releases the lock.
+options:
+  state:
+    description: What to do.
+    type: str
+    choices: [open, close, discard]
+    required: true
+  root:
+    description: The backup root of this host.
+    type: path
+    required: true
+  name:
+    description: The backup's name (its UTC timestamp), as returned by C(open). Required for C(close) and C(discard).
+    type: str
+  config_path:
+    description: Orthanc's configuration file or folder, copied by C(open).
+    type: path
+  index_directory:
+    description: Orthanc's index folder, for the free space estimate of C(open).
+    type: path
+  storage_directory:
+    description: Orthanc's storage folder, for the free space estimate of C(open).
+    type: path
+  expected_storage_bytes:
+    description: Bytes of the live storage (Orthanc's C(TotalDiskSize)), for the free space estimate.
+    type: int
+    default: 0
+  min_free_bytes:
+    description: Room that must stay free on the backup root beyond what the backup needs.
+    type: int
+    default: 67108864
+  stale_lock_seconds:
+    description: A lock older than this is taken to belong to a dead run and is taken over.
+    type: int
+    default: 86400
+  host:
+    description: Name of the host, recorded in the manifest.
+    type: str
+  facts:
+    description:
+      - What the role learnt during the backup, recorded in the manifest, orthanc_version,
+        orthanc_name, backend, storage_compression, config_path, storage_directory,
+        index_directory, started_at, stopped_at, restarted_at, downtime_seconds, previous.
+    type: dict
+    default: {}
+  keep:
+    description: Complete backups to keep (at least 1; the newest is never deleted).
+    type: int
+    default: 7
+  md5:
+    description:
+      - Which storage files C(close) hashes against the MD5 in the index. C(new), files not
+        linked from the previous (already checked) backup; C(all), every file; C(none), sizes only.
+    type: str
+    choices: [new, all, none]
+    default: new
+  workers:
+    description: Parallel readers for hashing.
+    type: int
+    default: 2
+attributes:
+  check_mode:
+    support: full
+    description: Reports what would be done; writes nothing.
+author:
+  - pacs.orthanc contributors
+"""
+
+EXAMPLES = r"""
+- name: Open a backup
+  pacs.orthanc.backup_set:
+    state: open
+    root: /var/backups/orthanc
+    config_path: /etc/orthanc
+    index_directory: /var/lib/orthanc/db-v6
+    storage_directory: /var/lib/orthanc/db-v6
+  register: backup
+
+- name: Complete it, keeping 7 backups
+  pacs.orthanc.backup_set:
+    state: close
+    root: /var/backups/orthanc
+    name: "{{ backup.name }}"
+    host: "{{ inventory_hostname }}"
+    keep: 7
+"""
+
+RETURN = r"""
+name:
+  description: The backup's name, its UTC start time.
+  type: str
+  returned: always
+  sample: 20261129T070000Z
+path:
+  description: The backup folder (ending in C(.incomplete) after C(open)).
+  type: str
+  returned: open, close
+previous:
+  description: The newest complete backup before this one, or null.
+  type: str
+  returned: open
+removed_incomplete:
+  description: Folders of interrupted runs that C(open) removed.
+  type: list
+  elements: str
+  returned: open
+manifest:
+  description: The manifest written by C(close).
+  type: dict
+  returned: close
+verification:
+  description: The check C(close) ran, counts of problems by kind, files checked and hashed, orphans.
+  type: dict
+  returned: close
+deleted_by_retention:
+  description: Complete backups that retention deleted.
+  type: list
+  elements: str
+  returned: close
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
+
+
+def act(module):
+    p = module.params
+    if p["state"] == "open":
+        for key in ("config_path", "index_directory", "storage_directory"):
+            if not p[key]:
+                raise PacsError("prepare backup folder", f"state=open needs '{key}'")
+        return _backupset.open_backup(p["root"], p["config_path"], p["index_directory"], p["storage_directory"],
+                                      p["expected_storage_bytes"], p["min_free_bytes"], p["stale_lock_seconds"],
+                                      module.check_mode)
+    if not p["name"]:
+        raise PacsError("complete backup", f"state={p['state']} needs 'name'")
+    if p["state"] == "discard":
+        return dict(_backupset.discard_backup(p["root"], p["name"], module.check_mode), name=p["name"])
+    result = _backupset.close_backup(p["root"], p["name"], p["host"] or "", p["facts"], p["keep"], p["md5"],
+                                     p["workers"], module.check_mode)
+    result["name"] = p["name"]
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", choices=["open", "close", "discard"], required=True),
+            root=dict(type="path", required=True),
+            name=dict(type="str"),
+            config_path=dict(type="path"),
+            index_directory=dict(type="path"),
+            storage_directory=dict(type="path"),
+            expected_storage_bytes=dict(type="int", default=0),
+            min_free_bytes=dict(type="int", default=64 * 1024 * 1024),
+            stale_lock_seconds=dict(type="int", default=86400),
+            host=dict(type="str"),
+            facts=dict(type="dict", default={}),
+            keep=dict(type="int", default=7),
+            md5=dict(type="str", choices=["new", "all", "none"], default="new"),
+            workers=dict(type="int", default=2),
+        ),
+        supports_check_mode=True,
+    )
+    run_module(module, act)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: orthanc_info
+short_description: What a backup needs to know about a host's Orthanc
+version_added: 0.1.0
+description:
+  - Reads the Orthanc configuration as Orthanc does (one file or a folder of C(*.json) files,
+    JSON with comments, C(${VAR}) and C(${VAR:-default}) substitution, a key defined in two
+    files is an error, relative paths taken from the configuration's folder).
+  - Finds the index backend (SQLite, PostgreSQL, MySQL), where the files are stored, the index and
+    storage folders, compression and plugins, and flags what this collection cannot back up safely.
+  - Asks the REST API for the version, database schema version and statistics when Orthanc
+    answers; otherwise reads the schema version from the SQLite index and the version from the
+    C(Orthanc) program.
+  - Never changes anything.
+options:
+  config_path:
+    description: Orthanc's configuration file or folder.
+    type: path
+    default: /etc/orthanc
+  url:
+    description: Base URL of Orthanc's REST API.
+    type: str
+    default: http://127.0.0.1:8042
+  username:
+    description: User for the REST API, when authentication is enabled.
+    type: str
+  password:
+    description: Password for the REST API. Never returned or logged.
+    type: str
+  timeout:
+    description: Seconds to wait for the REST API.
+    type: float
+    default: 5
+  environment:
+    description:
+      - Variables that Orthanc's service sees, used for C(${VAR}) substitution in the
+        configuration. Without it, the module's own environment is used.
+    type: dict
+  orthanc_binary:
+    description: The Orthanc program, asked for its version when the REST API does not answer.
+    type: str
+    default: Orthanc
+attributes:
+  check_mode:
+    support: full
+    description: Reads only; runs the same in check mode.
+author:
+  - pacs.orthanc contributors
+"""
+
+EXAMPLES = r"""
+- name: Describe the Orthanc of this host
+  pacs.orthanc.orthanc_info:
+    config_path: /etc/orthanc
+    url: http://127.0.0.1:8042
+  register: orthanc
+
+- name: Refuse what cannot be backed up
+  ansible.builtin.assert:
+    that: orthanc.unsupported | length == 0
+    fail_msg: "{{ orthanc.unsupported | join('; ') }}"
+"""
+
+RETURN = r"""
+backend:
+  description: Where the index lives.
+  type: str
+  returned: always
+  sample: sqlite
+storage:
+  description: Where the DICOM files live (C(filesystem), C(postgresql) or C(mysql)).
+  type: str
+  returned: always
+  sample: filesystem
+storage_directory:
+  description: Absolute storage folder.
+  type: str
+  returned: always
+  sample: /var/lib/orthanc/db-v6
+index_directory:
+  description: Absolute folder of the SQLite index.
+  type: str
+  returned: always
+  sample: /var/lib/orthanc/db-v6
+config_files:
+  description: The configuration files Orthanc reads, in order.
+  type: list
+  elements: str
+  returned: always
+running:
+  description: Whether the REST API answered.
+  type: bool
+  returned: always
+version:
+  description: Orthanc's version, from the REST API or the program.
+  type: str
+  returned: always
+  sample: 1.10.1
+database_version:
+  description: The database schema version, from the REST API or the SQLite index.
+  type: str
+  returned: always
+  sample: "6"
+statistics:
+  description: C(GET /statistics) when the REST API answered, else empty.
+  type: dict
+  returned: always
+index_lock_holder:
+  description: PID of the process holding the SQLite index, or null.
+  type: int
+  returned: always
+storage_compression:
+  description: Whether StorageCompression is on (files are zlib data, not plain DICOM).
+  type: bool
+  returned: always
+plugins:
+  description: Plugins Orthanc loads, each with path, kind and role.
+  type: list
+  elements: dict
+  returned: always
+database:
+  description: Connection settings of a database plugin, without any password.
+  type: dict
+  returned: when a database plugin is enabled
+unsupported:
+  description: What this collection cannot back up safely; a backup refuses to run while not empty.
+  type: list
+  elements: str
+  returned: always
+warnings_found:
+  description: Things worth knowing that do not stop a backup.
+  type: list
+  elements: str
+  returned: always
+"""
+
+import base64
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _sqlite
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_command, run_module
+
+
+def rest_get(url, path, username, password, timeout):
+    request = urllib.request.Request(url.rstrip("/") + path)
+    if username:
+        token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", "Basic " + token)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read().decode("utf-8"))
+
+
+def describe_host(module):
+    p = module.params
+    info = _config.describe(p["config_path"], p["environment"])
+    info.update({"running": False, "version": None, "database_version": None, "statistics": {},
+                 "system": {}, "index_lock_holder": None, "rest_error": None})
+    try:
+        system = rest_get(p["url"], "/system", p["username"], p["password"], p["timeout"])
+        info["statistics"] = rest_get(p["url"], "/statistics", p["username"], p["password"], p["timeout"])
+        info.update({"running": True, "system": system, "version": system.get("Version"),
+                     "database_version": str(system.get("DatabaseVersion"))})
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise PacsError("ask Orthanc's REST API", f"{p['url']} refused the credentials (HTTP 401)")
+        info["rest_error"] = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        info["rest_error"] = str(getattr(exc, "reason", exc))
+    if info["backend"] == "sqlite" and os.path.exists(info["index_file"]):
+        info["index_lock_holder"] = _sqlite.lock_holder(info["index_file"])
+        if info["database_version"] is None and info["index_lock_holder"] is None:
+            info["database_version"] = _sqlite.read_summary(info["index_file"])["schema_version"]
+    if info["version"] is None:
+        binary = module.get_bin_path(p["orthanc_binary"]) if "/" not in p["orthanc_binary"] else p["orthanc_binary"]
+        if binary:
+            _rc, out, _err = run_command([binary, "--version"], "ask the Orthanc program its version", check=False)
+            match = re.search(r"Orthanc\s+(\S+)", out)
+            info["version"] = match.group(1) if match else None
+    info["warnings_found"] = info.pop("warnings")
+    for warning in info["warnings_found"]:
+        module.warn(warning)
+    info["changed"] = False
+    return info
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            config_path=dict(type="path", default="/etc/orthanc"),
+            url=dict(type="str", default="http://127.0.0.1:8042"),
+            username=dict(type="str"),
+            password=dict(type="str", no_log=True),
+            timeout=dict(type="float", default=5),
+            environment=dict(type="dict"),
+            orthanc_binary=dict(type="str", default="Orthanc"),
+        ),
+        supports_check_mode=True,
+    )
+    run_module(module, describe_host)
+
+
+if __name__ == "__main__":
+    main()

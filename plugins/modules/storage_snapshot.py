@@ -1,0 +1,203 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: storage_snapshot
+short_description: Incremental copy of Orthanc's storage folder into a backup
+version_added: 0.1.0
+description:
+  - Orthanc writes each stored file once under C(xx/yy/uuid) and never changes it. This module
+    places each file into O(dest) with the same layout, choosing the cheapest safe way, per file,
+    a hard link to the previous backup's file of the same name and size, a hard link to the live
+    file when O(dest) is on the storage's filesystem, or a copy.
+  - The C(hot) phase runs while Orthanc runs. It walks the storage tree, leaves files modified in
+    the last O(settle_seconds) to the delta phase, and records what it placed in O(state_file).
+  - The C(delta) phase runs while Orthanc is stopped, after M(pacs.orthanc.sqlite_capture). It does
+    not walk the live tree, the captured O(index) lists every attachment and its size. It fetches
+    what the hot phase did not place (or placed while it was still being written) and removes what
+    Orthanc deleted in between, so the backup's storage matches its index exactly.
+options:
+  source:
+    description: Orthanc's storage folder (C(StorageDirectory)).
+    type: path
+    required: true
+  dest:
+    description: The backup's storage folder. Created when missing.
+    type: path
+    required: true
+  phase:
+    description: C(hot) while Orthanc runs, C(delta) while it is stopped.
+    type: str
+    choices: [hot, delta]
+    required: true
+  index:
+    description: The captured SQLite index file; required for the C(delta) phase.
+    type: path
+  previous:
+    description: The previous backup's storage folder; files of the same name and size are linked from it.
+    type: path
+  state_file:
+    description: Where the hot phase records what it placed; read by the delta phase.
+    type: path
+  link_mode:
+    description:
+      - C(auto) hard-links live files when O(dest) is on the storage's filesystem and copies
+        otherwise; C(hardlink) requires that; C(copy) always copies files that are not in O(previous).
+    type: str
+    choices: [auto, hardlink, copy]
+    default: auto
+  settle_seconds:
+    description: The hot phase leaves files younger than this to the delta phase.
+    type: float
+    default: 5
+  workers:
+    description: Parallel copies.
+    type: int
+    default: 4
+  missing_ok:
+    description:
+      - In the delta phase, files that the index lists but the storage folder lacks fail the
+        module (the live archive is already damaged). Set to true to back up the rest anyway and
+        report them.
+    type: bool
+    default: false
+attributes:
+  check_mode:
+    support: full
+    description: Computes what would be linked, copied and removed; writes nothing.
+author:
+  - pacs.orthanc contributors
+"""
+
+EXAMPLES = r"""
+- name: Hot pass while Orthanc runs
+  pacs.orthanc.storage_snapshot:
+    phase: hot
+    source: /var/lib/orthanc/db-v6
+    dest: /var/backups/orthanc/20261129T070000Z.incomplete/storage
+    previous: /var/backups/orthanc/latest/storage
+
+- name: Delta pass once Orthanc is stopped and its index captured
+  pacs.orthanc.storage_snapshot:
+    phase: delta
+    source: /var/lib/orthanc/db-v6
+    dest: /var/backups/orthanc/20261129T070000Z.incomplete/storage
+    index: /var/backups/orthanc/20261129T070000Z.incomplete/index/index
+    previous: /var/backups/orthanc/latest/storage
+"""
+
+RETURN = r"""
+files:
+  description: Files in the backup's storage after this phase.
+  type: int
+  returned: always
+bytes:
+  description: Their bytes.
+  type: int
+  returned: always
+new_files:
+  description: Files not taken from the previous backup (copied, or linked from the live storage).
+  type: int
+  returned: always
+new_bytes:
+  description: Their bytes.
+  type: int
+  returned: always
+linked_files:
+  description: Files hard-linked from the previous backup.
+  type: int
+  returned: always
+linked_bytes:
+  description: Their bytes.
+  type: int
+  returned: always
+copied_files:
+  description: Files whose bytes were copied.
+  type: int
+  returned: always
+copied_bytes:
+  description: Bytes copied.
+  type: int
+  returned: always
+deferred_files:
+  description: Hot phase, files left to the delta phase because they were too recent.
+  type: int
+  returned: phase is hot
+fetched_files:
+  description: Delta phase, files placed in this phase.
+  type: int
+  returned: phase is delta
+removed_files:
+  description: Delta phase, files removed because the index no longer lists them.
+  type: int
+  returned: phase is delta
+missing_files:
+  description: Delta phase, files the index lists that the storage folder lacks.
+  type: int
+  returned: phase is delta
+hardlink_from_source:
+  description: Whether live files were hard-linked (same filesystem) rather than copied.
+  type: bool
+  returned: always
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
+
+
+def snapshot(module):
+    p = module.params
+    state_file = p["state_file"] or os.path.join(os.path.dirname(p["dest"].rstrip("/")), ".work", "storage.tsv")
+    if not module.check_mode:
+        os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
+    common = dict(previous=p["previous"], link_mode=p["link_mode"], workers=p["workers"],
+                  check_mode=module.check_mode)
+    if p["phase"] == "hot":
+        result = _storage.hot_pass(p["source"], p["dest"], state_file, settle=p["settle_seconds"], **common)
+        changed = result["files"] > 0
+    else:
+        if not p["index"]:
+            raise PacsError("copy storage (delta pass)", "the delta phase needs 'index', the captured index file")
+        wanted = {uuid: size for uuid, (size, _md5) in _sqlite.attachments(p["index"]).items()}
+        result = _storage.delta_pass(p["source"], p["dest"], state_file, wanted, **common)
+        changed = result["fetched_files"] > 0 or result["removed_files"] > 0
+        if result["missing_files"]:
+            message = (f"{result['missing_files']} files that the index lists are missing from {p['source']} "
+                       f"(e.g. {result['missing_examples'][0]}): the live archive is already damaged")
+            if not p["missing_ok"]:
+                raise PacsError("copy storage (delta pass)", message, **result)
+            module.warn(message)
+    result.update({"changed": changed, "state_file": state_file})
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            source=dict(type="path", required=True),
+            dest=dict(type="path", required=True),
+            phase=dict(type="str", choices=["hot", "delta"], required=True),
+            index=dict(type="path"),
+            previous=dict(type="path"),
+            state_file=dict(type="path"),
+            link_mode=dict(type="str", choices=["auto", "hardlink", "copy"], default="auto"),
+            settle_seconds=dict(type="float", default=5),
+            workers=dict(type="int", default=4),
+            missing_ok=dict(type="bool", default=False),
+        ),
+        required_if=[("phase", "delta", ("index",))],
+        supports_check_mode=True,
+    )
+    run_module(module, snapshot)
+
+
+if __name__ == "__main__":
+    main()
