@@ -55,15 +55,24 @@ def run_command(argv: list, step: str, data: bytes | None = None, env: dict | No
     full_env.update({"LC_ALL": "C", "LANG": "C"})
     if env:
         full_env.update(env)
-    try:
-        proc = subprocess.run(argv, input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=full_env, timeout=timeout, check=False)
-    except FileNotFoundError:
-        raise PacsError(step, f"program not found: {argv[0]}")
-    except subprocess.TimeoutExpired:
-        raise PacsError(step, f"{os.path.basename(argv[0])} did not finish within {timeout} s")
-    out = proc.stdout.decode("utf-8", "replace")
-    err = proc.stderr.decode("utf-8", "replace")
+    # Output goes to temporary files, not pipes: a start command that leaves a daemon behind
+    # (holding our standard output) must not make us wait for that daemon to exit.
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+                                    stdout=out_file, stderr=err_file, env=full_env)
+        except FileNotFoundError:
+            raise PacsError(step, f"program not found: {argv[0]}")
+        try:
+            proc.communicate(input=data, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise PacsError(step, f"{os.path.basename(argv[0])} did not finish within {timeout} s")
+        out_file.seek(0)
+        err_file.seek(0)
+        out = out_file.read().decode("utf-8", "replace")
+        err = err_file.read().decode("utf-8", "replace")
     if check and proc.returncode != 0:
         tail = " ".join(err.strip().splitlines()[-3:]) or out.strip()[-300:]
         raise PacsError(step, f"{os.path.basename(argv[0])} exited with {proc.returncode}: {tail}")

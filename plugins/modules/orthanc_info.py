@@ -141,26 +141,14 @@ warnings_found:
   returned: always
 """
 
-import base64
-import json
 import os
 import re
 import urllib.error
-import urllib.request
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _sqlite
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _rest, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_command, run_module
-
-
-def rest_get(url, path, username, password, timeout):
-    request = urllib.request.Request(url.rstrip("/") + path)
-    if username:
-        token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
-        request.add_header("Authorization", "Basic " + token)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read().decode("utf-8"))
 
 
 def describe_host(module):
@@ -169,8 +157,8 @@ def describe_host(module):
     info.update({"running": False, "version": None, "database_version": None, "statistics": {},
                  "system": {}, "index_lock_holder": None, "rest_error": None})
     try:
-        system = rest_get(p["url"], "/system", p["username"], p["password"], p["timeout"])
-        info["statistics"] = rest_get(p["url"], "/statistics", p["username"], p["password"], p["timeout"])
+        system = _rest.get(p["url"], "/system", p["username"], p["password"], p["timeout"])
+        info["statistics"] = _rest.get(p["url"], "/statistics", p["username"], p["password"], p["timeout"])
         info.update({"running": True, "system": system, "version": system.get("Version"),
                      "database_version": str(system.get("DatabaseVersion"))})
     except urllib.error.HTTPError as exc:

@@ -1,0 +1,38 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A minimal client of Orthanc's REST API (standard library only)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
+
+__metaclass__ = type
+
+
+def get(url: str, path: str, username: str | None = None, password: str | None = None,
+        timeout: float = 5):
+    request = urllib.request.Request(url.rstrip("/") + path)
+    if username:
+        token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", "Basic " + token)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read().decode("utf-8"))
+
+
+def answers(url: str, username: str | None = None, password: str | None = None, timeout: float = 2) -> bool:
+    """True when GET /system answers 200. A 401 means Orthanc runs but refuses the credentials."""
+    try:
+        get(url, "/system", username, password, timeout)
+        return True
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise PacsError("ask Orthanc's REST API", f"{url} refused the credentials (HTTP 401)")
+        return True  # something answers HTTP on that port
+    except (OSError, ValueError):
+        return False

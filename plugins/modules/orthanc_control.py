@@ -1,0 +1,183 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: orthanc_control
+short_description: Stop or start Orthanc and wait until it really is stopped or answering
+version_added: 0.1.0
+description:
+  - C(stopped) stops Orthanc through its service or a given command, then waits until its REST
+    API no longer answers and no process holds its SQLite index (naming the process that still
+    does when O(timeout) runs out).
+  - C(started) starts Orthanc unless it answers already, then waits until its REST API answers.
+    Orthanc that still answers is given O(grace) seconds to finish a stop in progress before it
+    is taken to be running.
+  - Both return the time they began and ended, measured on the host, so that the downtime of a
+    backup is measured where it happens.
+options:
+  state:
+    description: C(stopped) or C(started).
+    type: str
+    choices: [stopped, started]
+    required: true
+  service_name:
+    description: The service that runs Orthanc, used when no command is given (C(systemctl) with systemd, else C(service)).
+    type: str
+    default: orthanc
+  command:
+    description: Shell command that stops (state C(stopped)) or starts (state C(started)) Orthanc instead of the service.
+    type: str
+  url:
+    description: Base URL of Orthanc's REST API.
+    type: str
+    default: http://127.0.0.1:8042
+  username:
+    description: REST API user.
+    type: str
+  password:
+    description: REST API password. Never returned or logged.
+    type: str
+  index_file:
+    description: With C(stopped), Orthanc's SQLite index, whose lock must be released.
+    type: path
+  timeout:
+    description: Seconds to wait for Orthanc to stop or to answer.
+    type: float
+    default: 60
+  grace:
+    description: With C(started), seconds an answering Orthanc is given to finish stopping.
+    type: float
+    default: 3
+attributes:
+  check_mode:
+    support: full
+    description: Says whether it would stop or start Orthanc; does neither.
+author:
+  - pacs.orthanc contributors
+"""
+
+EXAMPLES = r"""
+- name: Stop Orthanc and wait for its index
+  pacs.orthanc.orthanc_control:
+    state: stopped
+    index_file: /var/lib/orthanc/db-v6/index
+
+- name: Start a private instance with its own command
+  pacs.orthanc.orthanc_control:
+    state: started
+    command: /opt/orthanc/start.sh
+    url: http://127.0.0.1:8043
+"""
+
+RETURN = r"""
+began_at:
+  description: When the stop or start began (UTC, ISO 8601).
+  type: str
+  returned: always
+began_ts:
+  description: The same as seconds since the epoch.
+  type: float
+  returned: always
+ended_at:
+  description: When Orthanc was stopped, or answered (UTC, ISO 8601).
+  type: str
+  returned: always
+ended_ts:
+  description: The same as seconds since the epoch.
+  type: float
+  returned: always
+seconds:
+  description: How long it took.
+  type: float
+  returned: always
+"""
+
+import os
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _rest, _sqlite
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
+    PacsError, iso, run_command, run_module, utc_now)
+
+
+def service_argv(module, name, action):
+    if os.path.isdir("/run/systemd/system") and module.get_bin_path("systemctl"):
+        return [module.get_bin_path("systemctl"), action, name]
+    service = module.get_bin_path("service")
+    if service:
+        return [service, name, action]
+    script = f"/etc/init.d/{name}"
+    if os.path.exists(script):
+        return [script, action]
+    raise PacsError(f"{action} Orthanc", f"neither systemctl, service nor {script} can {action} '{name}'")
+
+
+def control(module):
+    p = module.params
+    auth = (p["username"], p["password"])
+    began = utc_now()
+    t0 = time.monotonic()
+    what = "stop Orthanc" if p["state"] == "stopped" else "start Orthanc"
+    answering = _rest.answers(p["url"], *auth)
+    if p["state"] == "started" and answering:
+        deadline = time.monotonic() + p["grace"]
+        while answering and time.monotonic() < deadline:
+            time.sleep(0.2)
+            answering = _rest.answers(p["url"], *auth)
+    holder = None
+    if p["state"] == "stopped" and p["index_file"] and os.path.exists(p["index_file"]):
+        holder = _sqlite.lock_holder(p["index_file"])
+    needed = (answering or holder is not None) if p["state"] == "stopped" else not answering
+    result = {"changed": needed, "began_at": iso(began), "began_ts": began.timestamp()}
+    if needed and not module.check_mode:
+        if p["command"]:
+            argv = ["/bin/sh", "-c", p["command"]]
+        else:
+            argv = service_argv(module, p["service_name"], "stop" if p["state"] == "stopped" else "start")
+        run_command(argv, what, timeout=p["timeout"])
+        deadline = t0 + p["timeout"]
+        if p["state"] == "stopped":
+            while _rest.answers(p["url"], *auth, timeout=1):
+                if time.monotonic() > deadline:
+                    raise PacsError(what, f"Orthanc still answers at {p['url']} {p['timeout']:.0f} s after the stop")
+                time.sleep(0.1)
+            if p["index_file"] and os.path.exists(p["index_file"]):
+                _sqlite.wait_until_free(p["index_file"], max(0.0, deadline - time.monotonic()))
+        else:
+            while not _rest.answers(p["url"], *auth, timeout=1):
+                if time.monotonic() > deadline:
+                    raise PacsError(what, f"Orthanc does not answer at {p['url']} {p['timeout']:.0f} s after "
+                                    f"'{' '.join(argv)}': look at its log")
+                time.sleep(0.1)
+    ended = utc_now()
+    result.update({"ended_at": iso(ended), "ended_ts": ended.timestamp(),
+                   "seconds": round(time.monotonic() - t0, 3)})
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", choices=["stopped", "started"], required=True),
+            service_name=dict(type="str", default="orthanc"),
+            command=dict(type="str"),
+            url=dict(type="str", default="http://127.0.0.1:8042"),
+            username=dict(type="str"),
+            password=dict(type="str", no_log=True),
+            index_file=dict(type="path"),
+            timeout=dict(type="float", default=60),
+            grace=dict(type="float", default=3),
+        ),
+        supports_check_mode=True,
+    )
+    run_module(module, control)
+
+
+if __name__ == "__main__":
+    main()
