@@ -109,33 +109,39 @@ class Placer:
             except FileNotFoundError:
                 return None, 0
             return ORIGIN_LINK, size
-        self.pending.append(self.pool.submit(self._copy, src, target))
+        self.pending.append((uuid, self.pool.submit(self._copy, src, target)))
         return ORIGIN_COPY, size
 
     @staticmethod
-    def _copy(src: str, target: str) -> None:
+    def _copy(src: str, target: str) -> bool:
+        """Copy through a temporary name; False when the source no longer exists."""
         tmp = target + ".part"
         try:
             shutil.copyfile(src, tmp)
             os.rename(tmp, target)
-        except BaseException:
+            return True
+        except BaseException as exc:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            if isinstance(exc, FileNotFoundError) and exc.filename == src:
+                return False
             raise
 
-    def finish(self) -> None:
+    def finish(self, step: str) -> list:
+        """Wait for the copies; returns the uuids whose source vanished before it was copied."""
+        vanished = []
         try:
-            for future in self.pending:
-                future.result()
-        except FileNotFoundError as exc:
-            raise PacsError("copy storage", f"a storage file vanished while it was copied: {exc.filename}")
+            for uuid, future in self.pending:
+                if not future.result():
+                    vanished.append(uuid)
         except OSError as exc:
-            raise PacsError("copy storage", os_error_cause(exc))
+            raise PacsError(step, os_error_cause(exc))
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pending = []
+        return vanished
 
 
 def read_state(path: str) -> dict:
@@ -219,7 +225,8 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
     except OSError as exc:
         placer.pool.shutdown(wait=True, cancel_futures=True)
         raise PacsError("copy storage (hot pass)", os_error_cause(exc))
-    placer.finish()
+    for uuid in placer.finish("copy storage (hot pass)"):
+        del state[uuid]  # deleted by Orthanc while the hot pass ran
     if not check_mode:
         write_state(state_file, state)
     result = summarize(state)
@@ -262,7 +269,10 @@ def delta_pass(source: str, dest: str, state_file: str, wanted: dict, previous: 
     except OSError as exc:
         placer.pool.shutdown(wait=True, cancel_futures=True)
         raise PacsError("copy storage (delta pass)", os_error_cause(exc))
-    placer.finish()
+    for uuid in placer.finish("copy storage (delta pass)"):
+        missing.append(uuid)
+        del state[uuid]
+        fetched -= 1
     if not check_mode:
         write_state(state_file, state)
     result = summarize(state)
