@@ -7,7 +7,7 @@ import pathlib
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-COLLECTIONS = REPO / "tests" / "output" / "collections"
+COLLECTIONS = REPO / ".work" / "collections"
 
 
 def _link_collection() -> None:

@@ -70,7 +70,8 @@ def _copy_config(config_path: str, dest: str) -> list:
 
 def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
                 expected_storage_bytes: int = 0, min_free_bytes: int = 0,
-                stale_lock_seconds: int = 86400, check_mode: bool = False) -> dict:
+                stale_lock_seconds: int = 86400, space_check: bool = True,
+                check_mode: bool = False) -> dict:
     """Take the lock, clean up leftovers, check room, create the incomplete folder, copy the
     configuration. Returns the names and paths the later steps use."""
     step = "prepare backup folder"
@@ -113,7 +114,7 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         needed += max(0, expected_storage_bytes - already)
     free = _free_bytes(root)
     result.update({"previous": previous, "free_bytes": free, "needed_bytes": needed})
-    if free < needed:
+    if space_check and free < needed:
         raise PacsError(step, f"not enough free space in {root}: about {needed} bytes are needed "
                         f"(index {index_bytes}, new storage files, margin {min_free_bytes}), {free} are free")
     path = os.path.join(root, name + INCOMPLETE)

@@ -50,6 +50,10 @@ options:
     description: Room that must stay free on the backup root beyond what the backup needs.
     type: int
     default: 67108864
+  space_check:
+    description: Refuse to start when the backup root lacks the room the backup needs (estimated).
+    type: bool
+    default: true
   stale_lock_seconds:
     description: A lock older than this is taken to belong to a dead run and is taken over.
     type: int
@@ -154,7 +158,7 @@ def act(module):
                 raise PacsError("prepare backup folder", f"state=open needs '{key}'")
         return _backupset.open_backup(p["root"], p["config_path"], p["index_directory"], p["storage_directory"],
                                       p["expected_storage_bytes"], p["min_free_bytes"], p["stale_lock_seconds"],
-                                      module.check_mode)
+                                      p["space_check"], module.check_mode)
     if not p["name"]:
         raise PacsError("complete backup", f"state={p['state']} needs 'name'")
     if p["state"] == "discard":
@@ -177,6 +181,7 @@ def main():
             expected_storage_bytes=dict(type="int", default=0),
             min_free_bytes=dict(type="int", default=64 * 1024 * 1024),
             stale_lock_seconds=dict(type="int", default=86400),
+            space_check=dict(type="bool", default=True),
             host=dict(type="str"),
             facts=dict(type="dict", default={}),
             keep=dict(type="int", default=7),

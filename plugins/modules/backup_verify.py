@@ -1,0 +1,124 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: backup_verify
+short_description: Verify an Orthanc backup offline, file by file, against its own index
+version_added: 0.1.0
+description:
+  - Checks a backup folder without any Orthanc, the SHA-256 of every file that C(manifest.json)
+    lists, the integrity of the index copy (C(PRAGMA integrity_check)), every attachment that the
+    index lists present in C(storage/) with the size and the MD5 that the index records
+    (compressed storage included, the MD5 is that of the bytes on disk), the counts of the
+    manifest against the index, and files in C(storage/) that the index does not know (orphans,
+    reported but not an error).
+  - Files are hashed in parallel by O(workers) readers.
+  - Read-only; fails with a summary of the problems by kind when anything is wrong.
+options:
+  path:
+    description: The backup folder (for instance C(/var/backups/orthanc/latest)).
+    type: path
+    required: true
+  md5:
+    description: C(all) hashes every storage file; C(none) checks sizes only.
+    type: str
+    choices: [all, none]
+    default: all
+  workers:
+    description: Parallel readers.
+    type: int
+    default: 2
+attributes:
+  check_mode:
+    support: full
+    description: Reads only; runs the same in check mode.
+author:
+  - pacs.orthanc contributors
+"""
+
+EXAMPLES = r"""
+- name: Verify the newest backup
+  pacs.orthanc.backup_verify:
+    path: /var/backups/orthanc/latest
+  register: verification
+"""
+
+RETURN = r"""
+ok:
+  description: Whether no problem was found.
+  type: bool
+  returned: always
+problems:
+  description: Problems by kind, each with a count and up to 10 examples.
+  type: dict
+  returned: always
+  sample: {"storage files with a wrong MD5": {"count": 1, "examples": ["0b4f..."]}}
+counts:
+  description: Patients, studies, series and instances in the index.
+  type: dict
+  returned: when the index is readable
+files_checked:
+  description: Storage files found with the right size.
+  type: int
+  returned: always
+files_hashed:
+  description: Storage files whose MD5 was computed.
+  type: int
+  returned: always
+bytes_hashed:
+  description: Bytes read to compute MD5s.
+  type: int
+  returned: always
+orphans:
+  description: Files in C(storage/) that the index does not list.
+  type: int
+  returned: always
+seconds:
+  description: Time the verification took.
+  type: float
+  returned: always
+"""
+
+import os
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
+
+
+def verify(module):
+    p = module.params
+    path = os.path.realpath(p["path"])
+    if not os.path.isdir(path):
+        raise PacsError("verify backup", f"there is no backup folder at {p['path']}")
+    start = time.monotonic()
+    report = _verify.verify_backup(path, md5=p["md5"], workers=p["workers"])
+    report.update({"changed": False, "path": path, "seconds": round(time.monotonic() - start, 3)})
+    if not report["ok"]:
+        summary = "; ".join(f"{v['count']} {k} (e.g. {v['examples'][0]})" for k, v in sorted(report["problems"].items()))
+        raise PacsError("verify backup", f"{path} is damaged: {summary}", **report)
+    if report["orphans"]:
+        module.warn(f"{report['orphans']} files in {path}/storage are not in the index (orphans)")
+    return report
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", required=True),
+            md5=dict(type="str", choices=["all", "none"], default="all"),
+            workers=dict(type="int", default=2),
+        ),
+        supports_check_mode=True,
+    )
+    run_module(module, verify)
+
+
+if __name__ == "__main__":
+    main()
