@@ -47,6 +47,13 @@ def backup_result(pair):
     if not result:
         return {"line": f"{host}: NOT BACKED UP (unreachable, or the run stopped before this host)",
                 "record": {"host": host, "result": "not run"}}
+    if result.get("result") == "check mode":
+        storage = result.get("storage", {})
+        return {"line": f"{host}: check mode, would back up {storage.get('files', 0)} files "
+                        f"({storage.get('new_files', 0)} new, {storage.get('linked_files', 0)} from the previous backup) "
+                        f"and {storage.get('deferred_files', 0)} recent ones, into {result.get('path')}"
+                        + (", and stop Orthanc briefly" if result.get("would_stop_orthanc") else ""),
+                "record": {"host": host, "result": "check mode", "path": result.get("path")}}
     if result.get("result") != "ok":
         running = "Orthanc running" if result.get("orthanc_running") else "ORTHANC NOT ANSWERING"
         return {"line": f"{host}: FAILED at '{result.get('step')}': {result.get('cause')} ({running})",

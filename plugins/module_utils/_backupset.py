@@ -77,10 +77,13 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
     step = "prepare backup folder"
     now = utc_now()
     name = now.strftime("%Y%m%dT%H%M%SZ")
-    result = {"name": name, "root": root, "started_at": iso(now), "removed_incomplete": []}
+    path = os.path.join(root, name + INCOMPLETE)
+    result = {"name": name, "root": root, "started_at": iso(now), "removed_incomplete": [], "path": path,
+              "previous": None, "state_file": os.path.join(path, WORK, STATE_FILE),
+              "storage_path": os.path.join(path, "storage"), "index_path": os.path.join(path, "index")}
     if not os.path.isdir(root):
         if check_mode:
-            result.update({"changed": True, "path": os.path.join(root, name + INCOMPLETE)})
+            result["changed"] = True
             return result
         try:
             os.makedirs(root, mode=0o700)
@@ -117,8 +120,6 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
     if space_check and free < needed:
         raise PacsError(step, f"not enough free space in {root}: about {needed} bytes are needed "
                         f"(index {index_bytes}, new storage files, margin {min_free_bytes}), {free} are free")
-    path = os.path.join(root, name + INCOMPLETE)
-    result["path"] = path
     if check_mode:
         result["changed"] = True
         return result
@@ -138,8 +139,7 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         result["config_files"] = _copy_config(config_path, os.path.join(path, "config"))
     except OSError as exc:
         raise PacsError(step, os_error_cause(exc))
-    result.update({"changed": True, "state_file": os.path.join(path, WORK, STATE_FILE),
-                   "storage_path": os.path.join(path, "storage"), "index_path": os.path.join(path, "index")})
+    result["changed"] = True
     return result
 
 
@@ -186,8 +186,8 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
     new_files = {u for u, (_s, origin) in state.items() if origin != _storage.ORIGIN_PREVIOUS}
     report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=lambda u: u in new_files)
     if not report["ok"]:
-        problems = "; ".join(f"{v['count']} {k} (e.g. {v['examples'][0]})" for k, v in sorted(report["problems"].items()))
-        raise PacsError(step, f"the backup in {path} failed its check: {problems}", verification=report)
+        raise PacsError(step, f"the backup in {path} failed its check: "
+                        f"{_verify.describe_problems(report['problems'])}", verification=report)
 
     ended = utc_now()
     storage_totals = _storage.summarize(state)

@@ -193,7 +193,9 @@ def _prepare(source: str, dest: str, previous: str | None, link_mode: str, check
             os.makedirs(dest, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise PacsError("create backup storage folder", os_error_cause(exc))
-    probe = dest if os.path.isdir(dest) else os.path.dirname(dest.rstrip("/"))
+    probe = dest
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)  # check mode: the folder does not exist yet
     same_fs = same_filesystem(source, probe)
     if link_mode == "hardlink" and not same_fs:
         raise PacsError("check storage", f"link_mode=hardlink, but {dest} is not on the filesystem of {source}")

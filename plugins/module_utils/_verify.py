@@ -37,14 +37,16 @@ class Report:
     def ok(self) -> bool:
         return not self.problems
 
-    def summary(self) -> str:
-        return "; ".join(f"{entry['count']} {kind} (e.g. {entry['examples'][0]})"
-                         for kind, entry in sorted(self.problems.items()))
-
     def as_dict(self) -> dict:
         result = {"ok": self.ok, "problems": self.problems, "orphan_examples": self.orphan_examples}
         result.update(self.stats)
         return result
+
+
+def describe_problems(problems: dict) -> str:
+    """'2 missing storage files (e.g. 0b4f...); 1 index integrity errors (e.g. ...)'."""
+    return "; ".join(f"{entry['count']} {kind} (e.g. {entry['examples'][0]})"
+                     for kind, entry in sorted(problems.items()))
 
 
 def check_manifest_files(backup: str, manifest: dict, report: Report) -> None:

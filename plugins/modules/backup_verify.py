@@ -101,8 +101,8 @@ def verify(module):
     report = _verify.verify_backup(path, md5=p["md5"], workers=p["workers"])
     report.update({"changed": False, "path": path, "seconds": round(time.monotonic() - start, 3)})
     if not report["ok"]:
-        summary = "; ".join(f"{v['count']} {k} (e.g. {v['examples'][0]})" for k, v in sorted(report["problems"].items()))
-        raise PacsError("verify backup", f"{path} is damaged: {summary}", **report)
+        raise PacsError("verify backup", f"{path} is damaged: {_verify.describe_problems(report['problems'])}",
+                        **report)
     if report["orphans"]:
         module.warn(f"{report['orphans']} files in {path}/storage are not in the index (orphans)")
     return report

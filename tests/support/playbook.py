@@ -1,0 +1,71 @@
+"""Running the collection's playbooks from tests and benchmarks, with real inventories."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+COLLECTIONS = REPO / ".work" / "collections"
+
+
+def link_collection() -> pathlib.Path:
+    target = COLLECTIONS / "ansible_collections" / "pacs" / "orthanc"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.is_symlink():
+        target.symlink_to(REPO)
+    return COLLECTIONS
+
+
+def local_host(server, backup_root, **extra) -> dict:
+    """Host variables for an OrthancServer reached with the local connection."""
+    hostvars = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "orthanc_config_path": str(server.config_path),
+        "orthanc_url": server.url,
+        "orthanc_backup_root": str(backup_root),
+        "orthanc_stop_command": server.stop_command(),
+        "orthanc_start_command": server.start_command(),
+    }
+    hostvars.update(extra)
+    return hostvars
+
+
+def write_inventory(path: pathlib.Path, hosts: dict, group: str = "orthanc") -> pathlib.Path:
+    inventory = {"all": {"children": {group: {"hosts": hosts}}}}
+    path.write_text(json.dumps(inventory, indent=2))
+    return path
+
+
+def run_playbook(inventory: pathlib.Path, playbook: str = "backup.yml", extra_vars: dict | None = None,
+                 pipelining: bool = True, timeout: float = 600, popen: bool = False, verbosity: int = 0,
+                 check: bool = False):
+    """Run playbooks/<playbook>; returns CompletedProcess (stdout+stderr in .stdout), or the
+    Popen when ``popen`` is set."""
+    env = dict(os.environ)
+    env.update({
+        "ANSIBLE_COLLECTIONS_PATH": str(link_collection()),
+        "ANSIBLE_PIPELINING": "1" if pipelining else "0",
+        "ANSIBLE_HOST_KEY_CHECKING": "0",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        "ANSIBLE_LOCALHOST_WARNING": "0",
+        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    argv = ["ansible-playbook", "-i", str(inventory), str(REPO / "playbooks" / playbook)]
+    if check:
+        argv.append("--check")
+    if verbosity:
+        argv.append("-" + "v" * verbosity)
+    if extra_vars:
+        argv += ["-e", json.dumps(extra_vars)]
+    if popen:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, check=False)
