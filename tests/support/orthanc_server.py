@@ -329,28 +329,8 @@ class OrthancServer:
         return answer["ID"]
 
     def store_cstore(self, paths: Iterable[Path | str]) -> None:
-        """Send files with dcmtk's storescu over DICOM (C-STORE); raise if any is not stored.
-
-        storescu exits 0 even when a C-STORE is answered with an error status, so its
-        verbose log is read: every file must get a "Received Store Response (Success...)"
-        (or a warning). Files go in batches of 500, one association each.
-        """
-        files = [str(p) for p in paths]
-        for start in range(0, len(files), 500):
-            batch = files[start:start + 500]
-            res = subprocess.run(
-                ["storescu", "-v", "-aec", DICOM_AET, "127.0.0.1", str(self.dicom_port), *batch],
-                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
-                env=_dicom_env(),
-            )
-            log = res.stdout + res.stderr
-            statuses = re.findall(r"Received Store Response \((.*)\)", log)
-            failed = [st for st in statuses if not st.startswith(("Success", "Warning"))]
-            if res.returncode != 0 or failed or len(statuses) != len(batch):
-                errors = "\n".join(l for l in log.splitlines() if not l.startswith("I:"))
-                raise OrthancError(
-                    f"{self.name}: storescu exit {res.returncode}, {len(statuses)} responses "
-                    f"for {len(batch)} files, failed: {failed}\n{errors or log[-2000:]}")
+        """Send files over DICOM (C-STORE); raise if any is not stored."""
+        cstore("127.0.0.1", self.dicom_port, paths, label=self.name)
 
     def statistics(self) -> dict:
         """GET /statistics (CountInstances, TotalDiskSize, ...)."""
@@ -374,6 +354,31 @@ class OrthancServer:
 
     def __repr__(self) -> str:
         return f"OrthancServer({self.name!r}, {self.url}, root={str(self.root)!r})"
+
+
+def cstore(host: str, port: int, paths: Iterable[Path | str], label: str = "storescu") -> None:
+    """Send files with dcmtk's storescu over DICOM (C-STORE); raise if any is not stored.
+
+    storescu exits 0 even when a C-STORE is answered with an error status, so its
+    verbose log is read: every file must get a "Received Store Response (Success...)"
+    (or a warning). Files go in batches of 500, one association each.
+    """
+    files = [str(p) for p in paths]
+    for start in range(0, len(files), 500):
+        batch = files[start:start + 500]
+        res = subprocess.run(
+            ["storescu", "-v", "-aec", DICOM_AET, host, str(port), *batch],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+            env=_dicom_env(),
+        )
+        log = res.stdout + res.stderr
+        statuses = re.findall(r"Received Store Response \((.*)\)", log)
+        failed = [st for st in statuses if not st.startswith(("Success", "Warning"))]
+        if res.returncode != 0 or failed or len(statuses) != len(batch):
+            errors = "\n".join(line for line in log.splitlines() if not line.startswith("I:"))
+            raise OrthancError(
+                f"{label}: storescu exit {res.returncode}, {len(statuses)} responses "
+                f"for {len(batch)} files, failed: {failed}\n{errors or log[-2000:]}")
 
 
 def stop_all(servers: Iterable[OrthancServer], timeout: float = 60) -> None:
