@@ -17,6 +17,7 @@ if its command line still names this server's configuration.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -306,6 +307,10 @@ class OrthancServer:
              json_body: Any = None, timeout: float = 60) -> Any:
         """Call the REST API; return parsed JSON for JSON answers, else the raw bytes."""
         headers = {}
+        users = self.extra_config.get("RegisteredUsers") or {}
+        if self.extra_config.get("AuthenticationEnabled") and users:
+            user, password = next(iter(users.items()))
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         if json_body is not None:
             body = json.dumps(json_body).encode()
             headers["Content-Type"] = "application/json"

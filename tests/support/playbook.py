@@ -41,23 +41,48 @@ def write_inventory(path: pathlib.Path, hosts: dict, group: str = "orthanc") -> 
     return path
 
 
-def run_playbook(inventory: pathlib.Path, playbook: str = "backup.yml", extra_vars: dict | None = None,
-                 pipelining: bool = True, timeout: float = 600, popen: bool = False, verbosity: int = 0,
-                 check: bool = False):
-    """Run playbooks/<playbook>; returns CompletedProcess (stdout+stderr in .stdout), or the
-    Popen when ``popen`` is set."""
+def _env() -> dict:
     env = dict(os.environ)
     env.update({
         "ANSIBLE_COLLECTIONS_PATH": str(link_collection()),
-        "ANSIBLE_PIPELINING": "1" if pipelining else "0",
         "ANSIBLE_HOST_KEY_CHECKING": "0",
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_FORCE_COLOR": "0",
         "ANSIBLE_RETRY_FILES_ENABLED": "0",
         "ANSIBLE_LOCALHOST_WARNING": "0",
         "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0",
+        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
         "PYTHONUNBUFFERED": "1",
     })
+    return env
+
+
+def run_module(module: str, args: dict, check: bool = False) -> dict:
+    """Run one module of the collection on localhost (ad hoc); returns its result."""
+    env = _env()
+    env.update({"ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.minimal"})
+    argv = ["ansible", "localhost", "-c", "local", "-m", f"pacs.orthanc.{module}", "-a", json.dumps(args)]
+    if check:
+        argv.append("--check")
+    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=300, check=False)
+    # minimal callback: "localhost | SUCCESS => {json}" (or CHANGED, FAILED!)
+    try:
+        marker = proc.stdout.index(" => {")
+        result = json.loads(proc.stdout[marker + 4:])
+        result["failed"] = proc.stdout[:marker].rstrip().endswith("FAILED!")
+        return result
+    except ValueError:
+        raise AssertionError(f"no result from {module}: {proc.stdout}\n{proc.stderr}")
+
+
+def run_playbook(inventory: pathlib.Path, playbook: str = "backup.yml", extra_vars: dict | None = None,
+                 pipelining: bool = True, timeout: float = 600, popen: bool = False, verbosity: int = 0,
+                 check: bool = False):
+    """Run playbooks/<playbook>; returns CompletedProcess (stdout+stderr in .stdout), or the
+    Popen when ``popen`` is set."""
+    env = _env()
+    env["ANSIBLE_PIPELINING"] = "1" if pipelining else "0"
     argv = ["ansible-playbook", "-i", str(inventory), str(REPO / "playbooks" / playbook)]
     if check:
         argv.append("--check")
