@@ -88,7 +88,7 @@ attributes:
     support: full
     description: Reports what would be done; writes nothing.
 author:
-  - pacs.orthanc contributors
+  - pacs.orthanc developers (@pacs-orthanc)
 """
 
 EXAMPLES = r"""

@@ -37,7 +37,7 @@ attributes:
     support: full
     description: Reads only; runs the same in check mode.
 author:
-  - pacs.orthanc contributors
+  - pacs.orthanc developers (@pacs-orthanc)
 """
 
 EXAMPLES = r"""

@@ -57,7 +57,7 @@ attributes:
     support: full
     description: Says whether it would stop or start Orthanc; does neither.
 author:
-  - pacs.orthanc contributors
+  - pacs.orthanc developers (@pacs-orthanc)
 """
 
 EXAMPLES = r"""

@@ -43,7 +43,7 @@ attributes:
     support: full
     description: Checks that the index is free and readable; copies nothing.
 author:
-  - pacs.orthanc contributors
+  - pacs.orthanc developers (@pacs-orthanc)
 """
 
 EXAMPLES = r"""

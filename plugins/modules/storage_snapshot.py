@@ -70,7 +70,7 @@ attributes:
     support: full
     description: Computes what would be linked, copied and removed; writes nothing.
 author:
-  - pacs.orthanc contributors
+  - pacs.orthanc developers (@pacs-orthanc)
 """
 
 EXAMPLES = r"""

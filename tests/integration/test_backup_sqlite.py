@@ -125,3 +125,19 @@ def test_check_mode_changes_nothing(servers, tmp_path):
     assert not (tmp_path / "backups").exists()
     assert "dry: check mode, would back up 3 files (3 new, 0 from the previous backup)" in result.stdout
     assert ", and stop Orthanc briefly" in result.stdout
+
+
+def test_a_stopped_orthanc_is_backed_up_and_left_stopped(servers, tmp_path):
+    server = servers("cold")
+    checks.store_studies(server, tmp_path, patients=1, via="cstore")
+    expected = server.statistics()
+    server.stop()
+    inventory = write_inventory(tmp_path / "inventory.json", {"cold": local_host(server, tmp_path / "backups")})
+    result = run_playbook(inventory)
+    assert result.returncode == 0, result.stdout
+    assert server.pid() is None and not server.answers()  # left as it was: stopped
+    manifest = checks.read_manifest((tmp_path / "backups" / "latest").resolve())
+    assert manifest["downtime_seconds"] == 0.0 and manifest["stopped_at"] is None
+    assert manifest["counts"]["instances"] == expected["CountInstances"]
+    server.start()
+    checks.assert_backup_matches(server, (tmp_path / "backups" / "latest").resolve())

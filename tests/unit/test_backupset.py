@@ -1,0 +1,130 @@
+"""The life of a backup folder on real files: lock, leftovers, checks, manifest, latest, retention.
+
+The index here is a small SQLite file with the tables and columns of Orthanc's schema 6 that
+the collection reads; the tests against real Orthanc servers are in tests/integration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+
+import pytest
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
+
+
+def make_orthanc(tmp_path, files: int = 3):
+    """A configuration, a storage tree and an index that lists exactly those files."""
+    config, storage, index_dir = tmp_path / "etc", tmp_path / "storage", tmp_path / "index"
+    for folder in (config, storage, index_dir):
+        folder.mkdir()
+    (config / "orthanc.json").write_text('{"Name": "unit"}')
+    conn = sqlite3.connect(index_dir / "index")
+    conn.executescript("""
+        CREATE TABLE GlobalProperties(property INTEGER PRIMARY KEY, value TEXT);
+        CREATE TABLE Resources(internalId INTEGER PRIMARY KEY, resourceType INTEGER, publicId TEXT, parentId INTEGER);
+        CREATE TABLE AttachedFiles(id INTEGER, fileType INTEGER, uuid TEXT, compressedSize INTEGER,
+            uncompressedSize INTEGER, compressionType INTEGER, uncompressedMD5 TEXT, compressedMD5 TEXT);
+        INSERT INTO GlobalProperties VALUES (1, '6');
+        INSERT INTO Resources VALUES (1, 1, 'p', NULL), (2, 2, 's', 1), (3, 3, 'se', 2);
+    """)
+    for number in range(files):
+        data = os.urandom(100 + number)
+        uuid = hashlib.md5(data).hexdigest()
+        uuid = f"{uuid[:8]}-{uuid[8:12]}-{uuid[12:16]}-{uuid[16:20]}-{uuid[20:]}"
+        path = storage / _storage.relpath(uuid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        digest = hashlib.md5(data).hexdigest()
+        conn.execute("INSERT INTO Resources VALUES (?, 4, ?, 3)", (10 + number, f"i{number}"))
+        conn.execute("INSERT INTO AttachedFiles VALUES (?, 1, ?, ?, ?, 1, ?, ?)",
+                     (10 + number, uuid, len(data), len(data), digest, digest))
+    conn.commit()
+    conn.close()
+    return config, storage, index_dir
+
+
+def take_backup(tmp_path, root, config, storage, index_dir, keep=7):
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    _storage.hot_pass(str(storage), opened["storage_path"], opened["state_file"], previous=(
+        os.path.join(opened["previous"], "storage") if opened["previous"] else None), link_mode="copy", settle=0)
+    os.makedirs(opened["index_path"])
+    with open(index_dir / "index", "rb") as src, open(os.path.join(opened["index_path"], "index"), "wb") as dst:
+        dst.write(src.read())
+    return opened, _backupset.close_backup(str(root), opened["name"], "unit-host", {"backend": "sqlite"}, keep)
+
+
+def test_a_backup_is_complete_only_after_its_checks(tmp_path):
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    opened, closed = take_backup(tmp_path, root, config, storage, index_dir)
+    final = root / opened["name"]
+    assert os.readlink(root / "latest") == opened["name"]
+    assert not (root / ".lock").exists() and not (final / ".work").exists()
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["counts"] == {"patients": 1, "studies": 1, "series": 1, "instances": 3}
+    assert manifest["storage"]["files"] == 3 and manifest["verification"]["files_hashed"] == 3
+    assert set(manifest["files"]) == {"config/orthanc.json", "index/index"}
+    assert oct(os.stat(root).st_mode & 0o777) == "0o700"
+
+
+def test_a_damaged_file_keeps_the_backup_incomplete(tmp_path):
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    _storage.hot_pass(str(storage), opened["storage_path"], opened["state_file"], link_mode="copy", settle=0)
+    os.makedirs(opened["index_path"])
+    (tmp_path / "index" / "index").replace(os.path.join(opened["index_path"], "index"))
+    victim = next(p for p in (root / (opened["name"] + ".incomplete") / "storage").rglob("*") if p.is_file())
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 0xFF
+    victim.write_bytes(bytes(data))  # same size, one flipped byte
+    with pytest.raises(PacsError, match="1 storage files with a wrong MD5"):
+        _backupset.close_backup(str(root), opened["name"], "h", {}, 7)
+    assert (root / (opened["name"] + ".incomplete")).is_dir()
+    assert _backupset.complete_backups(str(root)) == [] and not (root / "latest").exists()
+
+
+def test_a_second_backup_is_refused_while_one_runs_and_leftovers_are_removed(tmp_path):
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    first = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    with pytest.raises(PacsError, match=r"another backup .* holds the lock .*\.lock"):
+        _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    # the first run dies; once its lock is stale the next run takes over and removes its folder
+    old = time.time() - 100
+    os.utime(root / ".lock", (old, old))
+    time.sleep(1.1)
+    second = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage), stale_lock_seconds=50)
+    assert second["removed_incomplete"] == [first["name"] + ".incomplete"]
+    _backupset.discard_backup(str(root), second["name"])
+    assert os.listdir(root) == []
+
+
+def test_retention_keeps_the_newest_and_links_unchanged_files(tmp_path):
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    names = []
+    for _ in range(3):
+        opened, closed = take_backup(tmp_path, root, config, storage, index_dir, keep=2)
+        names.append(opened["name"])
+        time.sleep(1.1)
+    assert _backupset.complete_backups(str(root)) == names[1:]
+    assert closed["deleted_by_retention"] == [names[0]]
+    manifest = closed["manifest"]
+    assert manifest["storage"]["linked_files"] == 3 and manifest["storage"]["copied_files"] == 0
+    # keep=0 still keeps the newest
+    opened, closed = take_backup(tmp_path, root, config, storage, index_dir, keep=0)
+    assert _backupset.complete_backups(str(root)) == [opened["name"]]
+
+
+def test_no_room_is_refused_with_the_figures(tmp_path):
+    config, storage, index_dir = make_orthanc(tmp_path)
+    with pytest.raises(PacsError, match=r"not enough free space in .*: about \d+ bytes are needed"):
+        _backupset.open_backup(str(tmp_path / "backups"), str(config), str(index_dir), str(storage),
+                               min_free_bytes=1 << 60)
+    assert not (tmp_path / "backups" / ".lock").exists()
