@@ -36,3 +36,11 @@ def answers(url: str, username: str | None = None, password: str | None = None, 
         return True  # something answers HTTP on that port
     except (OSError, ValueError):
         return False
+
+
+# The argument spec that goes with the pacs.orthanc.rest documentation fragment.
+ARGUMENT_SPEC = dict(
+    url=dict(type="str", default="http://127.0.0.1:8042"),
+    username=dict(type="str"),
+    password=dict(type="str", no_log=True),
+)

@@ -32,10 +32,8 @@ options:
     description: Parallel readers.
     type: int
     default: 2
-attributes:
-  check_mode:
-    support: full
-    description: Reads only; runs the same in check mode.
+extends_documentation_fragment:
+  - pacs.orthanc.rest.READ_ONLY
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """

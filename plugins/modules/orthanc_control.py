@@ -31,16 +31,6 @@ options:
   command:
     description: Shell command that stops (state C(stopped)) or starts (state C(started)) Orthanc instead of the service.
     type: str
-  url:
-    description: Base URL of Orthanc's REST API.
-    type: str
-    default: http://127.0.0.1:8042
-  username:
-    description: REST API user.
-    type: str
-  password:
-    description: REST API password. Never returned or logged.
-    type: str
   index_file:
     description: With C(stopped), Orthanc's SQLite index, whose lock must be released.
     type: path
@@ -56,6 +46,8 @@ attributes:
   check_mode:
     support: full
     description: Says whether it would stop or start Orthanc; does neither.
+extends_documentation_fragment:
+  - pacs.orthanc.rest
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -167,9 +159,7 @@ def main():
             state=dict(type="str", choices=["stopped", "started"], required=True),
             service_name=dict(type="str", default="orthanc"),
             command=dict(type="str"),
-            url=dict(type="str", default="http://127.0.0.1:8042"),
-            username=dict(type="str"),
-            password=dict(type="str", no_log=True),
+            **_rest.ARGUMENT_SPEC,
             index_file=dict(type="path"),
             timeout=dict(type="float", default=60),
             grace=dict(type="float", default=3),

@@ -24,16 +24,6 @@ options:
     description: Orthanc's configuration file or folder.
     type: path
     default: /etc/orthanc
-  url:
-    description: Base URL of Orthanc's REST API.
-    type: str
-    default: http://127.0.0.1:8042
-  username:
-    description: User for the REST API, when authentication is enabled.
-    type: str
-  password:
-    description: Password for the REST API. Never returned or logged.
-    type: str
   timeout:
     description: Seconds to wait for the REST API.
     type: float
@@ -47,10 +37,9 @@ options:
     description: The Orthanc program, asked for its version when the REST API does not answer.
     type: str
     default: Orthanc
-attributes:
-  check_mode:
-    support: full
-    description: Reads only; runs the same in check mode.
+extends_documentation_fragment:
+  - pacs.orthanc.rest
+  - pacs.orthanc.rest.READ_ONLY
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -188,9 +177,7 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             config_path=dict(type="path", default="/etc/orthanc"),
-            url=dict(type="str", default="http://127.0.0.1:8042"),
-            username=dict(type="str"),
-            password=dict(type="str", no_log=True),
+            **_rest.ARGUMENT_SPEC,
             timeout=dict(type="float", default=5),
             environment=dict(type="dict"),
             orthanc_binary=dict(type="str", default="Orthanc"),
