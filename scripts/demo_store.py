@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Store a few sample studies into an Orthanc: one over REST, one over DICOM C-STORE.
 
     python3 scripts/demo_store.py [--url http://127.0.0.1:8042] [--dicom-port 4242] [--studies 2]

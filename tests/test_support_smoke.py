@@ -36,7 +36,7 @@ def _shell_all(commands: list[str]) -> None:
     procs = [subprocess.Popen(c, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for c in commands]
     for c, p in zip(commands, procs):
-        out, _ = p.communicate(timeout=90)
+        out = p.communicate(timeout=90)[0]
         assert p.returncode == 0, f"{c} -> {p.returncode}: {out.decode()}"
 
 
@@ -88,7 +88,7 @@ def test_two_servers_store_restart(servers, tmp_path: Path) -> None:
     assert a.answers() and b.answers()
     assert a.pid() not in (None, pids[0]) and b.pid() not in (None, pids[1])
     assert subprocess.run(OrthancServer.load(a.root).ctl_command("status"), shell=True,
-                          capture_output=True).returncode == 0
+                          capture_output=True, check=False).returncode == 0
     assert a.statistics()["CountInstances"] == 3
     assert b.statistics()["CountInstances"] == 4
     check(a, files_a, exact=True)

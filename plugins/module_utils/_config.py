@@ -227,8 +227,8 @@ def describe(config_path: str, environ: dict | None = None) -> dict:
             backend = kind
         if storage_on:
             storage = kind
-        database = {key: section[key] for key in ("Host", "Port", "Database", "Username", "UnixSocket",
-                                                   "EnableSsl", "Lock", "Schema") if key in section}
+        shown = ("Host", "Port", "Database", "Username", "UnixSocket", "EnableSsl", "Lock", "Schema")
+        database = {key: section[key] for key in shown if key in section}
         database["engine"] = kind
         database["password_set"] = bool(section.get("Password"))
         database["connection_uri_set"] = bool(section.get("ConnectionUri"))

@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import urllib.error
-import urllib.request
+
+from ansible.module_utils.urls import open_url
 
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
 
@@ -17,12 +17,12 @@ __metaclass__ = type
 
 def get(url: str, path: str, username: str | None = None, password: str | None = None,
         timeout: float = 5):
-    request = urllib.request.Request(url.rstrip("/") + path)
-    if username:
-        token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
-        request.add_header("Authorization", "Basic " + token)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    response = open_url(url.rstrip("/") + path, timeout=timeout, url_username=username or None,
+                        url_password=password or None, force_basic_auth=bool(username))
+    try:
         return json.loads(response.read().decode("utf-8"))
+    finally:
+        response.close()
 
 
 def answers(url: str, username: str | None = None, password: str | None = None, timeout: float = 2) -> bool:

@@ -96,6 +96,10 @@ def check_storage(backup: str, index_file: str, report: Report, hash_filter=None
     return {uuid: size for uuid, (size, _md5) in listed.items()}
 
 
+def _hash_none(_uuid: str) -> bool:
+    return False
+
+
 def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=None) -> dict:
     """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none."""
     report = Report()
@@ -120,7 +124,7 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
         return report.as_dict()
     summary = _sqlite.read_summary(index_file)
     if md5 == "none":
-        chosen = lambda uuid: False  # noqa: E731
+        chosen = _hash_none
     elif md5 == "all":
         chosen = None
     else:

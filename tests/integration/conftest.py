@@ -8,6 +8,7 @@ import pytest
 
 from tests.support.orthanc_server import OrthancServer, stop_all
 
+
 @pytest.fixture
 def servers(tmp_path):
     """Factory of started OrthancServers, all stopped at the end of the test."""

@@ -6,7 +6,6 @@ the backups with what the servers hold, byte for byte."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 

@@ -107,7 +107,7 @@ def make_instances(out_dir: Path | str, count: int,
     series_list: list[tuple[Dataset, str, int]] = []
     study_no = 0
     for p in range(1, max(1, min(10, count // 50 + 1)) + 1):
-        for _ in range(rng.randint(1, 2)):
+        for _study in range(rng.randint(1, 2)):
             study_no += 1
             template = _study_dataset(f"BENCH{p:03d}", f"Bench^Patient{p}", generate_uid(),
                                       study_no)

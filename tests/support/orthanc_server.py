@@ -38,11 +38,11 @@ ORTHANC_BIN = os.environ.get("ORTHANC_BIN", "/usr/sbin/Orthanc")
 CTL_SCRIPT = Path(__file__).resolve().with_name("orthancctl.py")
 DICOM_AET = "ORTHANC"
 
+
 # Debian's DCMTK (in Orthanc and in storescu) leaves Nagle's algorithm on unless the
 # environment says TCP_NODELAY=1: each C-STORE then waits ~90 ms on delayed ACKs.
 def _dicom_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
-
 
 
 _handed_out: set[int] = set()
@@ -56,7 +56,7 @@ class OrthancError(RuntimeError):
 
 def free_port() -> int:
     """Return a TCP port that is free on 127.0.0.1 and not yet handed out by this process."""
-    for _ in range(100):
+    for _attempt in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -373,7 +373,7 @@ def cstore(host: str, port: int, paths: Iterable[Path | str], label: str = "stor
         batch = files[start:start + 500]
         res = subprocess.run(
             ["storescu", "-v", "-aec", DICOM_AET, host, str(port), *batch],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600, check=False,
             env=_dicom_env(),
         )
         log = res.stdout + res.stderr

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Start, stop or query a test Orthanc created by orthanc_server.OrthancServer.
 
 Usage: orthancctl.py start|stop|status ROOT

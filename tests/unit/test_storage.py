@@ -63,7 +63,7 @@ def test_a_copy_with_the_wrong_size_is_fetched_again(tmp_path):
 def test_previous_backup_is_linked_and_same_filesystem_is_linked(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    names = [put(src, os.urandom(100)) for _ in range(3)]
+    names = [put(src, os.urandom(100)) for _number in range(3)]
     first, second = tmp_path / "1" / "storage", tmp_path / "2" / "storage"
     _storage.hot_pass(str(src), str(first), str(tmp_path / "s1"), link_mode="copy", settle=0)
     new = put(src, os.urandom(50))
