@@ -109,7 +109,7 @@ def test_retention_keeps_the_newest_and_links_unchanged_files(tmp_path):
     config, storage, index_dir = make_orthanc(tmp_path)
     root = tmp_path / "backups"
     names = []
-    for _ in range(3):
+    for _round in range(3):
         opened, closed = take_backup(tmp_path, root, config, storage, index_dir, keep=2)
         names.append(opened["name"])
         time.sleep(1.1)

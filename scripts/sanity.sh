@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# ansible-test sanity on a copy of this checkout laid out as ansible_collections/pacs/orthanc.
+# ansible-test downloads a get-pip script from the internet at its first run; here a stand-in
+# installs pip 24.2 from PyPI's wheel instead. shellcheck is not installed: that test is skipped.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cache="$HOME/.ansible/test/cache"
+mkdir -p "$cache"
+if [ ! -f "$cache/get_pip_24_2.py" ]; then
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps pip==24.2 -d "$cache"
+  cat > "$cache/get_pip_24_2.py" <<'PY'
+"""Stand-in for get-pip.py: installs pip 24.2 from the wheel beside this file."""
+import glob, os, sys
+wheel = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pip-24.2-*.whl"))[0]
+sys.path.insert(0, wheel)
+from pip._internal.cli.main import main
+args = [a for a in sys.argv[1:] if not a.startswith(("pip", "--no-setuptools", "--no-wheel"))]
+sys.exit(main(["install", "--no-index", wheel] + args))
+PY
+fi
+work="$repo/.work/sanity/ansible_collections/pacs/orthanc"
+mkdir -p "$work"
+# the files git tracks, as they are in the working tree
+(cd "$repo" && git ls-files -z | rsync -a --delete --from0 --files-from=- ./ "$work/")
+cd "$work"
+[ -d .git ] || git init -q
+git add -A >/dev/null
+ansible-test sanity --python "$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
+  --skip-test shellcheck --color no 2>&1 | grep -vE "^(WARNING: Location|Collecting|  Downloading|Processing|Looking in|Requirement already)"
