@@ -17,7 +17,7 @@ import shutil
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, fsync_dir, iso, os_error_cause, sha256_file, utc_now, write_json_atomic)
+    PacsError, copy_tree_as_is, fsync_dir, iso, os_error_cause, owner_of, sha256_file, utc_now, write_json_atomic)
 
 __metaclass__ = type
 
@@ -56,16 +56,6 @@ def _read_lock(path: str):
 def _free_bytes(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
-
-
-def _copy_config(config_path: str, dest: str) -> list:
-    """Copy the configuration file, or the whole configuration folder, keeping modes."""
-    if os.path.isdir(config_path):
-        shutil.copytree(config_path, dest, symlinks=True)
-    else:
-        os.makedirs(dest, mode=0o700)
-        shutil.copy2(config_path, os.path.join(dest, os.path.basename(config_path)))
-    return sorted(os.path.relpath(os.path.join(d, f), dest) for d, _s, fs in os.walk(dest) for f in fs)
 
 
 def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
@@ -136,7 +126,7 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
             raise PacsError(step, f"a backup named {name} exists already; try again in a second")
         os.makedirs(os.path.join(path, WORK), mode=0o700)
         os.chmod(path, 0o700)
-        result["config_files"] = _copy_config(config_path, os.path.join(path, "config"))
+        result["config_files"] = copy_tree_as_is(config_path, os.path.join(path, "config"))
     except OSError as exc:
         raise PacsError(step, os_error_cause(exc))
     result["changed"] = True
@@ -211,7 +201,10 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
         "backend": facts.get("backend", "sqlite"),
         "storage_compression": facts.get("storage_compression"),
         "source": {"config_path": facts.get("config_path"), "storage_directory": facts.get("storage_directory"),
-                   "index_directory": facts.get("index_directory")},
+                   "index_directory": facts.get("index_directory"), "config_is_folder": facts.get("config_is_folder"),
+                   "storage_owner": facts.get("storage_owner")},
+        "config_files": {rel[len("config/"):]: owner_of(os.path.join(path, rel))
+                         for rel in sorted(files) if rel.startswith("config/")},
         "started_at": facts.get("started_at"),
         "stopped_at": facts.get("stopped_at"),
         "restarted_at": facts.get("restarted_at"),

@@ -7,9 +7,12 @@ hashing and atomic writes. Runs on the managed host: standard library only."""
 from __future__ import annotations
 
 import datetime
+import grp
 import hashlib
 import json
 import os
+import pwd
+import shutil
 import subprocess
 import tempfile
 
@@ -135,6 +138,53 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def owner_of(path: str) -> dict:
+    """Owner, group (names where the host knows them) and mode of a file."""
+    st = os.lstat(path)
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return {"owner": owner, "group": group, "mode": f"{st.st_mode & 0o7777:04o}"}
+
+
+def resolve_ids(owner: str, group: str) -> tuple:
+    """Numeric ids of owner and group names on this host (numbers pass through)."""
+    try:
+        uid = int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError as exc:
+        raise PacsError("resolve owner", f"no such user or group on this host: {exc.args[0]}")
+    return uid, gid
+
+
+def copy_tree_as_is(src: str, dest: str) -> list:
+    """Copy a file or a folder like ``cp -a``: contents, modes, times, owners, symlinks.
+    Returns the copied files relative to ``dest`` (a file lands as dest/<its name>)."""
+    if os.path.isdir(src):
+        shutil.copytree(src, dest, symlinks=True)
+        pairs = [(src, dest)]
+        for directory, subdirs, files in os.walk(src):
+            for name in subdirs + files:
+                full = os.path.join(directory, name)
+                pairs.append((full, os.path.join(dest, os.path.relpath(full, src))))
+    else:
+        os.makedirs(dest, mode=0o700, exist_ok=True)
+        target = os.path.join(dest, os.path.basename(src))
+        shutil.copy2(src, target, follow_symlinks=False)
+        pairs = [(src, target)]
+    for original, copy in pairs:
+        st = os.lstat(original)
+        os.lchown(copy, st.st_uid, st.st_gid)
+    if os.path.isdir(src):
+        os.chmod(dest, os.stat(src).st_mode & 0o7777)
+    return sorted(os.path.relpath(os.path.join(d, f), dest) for d, _s, fs in os.walk(dest) for f in fs)
 
 
 def run_module(module, action) -> None:

@@ -14,7 +14,7 @@ import json
 import os
 import re
 
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, owner_of
 
 __metaclass__ = type
 
@@ -181,10 +181,11 @@ def _enabled(section: dict, key: str) -> bool:
     return value is True or (isinstance(value, str) and value.lower() == "true")
 
 
-def describe(config_path: str, environ: dict | None = None) -> dict:
-    """Everything a backup needs to know from the configuration alone."""
+def describe(config_path: str, environ: dict | None = None, base_dir: str | None = None) -> dict:
+    """Everything a backup needs to know from the configuration alone. ``base_dir`` resolves
+    relative paths from another folder (a configuration read from a backup, for its target)."""
     conf = load_configuration(config_path, environ)
-    values, base_dir = conf["values"], conf["base_dir"]
+    values, base_dir = conf["values"], base_dir or conf["base_dir"]
     warnings: list = []
     unsupported: list = []
     for name in conf["missing_variables"]:
@@ -250,6 +251,7 @@ def describe(config_path: str, environ: dict | None = None) -> dict:
             warnings.append(f"{key} is set: Orthanc recycles (deletes) old patients when it is reached")
 
     return {
+        "storage_owner": owner_of(storage_dir) if os.path.exists(storage_dir) else None,
         "config_path": conf["path"],
         "config_is_folder": os.path.isdir(conf["path"]),
         "config_files": conf["files"],

@@ -63,8 +63,9 @@ class Placer:
     live storage (same filesystem) or copy; copies run in a small thread pool."""
 
     def __init__(self, source: str, dest: str, previous: str | None, link_source: bool,
-                 workers: int = 4, check_mode: bool = False):
+                 workers: int = 4, check_mode: bool = False, owner: tuple | None = None):
         self.source, self.dest, self.previous = source, dest, previous
+        self.owner = owner
         self.link_source = link_source
         self.check_mode = check_mode
         self.made_dirs: set = set()
@@ -76,6 +77,9 @@ class Placer:
         if shard not in self.made_dirs:
             if not self.check_mode:
                 os.makedirs(os.path.join(self.dest, shard), mode=0o700, exist_ok=True)
+                if self.owner:
+                    os.chown(os.path.join(self.dest, uuid[0:2]), *self.owner)
+                    os.chown(os.path.join(self.dest, shard), *self.owner)
             self.made_dirs.add(shard)
 
     def place(self, uuid: str, size: int | None) -> tuple:
@@ -108,16 +112,20 @@ class Placer:
                 os.link(src, target)
             except FileNotFoundError:
                 return None, 0
+            if self.owner:
+                os.chown(target, *self.owner)
             return ORIGIN_LINK, size
-        self.pending.append((uuid, self.pool.submit(self._copy, src, target)))
+        self.pending.append((uuid, self.pool.submit(self._copy, src, target, self.owner)))
         return ORIGIN_COPY, size
 
     @staticmethod
-    def _copy(src: str, target: str) -> bool:
+    def _copy(src: str, target: str, owner: tuple | None = None) -> bool:
         """Copy through a temporary name; False when the source no longer exists."""
         tmp = target + ".part"
         try:
             shutil.copyfile(src, tmp)
+            if owner:
+                os.chown(tmp, *owner)
             os.rename(tmp, target)
             return True
         except BaseException as exc:

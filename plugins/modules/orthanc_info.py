@@ -37,6 +37,12 @@ options:
     description: The Orthanc program, asked for its version when the REST API does not answer.
     type: str
     default: Orthanc
+  require_config:
+    description:
+      - When false, a missing configuration is reported (C(config_found=false)) instead of failing,
+        as on a fresh host before a restore.
+    type: bool
+    default: true
 extends_documentation_fragment:
   - pacs.orthanc.rest
   - pacs.orthanc.rest.READ_ONLY
@@ -78,6 +84,15 @@ index_directory:
   type: str
   returned: always
   sample: /var/lib/orthanc/db-v6
+config_found:
+  description: Whether the configuration exists (always true unless O(require_config=false)).
+  type: bool
+  returned: always
+storage_owner:
+  description: Owner, group and mode of the storage folder, or null when it does not exist.
+  type: dict
+  returned: always
+  sample: {"owner": "orthanc", "group": "orthanc", "mode": "0750"}
 config_files:
   description: The configuration files Orthanc reads, in order.
   type: list
@@ -142,7 +157,12 @@ from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsEr
 
 def describe_host(module):
     p = module.params
-    info = _config.describe(p["config_path"], p["environment"])
+    if not p["require_config"] and not os.path.exists(p["config_path"]):
+        info = {"config_found": False, "config_path": p["config_path"], "backend": None, "storage": None,
+                "warnings": [], "unsupported": [], "plugins": [], "index_file": ""}
+    else:
+        info = _config.describe(p["config_path"], p["environment"])
+        info["config_found"] = True
     info.update({"running": False, "version": None, "database_version": None, "statistics": {},
                  "system": {}, "index_lock_holder": None, "rest_error": None})
     try:
@@ -181,6 +201,7 @@ def main():
             timeout=dict(type="float", default=5),
             environment=dict(type="dict"),
             orthanc_binary=dict(type="str", default="Orthanc"),
+            require_config=dict(type="bool", default=True),
         ),
         supports_check_mode=True,
     )

@@ -1,0 +1,200 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Restoring a backup onto a host: plan (what goes where, may it go there), apply (move the
+current data aside, never delete it, put the backup in place) and roll back (put it back)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
+    PacsError, copy_tree_as_is, os_error_cause, resolve_ids)
+
+__metaclass__ = type
+
+ASIDE = ".pre-restore-"
+_ID = re.compile(r"^[0-9A-Za-z._-]+$")
+
+
+def version_tuple(text) -> tuple:
+    numbers = re.findall(r"\d+", str(text or ""))
+    return tuple(int(n) for n in numbers[:3]) if numbers else ()
+
+
+def read_manifest(backup: str) -> dict:
+    path = os.path.join(backup, "manifest.json")
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise PacsError("read backup", f"{backup} is not a complete backup (no manifest.json)")
+    except (OSError, ValueError) as exc:
+        raise PacsError("read backup", f"cannot read {path}: {exc}")
+
+
+def _nested(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def plan(backup: str, config_path: str, orthanc_version, database_version, force: bool) -> dict:
+    """Where the backup's configuration, index and storage go on this host, and whether the
+    host's Orthanc can open the backup's index."""
+    backup = os.path.realpath(backup)
+    manifest = read_manifest(backup)
+    source = manifest.get("source", {})
+    config_copy = os.path.join(backup, "config")
+    names = sorted(os.listdir(config_copy))
+    is_folder = source.get("config_is_folder")
+    if is_folder is None:
+        is_folder = os.path.isdir(config_path) or len(names) != 1
+    if is_folder:
+        target_config, target_base = config_path, config_path
+        read_from = config_copy
+    else:
+        if len(names) != 1:
+            raise PacsError("plan restore", f"the backup holds {len(names)} configuration files but {config_path} is one file")
+        target_config, target_base = config_path, os.path.dirname(config_path)
+        read_from = os.path.join(config_copy, names[0])
+    described = _config.describe(read_from, base_dir=target_base)
+    refusals = []
+    backup_version = manifest.get("orthanc", {}).get("version")
+    backup_schema = manifest.get("database_schema_version")
+    if not version_tuple(orthanc_version):
+        refusals.append("the version of this host's Orthanc is unknown")
+    elif version_tuple(backup_version) > version_tuple(orthanc_version):
+        refusals.append(f"the backup was written by Orthanc {backup_version}, this host runs {orthanc_version}: "
+                        "an older Orthanc can break on a newer index")
+    if database_version and backup_schema and version_tuple(backup_schema) > version_tuple(database_version):
+        refusals.append(f"the backup's index has schema {backup_schema}, this host's Orthanc expects {database_version}")
+    if described["backend"] != "sqlite" or described["storage"] != "filesystem":
+        raise PacsError("plan restore", "this version restores SQLite indexes with files on disk only")
+    if refusals and not force:
+        raise PacsError("plan restore", "; ".join(refusals) + ". Restore onto an Orthanc at least as new, "
+                        "or set force to restore anyway")
+    targets = {"config": target_config, "index": described["index_directory"], "storage": described["storage_directory"]}
+    return {"backup": backup, "manifest": manifest, "config_is_folder": bool(is_folder), "targets": targets,
+            "refusals_overridden": refusals, "counts": manifest.get("counts", {})}
+
+
+def _aside_roots(targets: dict) -> list:
+    """The paths to move aside: no path inside another one that moves."""
+    paths = sorted(set(targets.values()), key=len)
+    roots = []
+    for path in paths:
+        if not any(_nested(path, root) for root in roots):
+            roots.append(path)
+    return roots
+
+
+def _data_owner(plan_result: dict, owner: str | None, group: str | None) -> tuple:
+    if owner or group:
+        recorded = plan_result["manifest"].get("source", {}).get("storage_owner") or {}
+        return resolve_ids(owner or recorded.get("owner", "root"), group or recorded.get("group", "root"))
+    recorded = plan_result["manifest"].get("source", {}).get("storage_owner")
+    if recorded:
+        return resolve_ids(recorded["owner"], recorded["group"])
+    return 0, 0
+
+
+def _write_journal(path: str, journal: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(journal, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.rename(tmp, path)
+
+
+def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, owner: str | None = None,
+          group: str | None = None, workers: int = 4) -> dict:
+    """Move the current data aside (rename, never delete), then restore configuration, index
+    and storage. Each move is written to a journal first, so that ``rollback`` undoes exactly
+    what happened, even after this process was killed. Orthanc must be stopped."""
+    if not _ID.match(restore_id):
+        raise PacsError("restore", f"invalid restore id {restore_id!r}")
+    targets, backup = plan_result["targets"], plan_result["backup"]
+    live_index = os.path.join(targets["index"], "index")
+    holder = _sqlite.lock_holder(live_index) if os.path.exists(live_index) else None
+    if holder is not None:
+        raise PacsError("restore", f"process {holder} holds {live_index}: stop Orthanc first")
+    uid, gid = _data_owner(plan_result, owner, group)
+    journal = {"restore_id": restore_id, "backup": backup, "targets": targets, "roots": []}
+    try:
+        for path in _aside_roots(targets):
+            existed = os.path.lexists(path)
+            aside = path.rstrip("/") + ASIDE + restore_id if existed else None
+            if aside and os.path.lexists(aside):
+                raise PacsError("move current data aside", f"{aside} exists already")
+            journal["roots"].append({"path": path, "aside": aside})
+            _write_journal(journal_path, journal)
+            if aside:
+                os.rename(path, aside)
+        # configuration, as it was (modes and owners by name)
+        config_copy = os.path.join(backup, "config")
+        if plan_result["config_is_folder"]:
+            copy_tree_as_is(config_copy, targets["config"])
+        else:
+            os.makedirs(os.path.dirname(targets["config"]), exist_ok=True)
+            name = os.listdir(config_copy)[0]
+            shutil.copy2(os.path.join(config_copy, name), targets["config"])
+            st = os.stat(os.path.join(config_copy, name))
+            os.chown(targets["config"], st.st_uid, st.st_gid)
+        for rel, info in plan_result["manifest"].get("config_files", {}).items():
+            dest = os.path.join(targets["config"], rel) if plan_result["config_is_folder"] else targets["config"]
+            if os.path.lexists(dest):
+                os.lchown(dest, *resolve_ids(info["owner"], info["group"]))
+        # index and storage, owned by Orthanc's user
+        for folder in (targets["index"], targets["storage"]):
+            os.makedirs(folder, mode=0o750, exist_ok=True)
+            os.chown(folder, uid, gid)
+        index_target = os.path.join(targets["index"], "index")
+        shutil.copyfile(os.path.join(backup, "index", "index"), index_target)
+        os.chmod(index_target, 0o640)
+        os.chown(index_target, uid, gid)
+        placer = _storage.Placer(os.path.join(backup, "storage"), targets["storage"], None, link, workers,
+                                 owner=(uid, gid))
+        files = 0
+        for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")):
+            placer.place(uuid, None)
+            files += 1
+        if placer.finish("restore storage"):
+            raise PacsError("restore storage", "files vanished from the backup while it was restored")
+    except OSError as exc:
+        raise PacsError("restore", os_error_cause(exc))
+    return {"journal": journal_path, "moved_aside": [r for r in journal["roots"] if r["aside"]],
+            "storage_files": files, "targets": targets, "owner": [uid, gid]}
+
+
+def rollback(journal_path: str) -> dict:
+    """Undo a restore from its journal: remove what it created, move back what it set aside.
+    A path whose move aside never happened is the live data: it is left alone."""
+    try:
+        with open(journal_path, "r", encoding="utf-8") as handle:
+            journal = json.load(handle)
+    except FileNotFoundError:
+        return {"changed": False, "removed": [], "moved_back": [], "journal": None}
+    removed, moved_back = [], []
+    try:
+        for root in reversed(journal["roots"]):
+            path, aside = root["path"], root["aside"]
+            if aside and not os.path.lexists(aside):
+                continue  # never moved: still the live data
+            if os.path.lexists(path):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+                removed.append(path)
+            if aside:
+                os.rename(aside, path)
+                moved_back.append(path)
+    except OSError as exc:
+        raise PacsError("roll back restore", os_error_cause(exc))
+    os.unlink(journal_path)
+    return {"changed": bool(removed or moved_back), "removed": removed, "moved_back": moved_back,
+            "journal": journal_path}
