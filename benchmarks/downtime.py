@@ -566,12 +566,14 @@ def task_times(lines: list[tuple[float, str]], outage: Outage) -> list[tuple[str
 
 
 def run_ours(archive: Archive, root: Path, link_mode: str, label: str, workdir: Path,
-             cold: bool) -> tuple[Measurement, dict, Path]:
+             cold: bool, rep: int) -> tuple[Measurement, dict, Path]:
     """Run playbooks/backup.yml on the archive's Orthanc; returns the measurement, the new
-    backup's manifest and its folder."""
+    backup's manifest and its folder. The playbook's output, each line with the time it was
+    read, goes to workdir/playbook-<label>-round<rep>.log."""
     server = archive.server
     extra = {"orthanc_backup_link_mode": link_mode} if link_mode != "auto" else {}
-    inventory = write_inventory(workdir / f"inventory-{label}.json",
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    inventory = write_inventory(workdir / f"inventory-{slug}.json",
                                 {"bench": local_host(server, root, **extra)})
     flush_and_maybe_drop_caches(cold)
     lines: list[tuple[float, str]] = []
@@ -583,7 +585,7 @@ def run_ours(archive: Archive, root: Path, link_mode: str, label: str, workdir: 
             lines.append((time.time(), line.rstrip("\n")))
         rc = proc.wait()
     total = time.monotonic() - t0
-    (workdir / f"playbook-{label}.log").write_text(
+    (workdir / f"playbook-{slug}-round{rep + 1}.log").write_text(
         "".join(f"{time.strftime('%H:%M:%S', time.localtime(t))}.{int(t % 1 * 1000):03d} {line}\n"
                 for t, line in lines))
     if rc != 0:
@@ -623,28 +625,32 @@ def add_new_files(archive: Archive, workdir: Path, fraction: float = 0.01) -> in
 def measure_ours(archive: Archive, workdir: Path, args: argparse.Namespace, rep: int) -> list[Measurement]:
     """Our playbook three times: a full and an incremental backup with link_mode=copy (with
     about 1% new files stored in between), and a full backup with the default link_mode=auto.
-    Every backup is verified offline; the backups are removed afterwards."""
+    Every backup is verified offline; the backups are removed afterwards, except those of the
+    last round with --keep."""
+    keep = args.keep and rep == args.repeat - 1
     results = []
     root = workdir / f"backups-copy-{rep}"
     log("  ours, link_mode=copy, full backup")
-    m, _manifest, first = run_ours(archive, root, "copy", "ours full (copy)", workdir, args.cold)
+    m, _manifest, first = run_ours(archive, root, "copy", "ours full (copy)", workdir, args.cold, rep)
     results.append(m)
     report = verify(first)
     log(f"  verify_backup ok on the full backup: {report['files_hashed']} files hashed")
     added = add_new_files(archive, workdir)
     log(f"  stored {added} new instances over REST; ours, link_mode=copy, incremental backup")
     time.sleep(1.1)  # backups are named by the second
-    m, _manifest, second = run_ours(archive, root, "copy", "ours incr (copy)", workdir, args.cold)
+    m, _manifest, second = run_ours(archive, root, "copy", "ours incr (copy)", workdir, args.cold, rep)
     m.notes += f"; {added} instances stored just before"
     results.append(m)
     verify(second)
-    shutil.rmtree(root)
+    if not keep:
+        shutil.rmtree(root)
     log("  ours, link_mode=auto (hard links: same filesystem), full backup")
     root = workdir / f"backups-auto-{rep}"
-    m, _manifest, third = run_ours(archive, root, "auto", "ours full (auto)", workdir, args.cold)
+    m, _manifest, third = run_ours(archive, root, "auto", "ours full (auto)", workdir, args.cold, rep)
     results.append(m)
     verify(third)
-    shutil.rmtree(root)
+    if not keep:
+        shutil.rmtree(root)
     return results
 
 
@@ -702,7 +708,9 @@ def print_size_table(archive: Archive, results: list[Measurement], cold: bool) -
     print()
     print(f"=== Archive {archive.size_gib:g} GiB: {archive.files} files, {human(archive.storage_bytes)} storage, "
           f"index {human(archive.index_bytes)} ({archive.index_bytes / archive.storage_bytes:.0%} of the storage), "
-          f"{archive.counts['instances']} instances; {'cold' if cold else 'warm'} page cache")
+          f"{archive.counts['instances']} instances; built in {archive.build_seconds:.0f} s "
+          f"({archive.padding_rows} free-text MainDicomTags rows added to reach the index size); "
+          f"{'cold' if cold else 'warm'} page cache")
     print(f"{'procedure':<20} {'downtime (s)':>12} {'x floor':>8} {'manifest (s)':>12}  notes")
     for m in results:
         manifest = f"{m.manifest_downtime:.2f}" if m.manifest_downtime is not None else "-"
@@ -748,14 +756,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path,
                         help="where archives and backups go (default: a new folder in /var/tmp); "
                              "must be on a disk with room for about 2.5x the largest size")
-    parser.add_argument("--keep", action="store_true", help="keep the workdir at the end")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the workdir at the end (archives, the last round's backups, "
+                             "playbook logs)")
     parser.add_argument("--cold", action="store_true",
                         help="drop the page cache before each procedure (needs root and a "
                              "writable /proc/sys/vm/drop_caches)")
     parser.add_argument("--index-ratio", type=float, default=0.12,
                         help="target index size as a fraction of the archive (default 0.12)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds of every procedure on each archive; the median is shown (default 1)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of every procedure on each archive; the median is shown (default 3)")
     parser.add_argument("--seed", type=int, default=20241129, help="random seed of the archive's shape")
     args = parser.parse_args(argv)
     try:

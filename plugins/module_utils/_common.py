@@ -199,4 +199,7 @@ def run_module(module, action) -> None:
     except OSError as exc:
         module.fail_json(msg=f"{module._name}: {os_error_cause(exc)}", step=module._name,
                          cause=os_error_cause(exc))
+    except Exception as exc:  # pylint: disable=broad-except  # a message, never a traceback
+        cause = f"unexpected {type(exc).__name__}: {exc}"
+        module.fail_json(msg=f"{module._name}: {cause}", step=module._name, cause=cause)
     module.exit_json(**result)

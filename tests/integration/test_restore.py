@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 
 import pytest
@@ -212,3 +213,40 @@ def checks_cmdline(pid: int) -> str:
             return handle.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_drill_while_production_keeps_answering(servers, tmp_path):
+    server, inventory, backup = backed_up(servers, tmp_path)
+    pid = server.pid()
+    answers, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            answers.append(server.answers())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run_playbook(inventory, playbook="drill.yml",
+                              extra_vars={"orthanc_drill_sample": 0, "orthanc_drill_workdir": str(tmp_path / "drills")})
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.returncode == 0, result.stdout
+    assert "pacs: drill ok, 9 instances in the backup, 9 served with the MD5 the index records" in result.stdout
+    assert len(answers) > 10 and all(answers)  # production answered throughout
+    assert server.pid() == pid
+    assert os.listdir(tmp_path / "drills") == []  # the scratch instance is gone
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(backup, copy, symlinks=True)
+    victim = next(p for p in (copy / "storage").rglob("*") if p.is_file())
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    failed = run_playbook(inventory, playbook="drill.yml", extra_vars={
+        "orthanc_drill_sample": 0, "orthanc_drill_backup": str(copy), "orthanc_drill_workdir": str(tmp_path / "drills")})
+    assert failed.returncode != 0
+    assert "1 of 9 instances served with another MD5 than the index records" in failed.stdout
+    assert os.listdir(tmp_path / "drills") == [] and server.pid() == pid
