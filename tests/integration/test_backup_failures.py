@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.support import checks
+from tests.support import checks, procs
 from tests.support.playbook import local_host, run_playbook, write_inventory
 from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
 
@@ -131,32 +131,6 @@ def test_orthanc_refusing_to_stop(servers, tmp_path):
     assert "Orthanc was left as it was" in result.stdout
 
 
-def _descendants(pid: int) -> set:
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def test_module_killed_mid_copy_while_orthanc_is_stopped(servers, tmp_path):
     server = servers("killed")
     checks.store_studies(server, tmp_path, patients=1, via="rest", instances=1)
@@ -174,9 +148,9 @@ def test_module_killed_mid_copy_while_orthanc_is_stopped(servers, tmp_path):
     while killed is None and play.poll() is None and time.monotonic() < deadline:
         if not server.answers():
             # the module's python process and the shell around it
-            module = [pid for pid in _descendants(play.pid) if "AnsiballZ_storage_snapshot" in _cmdline(pid)]
+            module = procs.module_processes(play.pid, "storage_snapshot")
             if module and list(root.glob("*.incomplete/storage/*/*/*.part")):
-                for pid in sorted(module, reverse=True):
+                for pid in module:
                     os.kill(pid, signal.SIGKILL)
                 killed = module
         time.sleep(0.005)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.support import checks
+from tests.support import checks, procs
 from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
 
 pytestmark = pytest.mark.slow
@@ -159,23 +159,6 @@ def test_verification_catches_each_kind_of_damage(servers, tmp_path):
     assert run_module("backup_verify", {"path": str(backup)})["ok"]  # the original is untouched
 
 
-def _descendants(pid: int) -> set:
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    children.setdefault(int(handle.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 def test_interrupted_restore_puts_the_previous_data_back(servers, tmp_path):
     server = servers("halfway")
     checks.store_studies(server, tmp_path, patients=1, via="rest", instances=6, pixel_bytes=60_000_000)
@@ -192,8 +175,8 @@ def test_interrupted_restore_puts_the_previous_data_back(servers, tmp_path):
     deadline = time.monotonic() + 180
     while killed is None and play.poll() is None and time.monotonic() < deadline:
         if list(server.storage_dir.glob("*/*/*.part")):
-            module = [pid for pid in _descendants(play.pid) if "AnsiballZ_backup_restore" in checks_cmdline(pid)]
-            for pid in sorted(module, reverse=True):
+            module = procs.module_processes(play.pid, "backup_restore")
+            for pid in module:
                 os.kill(pid, signal.SIGKILL)
             killed = module or None
         time.sleep(0.005)
@@ -205,14 +188,6 @@ def test_interrupted_restore_puts_the_previous_data_back(servers, tmp_path):
     assert "The previous data was put back and Orthanc runs on it" in line
     assert server.answers() and contents(server) == previous
     assert not list(server.root.glob("*.pre-restore-*"))
-
-
-def checks_cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_drill_while_production_keeps_answering(servers, tmp_path):
