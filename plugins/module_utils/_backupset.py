@@ -210,6 +210,7 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
         "restarted_at": facts.get("restarted_at"),
         "ended_at": iso(ended),
         "downtime_seconds": facts.get("downtime_seconds"),
+        "downtime_phases": facts.get("downtime_phases"),
         "counts": report["counts"],
         "storage": {"files": storage_totals["files"], "bytes": storage_totals["bytes"],
                     "new_files": storage_totals["new_files"], "new_bytes": storage_totals["new_bytes"],

@@ -52,7 +52,7 @@ def lock_holder(index_file: str):
     return None if lock_type == fcntl.F_UNLCK else pid
 
 
-def wait_until_free(index_file: str, timeout: float) -> float:
+def wait_until_free(index_file: str, timeout: float, poll: float = 0.1) -> float:
     """Wait until no process holds the index; returns the seconds waited."""
     start = time.monotonic()
     while True:
@@ -65,7 +65,7 @@ def wait_until_free(index_file: str, timeout: float) -> float:
                 f"process {pid} still holds the SQLite index {index_file} after {timeout:.0f} s: "
                 "Orthanc is still running (did the stop command work?). The index cannot be "
                 "copied consistently while Orthanc runs")
-        time.sleep(0.1)
+        time.sleep(poll)
 
 
 def connect(path: str, readonly: bool = True) -> sqlite3.Connection:

@@ -88,69 +88,19 @@ seconds:
   returned: always
 """
 
-import os
-import time
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _rest, _sqlite
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, iso, run_command, run_module, utc_now)
-
-
-def service_argv(module, name, action):
-    if os.path.isdir("/run/systemd/system") and module.get_bin_path("systemctl"):
-        return [module.get_bin_path("systemctl"), action, name]
-    service = module.get_bin_path("service")
-    if service:
-        return [service, name, action]
-    script = f"/etc/init.d/{name}"
-    if os.path.exists(script):
-        return [script, action]
-    raise PacsError(f"{action} Orthanc", f"neither systemctl, service nor {script} can {action} '{name}'")
+from ansible_collections.pacs.orthanc.plugins.module_utils import _control, _rest
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
 
 
 def control(module):
     p = module.params
-    auth = (p["username"], p["password"])
-    began = utc_now()
-    t0 = time.monotonic()
-    what = "stop Orthanc" if p["state"] == "stopped" else "start Orthanc"
-    answering = _rest.answers(p["url"], *auth)
-    if p["state"] == "started" and answering:
-        deadline = time.monotonic() + p["grace"]
-        while answering and time.monotonic() < deadline:
-            time.sleep(0.2)
-            answering = _rest.answers(p["url"], *auth)
-    holder = None
-    if p["state"] == "stopped" and p["index_file"] and os.path.exists(p["index_file"]):
-        holder = _sqlite.lock_holder(p["index_file"])
-    needed = (answering or holder is not None) if p["state"] == "stopped" else not answering
-    result = {"changed": needed, "began_at": iso(began), "began_ts": began.timestamp()}
-    if needed and not module.check_mode:
-        if p["command"]:
-            argv = ["/bin/sh", "-c", p["command"]]
-        else:
-            argv = service_argv(module, p["service_name"], "stop" if p["state"] == "stopped" else "start")
-        run_command(argv, what, timeout=p["timeout"])
-        deadline = t0 + p["timeout"]
-        if p["state"] == "stopped":
-            while _rest.answers(p["url"], *auth, timeout=1):
-                if time.monotonic() > deadline:
-                    raise PacsError(what, f"Orthanc still answers at {p['url']} {p['timeout']:.0f} s after the stop")
-                time.sleep(0.1)
-            if p["index_file"] and os.path.exists(p["index_file"]):
-                _sqlite.wait_until_free(p["index_file"], max(0.0, deadline - time.monotonic()))
-        else:
-            while not _rest.answers(p["url"], *auth, timeout=1):
-                if time.monotonic() > deadline:
-                    raise PacsError(what, f"Orthanc does not answer at {p['url']} {p['timeout']:.0f} s after "
-                                    f"'{' '.join(argv)}': look at its log")
-                time.sleep(0.1)
-    ended = utc_now()
-    result.update({"ended_at": iso(ended), "ended_ts": ended.timestamp(),
-                   "seconds": round(time.monotonic() - t0, 3)})
-    return result
+    controller = _control.Controller(p["url"], p["username"], p["password"], p["service_name"],
+                                     stop_command=p["command"], start_command=p["command"])
+    if p["state"] == "stopped":
+        return controller.stop(p["index_file"], p["timeout"], module.check_mode)
+    return controller.start(p["timeout"], p["grace"], module.check_mode)
 
 
 def main():

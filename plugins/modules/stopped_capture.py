@@ -1,0 +1,213 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: stopped_capture
+short_description: Stop Orthanc, capture its index and the last storage files, start it again, in one task
+version_added: 0.1.0
+description:
+  - The part of a SQLite backup that needs Orthanc stopped, done in one process so that the
+    downtime holds no task start-up, stop Orthanc (M(pacs.orthanc.orthanc_control)'s logic),
+    take a consistent copy of the whole C(index*) set (M(pacs.orthanc.sqlite_capture)'s logic,
+    without the integrity check, which belongs after the restart), run the storage delta pass
+    against that copy (M(pacs.orthanc.storage_snapshot)'s logic), and start Orthanc again.
+  - Orthanc is started again whatever failed after the stop; the task then fails with the first
+    cause. Its result says whether Orthanc was started again (C(restarted)), so that a role's
+    C(always) block starts it only when this process could not (killed, for instance).
+  - The downtime is measured here, from the stop command to the first answer of the REST API,
+    with the time of each phase.
+extends_documentation_fragment:
+  - pacs.orthanc.rest
+options:
+  stop:
+    description: Stop Orthanc first (and start it after). False for an Orthanc that is not running.
+    type: bool
+    default: true
+  service_name:
+    description: The service that runs Orthanc, when no commands are given.
+    type: str
+    default: orthanc
+  stop_command:
+    description: Shell command that stops Orthanc instead of the service.
+    type: str
+  start_command:
+    description: Shell command that starts Orthanc instead of the service.
+    type: str
+  stop_timeout:
+    description: Seconds to wait for Orthanc to stop and release its index.
+    type: float
+    default: 60
+  start_timeout:
+    description: Seconds to wait for Orthanc to answer after the start.
+    type: float
+    default: 60
+  index_directory:
+    description: Orthanc's index folder.
+    type: path
+    required: true
+  index_dest:
+    description: Folder that receives the consolidated index copy.
+    type: path
+    required: true
+  storage_source:
+    description: Orthanc's storage folder.
+    type: path
+    required: true
+  storage_dest:
+    description: The backup's storage folder, filled by a hot pass of M(pacs.orthanc.storage_snapshot).
+    type: path
+    required: true
+  state_file:
+    description: The hot pass's state file.
+    type: path
+    required: true
+  previous:
+    description: The previous backup's storage folder.
+    type: path
+  link_mode:
+    description: As in M(pacs.orthanc.storage_snapshot).
+    type: str
+    choices: [auto, hardlink, copy]
+    default: auto
+  workers:
+    description: Parallel copies.
+    type: int
+    default: 4
+attributes:
+  check_mode:
+    support: none
+    description: Stops Orthanc; not run in check mode.
+author:
+  - pacs.orthanc developers (@pacs-orthanc)
+"""
+
+EXAMPLES = r"""
+- name: Stop, capture, delta, start
+  pacs.orthanc.stopped_capture:
+    index_directory: /var/lib/orthanc/db-v6
+    index_dest: /var/backups/orthanc/20261129T070000Z.incomplete/index
+    storage_source: /var/lib/orthanc/db-v6
+    storage_dest: /var/backups/orthanc/20261129T070000Z.incomplete/storage
+    state_file: /var/backups/orthanc/20261129T070000Z.incomplete/.work/storage.tsv
+  register: window
+"""
+
+RETURN = r"""
+downtime_seconds:
+  description: From the stop command to the first answer after the start (0 when O(stop) is false).
+  type: float
+  returned: success
+phases:
+  description: Seconds spent stopping, capturing the index, in the delta pass and starting.
+  type: dict
+  returned: success
+  sample: {"stop": 1.21, "capture": 0.08, "delta": 0.02, "start": 0.24}
+stopped_at:
+  description: When the stop began (UTC).
+  type: str
+  returned: success
+restarted_at:
+  description: When Orthanc answered again (UTC).
+  type: str
+  returned: success
+running_after:
+  description: Whether Orthanc answered at the end of this task (also returned on failure).
+  type: bool
+  returned: always
+capture:
+  description: The index copy, its path, size, schema version and counts.
+  type: dict
+  returned: success
+delta:
+  description: The delta pass, as M(pacs.orthanc.storage_snapshot) returns it.
+  type: dict
+  returned: success
+"""
+
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _control, _rest, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
+
+
+def capture_window(module):
+    p = module.params
+    controller = _control.Controller(p["url"], p["username"], p["password"], p["service_name"],
+                                     p["stop_command"], p["start_command"])
+    index_file = f"{p['index_directory'].rstrip('/')}/index"
+    phases, result = {}, {"changed": True, "running_after": False}
+    stopped = None
+    failure = None
+    try:
+        if p["stop"]:
+            stopped = controller.stop(index_file, p["stop_timeout"])
+            phases["stop"] = stopped["seconds"]
+        t0 = time.monotonic()
+        _sqlite.wait_until_free(index_file, 0 if p["stop"] else p["stop_timeout"])
+        copied = _sqlite.copy_index_set(p["index_directory"], p["index_dest"])
+        copied.update(_sqlite.read_summary(copied["path"]))
+        phases["capture"] = round(time.monotonic() - t0, 3)
+        t0 = time.monotonic()
+        wanted = {uuid: size for uuid, (size, _md5) in _sqlite.attachments(copied["path"]).items()}
+        delta = _storage.delta_pass(p["storage_source"], p["storage_dest"], p["state_file"], wanted,
+                                    previous=p["previous"], link_mode=p["link_mode"], workers=p["workers"])
+        phases["delta"] = round(time.monotonic() - t0, 3)
+        if delta["missing_files"]:
+            raise PacsError("copy storage (delta pass)",
+                            f"{delta['missing_files']} files that the index lists are missing from {p['storage_source']} "
+                            f"(e.g. {delta['missing_examples'][0]}): the live archive is already damaged")
+        result.update({"capture": copied, "delta": delta})
+    except (PacsError, OSError) as exc:
+        failure = exc if isinstance(exc, PacsError) else PacsError("capture while stopped", str(exc))
+    finally:
+        if stopped is not None or (failure is not None and p["stop"]):
+            try:
+                started = controller.start(p["start_timeout"], grace=3 if failure else 0)
+                result["running_after"] = True
+                phases["start"] = started["seconds"]
+                if stopped is not None:
+                    result.update({"stopped_at": stopped["began_at"], "restarted_at": started["ended_at"],
+                                   "downtime_seconds": round(started["ended_ts"] - stopped["began_ts"], 3)})
+            except PacsError as exc:
+                cause = f"{exc}" + (f" (after: {failure})" if failure else "")
+                raise PacsError("start Orthanc again", cause, running_after=False)
+    if failure is not None:
+        failure.details["running_after"] = result["running_after"]
+        raise failure
+    result.setdefault("downtime_seconds", 0.0)
+    result["phases"] = phases
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            stop=dict(type="bool", default=True),
+            service_name=dict(type="str", default="orthanc"),
+            stop_command=dict(type="str"),
+            start_command=dict(type="str"),
+            stop_timeout=dict(type="float", default=60),
+            start_timeout=dict(type="float", default=60),
+            **_rest.ARGUMENT_SPEC,
+            index_directory=dict(type="path", required=True),
+            index_dest=dict(type="path", required=True),
+            storage_source=dict(type="path", required=True),
+            storage_dest=dict(type="path", required=True),
+            state_file=dict(type="path", required=True),
+            previous=dict(type="path"),
+            link_mode=dict(type="str", choices=["auto", "hardlink", "copy"], default="auto"),
+            workers=dict(type="int", default=4),
+        ),
+        supports_check_mode=False,
+    )
+    run_module(module, capture_window)
+
+
+if __name__ == "__main__":
+    main()
