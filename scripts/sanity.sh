@@ -19,11 +19,12 @@ sys.exit(main(["install", "--no-index", wheel] + args))
 PY
 fi
 work="$repo/.work/sanity/ansible_collections/pacs/orthanc"
+rm -rf "$work"
 mkdir -p "$work"
 # the files git tracks, as they are in the working tree
-(cd "$repo" && git ls-files -z | rsync -a --delete --from0 --files-from=- ./ "$work/")
+(cd "$repo" && git ls-files -z | rsync -a --from0 --files-from=- ./ "$work/")
 cd "$work"
-[ -d .git ] || git init -q
+git init -q
 git add -A >/dev/null
 ansible-test sanity --python "$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
   --skip-test shellcheck --color no 2>&1 | grep -vE "^(WARNING: Location|Collecting|  Downloading|Processing|Looking in|Requirement already)"
