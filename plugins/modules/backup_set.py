@@ -64,8 +64,9 @@ options:
   facts:
     description:
       - What the role learnt during the backup, recorded in the manifest, orthanc_version,
-        orthanc_name, backend, storage_compression, config_path, storage_directory,
-        index_directory, started_at, stopped_at, restarted_at, downtime_seconds, previous.
+        orthanc_name, backend, storage_compression, config_path, config_is_folder,
+        storage_directory, storage_owner, index_directory, started_at, stopped_at,
+        restarted_at, downtime_seconds, downtime_phases, previous.
     type: dict
     default: {}
   keep:
