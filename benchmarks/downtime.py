@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """How long is Orthanc unreachable during a backup? Three procedures on the same archive.
 
 For each archive size this benchmark
@@ -216,7 +215,7 @@ def plan_hierarchy(n_instances: int, rng: random.Random) -> Iterator[tuple[int, 
     made = patient = study = 0
     while made < n_instances:
         patient += 1
-        for _ in range(rng.randint(1, 3)):
+        for _study in range(rng.randint(1, 3)):
             study += 1
             for series in range(1, rng.randint(1, 4) + 1):
                 for instance in range(1, rng.randint(5, 80) + 1):
@@ -341,7 +340,7 @@ def inflate_index(conn: sqlite3.Connection, instance_ids: list[int], target_byte
         if missing <= 0:
             break
         chars = max(16, min(PADDING_MAX_CHARS, int(missing / len(instance_ids) * 0.95)))
-        base = "".join(rng.choice(letters) for _ in range(PADDING_MAX_CHARS + 64))
+        base = "".join(rng.choice(letters) for _char in range(PADDING_MAX_CHARS + 64))
         rows = [(rid, tag[0], tag[1], base[(rid * 7) % 64:(rid * 7) % 64 + chars]) for rid in instance_ids]
         conn.executemany("INSERT INTO MainDicomTags VALUES (?,?,?,?)", rows)
         added += len(rows)
@@ -478,7 +477,7 @@ class Poller:
                 elif not self._down:
                     self._down = True
                     self._outages += 1
-            next_tick += self.interval
+            next_tick = max(next_tick + self.interval, time.monotonic())  # no burst after a slow probe
             self._stop.wait(max(0.0, next_tick - time.monotonic()))
 
     def __enter__(self) -> "Poller":
@@ -507,6 +506,7 @@ class Measurement:
     manifest_downtime: float | None = None
     notes: str = ""
     tasks: list[tuple[str, float, float]] = field(default_factory=list)  # (task, seconds, in outage)
+    phases: dict[str, float] = field(default_factory=dict)  # the role's own timing of its stopped window
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -598,7 +598,7 @@ def run_ours(archive: Archive, root: Path, link_mode: str, label: str, workdir: 
     notes = (f"playbook {total:.1f} s; {storage['files']} files, {storage.get('new_files', 0)} new "
              f"({storage.get('copied_files', 0)} copied, {storage.get('linked_files', 0)} linked from previous)")
     m = Measurement(label, poller.result.seconds, float(manifest["downtime_seconds"]), notes,
-                    task_times(lines, poller.result))
+                    task_times(lines, poller.result), dict(manifest.get("downtime_phases") or {}))
     return m, manifest, backup
 
 
@@ -665,7 +665,7 @@ def combine(runs: list[Measurement]) -> Measurement:
         notes = (f"median of {len(runs)}: {min(m.downtime for m in runs):.2f}-"
                  f"{max(m.downtime for m in runs):.2f} s; " + notes)
     return Measurement(closest.procedure, median, statistics.median(manifests) if manifests else None,
-                       notes, closest.tasks)
+                       notes, closest.tasks, closest.phases)
 
 
 def measure_size(size_gib: float, workdir: Path, args: argparse.Namespace) -> tuple[Archive, list[Measurement]]:
@@ -704,7 +704,7 @@ def measure_size(size_gib: float, workdir: Path, args: argparse.Namespace) -> tu
 
 
 def print_size_table(archive: Archive, results: list[Measurement], cold: bool) -> None:
-    floor = results[0].downtime
+    floor = max(results[0].downtime, 1e-9)
     print()
     print(f"=== Archive {archive.size_gib:g} GiB: {archive.files} files, {human(archive.storage_bytes)} storage, "
           f"index {human(archive.index_bytes)} ({archive.index_bytes / archive.storage_bytes:.0%} of the storage), "
@@ -721,9 +721,15 @@ def print_size_table(archive: Archive, results: list[Measurement], cold: bool) -
     for m in results:
         inside = [(name, secs, ins) for name, secs, ins in m.tasks if ins > 0.005]
         if inside:
-            parts = ", ".join(f"{name} {ins:.2f} s" + (f" of {secs:.2f}" if secs - ins > 0.05 else "")
+            parts = "; ".join(f"'{name}' {ins:.2f} s" + (f" of {secs:.2f}" if secs - ins > 0.05 else "")
                               for name, secs, ins in inside)
-            print(f"  {m.procedure}: inside the outage: {parts}")
+            print(f"  {m.procedure}: Ansible tasks inside the outage: {parts}")
+        if m.phases:
+            order = ["stop", "capture", "delta", "start"]
+            names = sorted(m.phases, key=lambda n: order.index(n) if n in order else len(order))
+            parts = ", ".join(f"{name} {m.phases[name]:.2f} s" for name in names)
+            print(f"  {' ' * len(m.procedure)}  the role's phases (manifest downtime_phases): {parts} "
+                  f"(sum {sum(m.phases.values()):.2f} s)")
 
 
 def print_comparison(runs: list[tuple[Archive, list[Measurement]]]) -> None:
@@ -739,7 +745,7 @@ def print_comparison(runs: list[tuple[Archive, list[Measurement]]]) -> None:
           + "   " + archive_ratio)
     for i, m in enumerate(base):
         row = [r[i].downtime for _a, r in runs]
-        ratios = "  ".join(f"{v / row[0]:>5.2f}x" for v in row[1:])
+        ratios = "  ".join(f"{v / max(row[0], 1e-9):>5.2f}x" for v in row[1:])
         print(f"{m.procedure:<20} " + " ".join(f"{v:>10.2f} s" for v in row) + "   " + ratios)
     print("expected (issue): ours nearly unchanged when the archive doubles (about 1.0x), while the "
           "documented procedure's downtime doubles (about the archive's ratio).")
@@ -787,8 +793,8 @@ def main(argv: list[str] | None = None) -> int:
         print("Orthanc is not installed: run scripts/setup.sh", file=sys.stderr)
         return 2
     link_collection()
-    workdir = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="orthanc-downtime-",
-                                                                                 dir="/var/tmp"))
+    workdir = (args.workdir.resolve() if args.workdir
+               else Path(tempfile.mkdtemp(prefix="orthanc-downtime-", dir="/var/tmp")))
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     runs: list[tuple[Archive, list[Measurement]]] = []
@@ -800,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nBENCHMARK BROKE: {type(exc).__name__}: {exc}", file=sys.stderr)
         status = 1
     finally:
-        print(f"\nOrthanc {subprocess.run(['Orthanc', '--version'], capture_output=True, text=True).stdout.split()[1]}, "
+        print(f"\nOrthanc {subprocess.run(['Orthanc', '--version'], capture_output=True, text=True, check=False).stdout.split()[1]}, "
               f"{os.cpu_count()} CPUs; backup roots are on the filesystem of the storage, so 'ours' uses "
               "orthanc_backup_link_mode=copy (with the default auto, live files would be hard-linked, "
               "which is cheaper than a backup to another disk: shown as 'ours full (auto)').")

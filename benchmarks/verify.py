@@ -1,0 +1,488 @@
+"""How fast is ``backup_verify`` compared with ``md5sum`` over the same files?
+
+The issue expects the offline verification of a backup (``_verify.verify_backup`` with
+``md5="all"``, which the ``pacs.orthanc.backup_verify`` module runs) to hash storage at no less
+than 0.9 times the throughput of ``md5sum``. This benchmark, in one run:
+
+1. builds a synthetic but consistent backup folder: files of 10 KB to 1 MB (log-uniform sizes)
+   in ``storage/xx/yy/uuid``, an ``index/index`` SQLite file with the tables that
+   verify_backup reads (``GlobalProperties``, ``Resources``, ``AttachedFiles`` with the true
+   size and MD5 of every file), ``config/`` and a ``manifest.json`` in the format of
+   ``_backupset.close_backup``; then checks that verify_backup finds it ok;
+2. times, over the same files in the same order (the index's order, which is the order the
+   files were written in and the order verify_backup hashes them in): ``md5sum`` (one at a
+   time), two ``md5sum`` in parallel, ``verify_backup(md5="all", workers=W)`` for each W,
+   ``verify_backup(md5="none")`` (everything but the hashing), and ``cat >/dev/null`` (one and
+   two readers) as a floor. Each measurement runs ``--repeat`` times (rounds take turns) and
+   the best run is reported. With ``--cold`` the page cache is dropped before every run;
+3. prints a table with the throughput of each method and its ratio to a single ``md5sum``.
+
+It reports what it measured and never judges the numbers: it exits non-zero only when something
+broke (a command failed, or verify_backup did not find the backup ok).
+
+    python3 benchmarks/verify.py [--gib 1] [--workers 1,2,4] [--workdir DIR] [--cold] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+COLLECTIONS = REPO / ".work" / "collections"
+if str(COLLECTIONS) not in sys.path:
+    sys.path.insert(0, str(COLLECTIONS))
+
+try:
+    from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage, _verify  # noqa: E402
+except ImportError as _exc:  # pragma: no cover - a setup problem, not a measurement
+    sys.exit(f"cannot import the collection ({_exc}): run `bash scripts/setup.sh` first")
+
+GIB = 1024 ** 3
+MIN_FILE, MAX_FILE = 10_000, 1_000_000      # bytes of one stored file (log-uniform in between)
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+SCHEMA_VERSION = "6"                        # Orthanc's SQLite schema (GlobalProperties 1)
+XARGS_CHUNK = 500                           # files per md5sum / cat process in the parallel runs
+MIN_CHUNKS = 8                              # ... fewer on small sets, so that both get work
+
+# Orthanc's resource types (Resources.resourceType).
+PATIENT, STUDY, SERIES, INSTANCE = 1, 2, 3, 4
+# Children per resource, drawn uniformly: studies per patient, series per study, instances per series.
+CHILDREN = {PATIENT: (1, 3), STUDY: (1, 4), SERIES: (1, 40)}
+
+# The tables verify_backup reads, as Orthanc's own schema declares them.
+SCHEMA = """
+CREATE TABLE GlobalProperties(
+       property INTEGER PRIMARY KEY,
+       value TEXT
+       );
+CREATE TABLE Resources(
+       internalId INTEGER PRIMARY KEY AUTOINCREMENT,
+       resourceType INTEGER,
+       publicId TEXT,
+       parentId INTEGER REFERENCES Resources(internalId) ON DELETE CASCADE
+       );
+CREATE TABLE AttachedFiles(
+       id INTEGER REFERENCES Resources(internalId) ON DELETE CASCADE,
+       fileType INTEGER,
+       uuid TEXT,
+       compressedSize INTEGER,
+       uncompressedSize INTEGER,
+       compressionType INTEGER,
+       uncompressedMD5 TEXT,
+       compressedMD5 TEXT,
+       PRIMARY KEY(id, fileType)
+       );
+CREATE INDEX ChildrenIndex ON Resources(parentId);
+CREATE INDEX PublicIndex ON Resources(publicId);
+CREATE INDEX ResourceTypeIndex ON Resources(resourceType);
+"""
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds only the results."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class BenchmarkError(Exception):
+    """Something broke: the run is not a measurement."""
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 1: build a backup folder
+
+
+@dataclass
+class Backup:
+    """A synthetic backup folder and the storage files its index lists, in the index's order."""
+    path: Path
+    files: list[str]                    # paths relative to storage/, in AttachedFiles order
+    total_bytes: int
+    counts: dict[str, int]
+    index_bytes: int
+
+    @property
+    def storage(self) -> Path:
+        return self.path / "storage"
+
+
+def public_id(rng: random.Random) -> str:
+    """An Orthanc-like public ID: a SHA-1 in five groups of eight hex digits."""
+    digest = hashlib.sha1(rng.getrandbits(160).to_bytes(20, "big")).hexdigest()
+    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
+
+
+def file_sizes(total: int, rng: random.Random) -> list[int]:
+    """Log-uniform sizes between MIN_FILE and MAX_FILE (mean ~215 KB) adding up to ``total``."""
+    sizes: list[int] = []
+    remaining = total
+    low, high = math.log(MIN_FILE), math.log(MAX_FILE)
+    while remaining > 0:
+        size = min(remaining, int(math.exp(rng.uniform(low, high))))
+        sizes.append(max(size, 1))
+        remaining -= size
+    return sizes
+
+
+class Hierarchy:
+    """Inserts the Resources row of each new instance, with the patients, studies and series it
+    needs, in the shape that CHILDREN gives."""
+
+    def __init__(self, conn: sqlite3.Connection, rng: random.Random):
+        self.conn, self.rng = conn, rng
+        self.left = {PATIENT: 0, STUDY: 0, SERIES: 0}   # children still to create under each
+        self.current: dict[int, int] = {}
+        self.counts = {"patients": 0, "studies": 0, "series": 0, "instances": 0}
+
+    def _insert(self, rtype: int, parent: int | None) -> int:
+        cursor = self.conn.execute(
+            "INSERT INTO Resources(resourceType, publicId, parentId) VALUES (?, ?, ?)",
+            (rtype, public_id(self.rng), parent))
+        self.counts[_sqlite.RESOURCE_TYPES[rtype]] += 1
+        return int(cursor.lastrowid)
+
+    def _ensure(self, rtype: int) -> int:
+        """The resource of ``rtype`` that receives the next child, a new one when it is full."""
+        if self.left[rtype] == 0:
+            parent = self._ensure(rtype - 1) if rtype > PATIENT else None
+            if parent is not None:
+                self.left[rtype - 1] -= 1
+            self.current[rtype] = self._insert(rtype, parent)
+            self.left[rtype] = self.rng.randint(*CHILDREN[rtype])
+        return self.current[rtype]
+
+    def new_instance(self) -> int:
+        series = self._ensure(SERIES)
+        self.left[SERIES] -= 1
+        return self._insert(INSTANCE, series)
+
+
+def write_storage_and_index(path: Path, total: int, seed: int) -> tuple[list[str], int, dict]:
+    """Write the storage files (random bytes) and an index listing each with its true size and
+    MD5, in the order written. Returns (relative paths, bytes, counts)."""
+    rng = random.Random(seed)
+    storage = path / "storage"
+    index_file = path / "index" / "index"
+    index_file.parent.mkdir(parents=True)
+    conn = sqlite3.connect(index_file, isolation_level=None)
+    rels: list[str] = []
+    written = 0
+    try:
+        conn.executescript(SCHEMA)
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO GlobalProperties(property, value) VALUES (1, ?)", (SCHEMA_VERSION,))
+        hierarchy = Hierarchy(conn, rng)
+        sizes = file_sizes(total, rng)
+        for number, size in enumerate(sizes, 1):
+            uuid = str(uuidlib.UUID(int=rng.getrandbits(128), version=4))
+            data = rng.randbytes(size)
+            md5 = hashlib.md5(data).hexdigest()
+            rel = _storage.relpath(uuid)
+            target = storage / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            instance = hierarchy.new_instance()
+            conn.execute("INSERT INTO AttachedFiles(id, fileType, uuid, compressedSize, uncompressedSize, "
+                         "compressionType, uncompressedMD5, compressedMD5) VALUES (?, 1, ?, ?, ?, 1, ?, ?)",
+                         (instance, uuid, size, size, md5, md5))
+            rels.append(rel)
+            written += size
+            if number % 1000 == 0:
+                log(f"  {number}/{len(sizes)} files, {written / GIB:.2f} GiB")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return rels, written, hierarchy.counts
+
+
+def write_config_and_manifest(path: Path, counts: dict) -> None:
+    """config/orthanc.json and a manifest.json in the format of _backupset.close_backup."""
+    config = path / "config"
+    config.mkdir()
+    (config / "orthanc.json").write_text(json.dumps(
+        {"Name": "benchmark", "StorageDirectory": "/var/lib/orthanc/db",
+         "IndexDirectory": "/var/lib/orthanc/db", "StorageCompression": False}, indent=2) + "\n")
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.is_relative_to(path / "storage")):
+        files[str(file.relative_to(path))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    manifest = {
+        "format": "pacs.orthanc.backup", "format_version": 1, "name": path.name, "host": socket.gethostname(),
+        "orthanc": {"version": None, "name": "benchmark", "database_version": SCHEMA_VERSION},
+        "database_schema_version": SCHEMA_VERSION, "backend": "sqlite", "storage_compression": False,
+        "counts": counts, "files": files,
+        "verification": {"md5": "all"},
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def build_backup(workdir: Path, gib: float, seed: int) -> Backup:
+    """A consistent backup folder of about ``gib`` GiB of storage, checked with verify_backup."""
+    path = workdir / "20240101T000000Z"
+    path.mkdir()
+    log(f"building a {gib:g} GiB backup in {path}")
+    started = time.perf_counter()
+    rels, total, counts = write_storage_and_index(path, int(gib * GIB), seed)
+    write_config_and_manifest(path, counts)
+    os.sync()
+    log(f"built {len(rels)} files, {total / GIB:.2f} GiB, in {time.perf_counter() - started:.1f} s; "
+        "checking it with verify_backup")
+    backup = Backup(path, [], total, counts, (path / "index" / "index").stat().st_size)
+    report = _verify.verify_backup(str(path), md5="all", workers=2)
+    if not report["ok"]:
+        raise BenchmarkError(f"the synthetic backup does not verify: {_verify.describe_problems(report['problems'])}")
+    if (report["files_hashed"], report["bytes_hashed"], report["orphans"]) != (len(rels), total, 0):
+        raise BenchmarkError(f"verify_backup hashed {report['files_hashed']} files / {report['bytes_hashed']} "
+                             f"bytes with {report['orphans']} orphans; expected {len(rels)} / {total} / 0")
+    # The order verify_backup hashes in (the index's); the external tools get the same list.
+    listed = list(_sqlite.attachments(str(path / "index" / "index")))
+    backup.files = [_storage.relpath(uuid) for uuid in listed]
+    if sorted(backup.files) != sorted(rels):
+        raise BenchmarkError("the index does not list the files that were written")
+    return backup
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 2: measure
+
+
+@dataclass
+class Method:
+    """One way to read (and maybe hash) every storage file; ``run`` raises when it fails."""
+    name: str
+    run: Callable[[], None]
+    hashes: bool = True                  # False for the reading floor and the md5=none row
+    reads: bool = True                   # False when the file contents are not read at all
+    runs: list[float] = field(default_factory=list)
+
+    @property
+    def best(self) -> float:
+        return min(self.runs)
+
+
+def run_xargs(backup: Backup, argv: list[str]) -> None:
+    """Feed the NUL-separated file list to ``xargs -0 <argv>`` in storage/; output discarded."""
+    data = b"".join(rel.encode() + b"\0" for rel in backup.files)
+    proc = subprocess.run(["xargs", "-0", *argv], input=data, cwd=backup.storage,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    if proc.returncode != 0:
+        raise BenchmarkError(f"xargs {' '.join(argv)} exited with {proc.returncode}: "
+                             f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
+
+
+def run_verify(backup: Backup, md5: str, workers: int) -> None:
+    """verify_backup as the module calls it; it must find the backup ok and hash what it should."""
+    report = _verify.verify_backup(str(backup.path), md5=md5, workers=workers)
+    expected = len(backup.files) if md5 == "all" else 0
+    if not report["ok"] or report["files_hashed"] != expected:
+        raise BenchmarkError(f"verify_backup(md5={md5}, workers={workers}): ok={report['ok']}, "
+                             f"{report['files_hashed']} files hashed (expected {expected}); "
+                             f"{_verify.describe_problems(report['problems'])}")
+
+
+def methods(backup: Backup, workers: list[int]) -> list[Method]:
+    """Every measurement, in the order the rounds run them and the table lists them."""
+    chunk = ["-n", str(max(1, min(XARGS_CHUNK, math.ceil(len(backup.files) / MIN_CHUNKS))))]
+    result = [
+        Method("md5sum", lambda: run_xargs(backup, ["md5sum"])),
+        Method("md5sum x2 (xargs -P2)", lambda: run_xargs(backup, ["-P2", *chunk, "md5sum"])),
+    ]
+    for count in workers:
+        result.append(Method(f"verify_backup workers={count}",
+                             lambda count=count: run_verify(backup, "all", count)))
+    result += [
+        Method("verify_backup md5=none", lambda: run_verify(backup, "none", 2), hashes=False, reads=False),
+        Method("cat >/dev/null", lambda: run_xargs(backup, ["cat"]), hashes=False),
+        Method("cat x2 (xargs -P2)", lambda: run_xargs(backup, ["-P2", *chunk, "cat"]), hashes=False),
+    ]
+    return result
+
+
+def cold_supported() -> bool:
+    """Whether the page cache can be dropped (root and a writable /proc/sys)."""
+    return DROP_CACHES.exists() and os.access(DROP_CACHES, os.W_OK)
+
+
+def drop_caches() -> bool:
+    """Write dirty pages back and empty the page cache; False when the kernel refuses."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("3\n")
+    except OSError as exc:
+        log(f"cannot drop the page cache: {exc}")
+        return False
+    return True
+
+
+def resident_fraction(backup: Backup, sample: int = 200) -> float | None:
+    """Fraction of a sample of storage bytes that is in the page cache (util-linux fincore),
+    or None when fincore is missing."""
+    if not shutil.which("fincore"):
+        return None
+    step = max(1, len(backup.files) // sample)
+    paths = [str(backup.storage / rel) for rel in backup.files[::step]]
+    proc = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *paths],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return None
+    resident = size = 0
+    for line in proc.stdout.split("\n"):
+        if line.strip():
+            res, total = line.split()
+            resident, size = resident + int(res), size + int(total)
+    return min(1.0, resident / size) if size else 0.0  # RES counts whole pages
+
+
+def check_cold(backup: Backup) -> str:
+    """Read some files, drop the cache and look whether they left it. Returns a description of
+    what --cold does on this machine; raises nothing, the caller decides."""
+    if not cold_supported():
+        return f"NOT dropped: {DROP_CACHES} is not writable (needs root and a writable /proc/sys)"
+    run_xargs(backup, ["cat"])
+    before = resident_fraction(backup)
+    if not drop_caches():
+        return "NOT dropped: the kernel refused the write to drop_caches"
+    after = resident_fraction(backup)
+    if before is None or after is None:
+        return "dropped (not checked: no fincore)"
+    if after > 0.05:
+        return f"NOT dropped: {after:.0%} of a sample stays cached after the drop (was {before:.0%})"
+    return f"dropped before every run (checked with fincore: {before:.0%} of a sample cached before, {after:.0%} after)"
+
+
+def measure(backup: Backup, todo: list[Method], repeat: int, cold: bool) -> None:
+    """Rounds of every method in turn; dirty pages flushed (and with ``cold`` the cache
+    dropped) before each run."""
+    for round_number in range(1, repeat + 1):
+        for method in todo:
+            if cold:
+                if not drop_caches():
+                    raise BenchmarkError("the page cache could be dropped at first and then not any more")
+            else:
+                os.sync()
+            started = time.perf_counter()
+            method.run()
+            method.runs.append(time.perf_counter() - started)
+            log(f"  round {round_number}: {method.name:<28} {method.runs[-1]:7.2f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 3: report
+
+
+def environment(load_at_start: float) -> str:
+    md5sum = subprocess.run(["md5sum", "--version"], capture_output=True, text=True, check=False)
+    version = md5sum.stdout.split("\n")[0] if md5sum.returncode == 0 else "md5sum ?"
+    return (f"{os.cpu_count()} CPUs, Python {platform.python_version()} (hashlib.md5 from {ssl.OPENSSL_VERSION}), "
+            f"{version}; 1-min load average {load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+
+
+def report(backup: Backup, todo: list[Method], cache: str, repeat: int, load_at_start: float) -> str:
+    """The table: best time, throughput over the storage bytes and ratio to one md5sum."""
+    gib = backup.total_bytes / GIB
+    reference = next(m for m in todo if m.name == "md5sum").best
+    lines = [
+        f"=== verify vs md5sum: {len(backup.files)} storage files, {gib:.2f} GiB "
+        f"(index {backup.index_bytes / 1024 ** 2:.1f} MiB; counts {backup.counts})",
+        f"    cache: {cache}; best of {repeat} runs",
+        f"    {environment(load_at_start)}",
+        f"{'method':<30}{'seconds':>9}{'GiB/s':>8}{'x md5sum':>10}  runs (s)",
+    ]
+    for method in todo:
+        runs = ", ".join(f"{t:.2f}" for t in method.runs)
+        if method.reads:
+            throughput = f"{gib / method.best:8.2f}"
+            ratio = f"{reference / method.best:10.2f}"
+        else:
+            throughput, ratio = f"{'-':>8}", f"{'-':>10}"
+        note = "" if method.hashes else ("  (reads no file: everything but the hashing)" if not method.reads
+                                         else "  (reading floor, no hashing)")
+        lines.append(f"{method.name:<30}{method.best:9.2f}{throughput}{ratio}  {runs}{note}")
+    verifies = [m for m in todo if m.name.startswith("verify_backup workers=")]
+    best = min(verifies, key=lambda m: m.best)
+    lines.append("x md5sum = throughput / throughput of one md5sum (higher is better).")
+    lines.append(f"expected (issue): verification at least 0.9x md5sum's throughput; measured: "
+                 f"{reference / best.best:.2f}x at best ({best.name}), "
+                 + ", ".join(f"{m.name.split()[1]}: {reference / m.best:.2f}x" for m in verifies) + ".")
+    pair = next((m for m in todo if m.name.startswith("md5sum x2")), None)
+    if pair:
+        lines.append("same parallelism: against two md5sum in parallel, "
+                     + ", ".join(f"{m.name.split()[1]}: {pair.best / m.best:.2f}x" for m in verifies) + ".")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, default=1.0, help="storage size in GiB (default 1)")
+    parser.add_argument("--workers", default="1,2,4",
+                        help="comma-separated verify_backup worker counts (default 1,2,4)")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                        help="a new orthanc-verify-* folder is made in it (default /var/tmp)")
+    parser.add_argument("--cold", action="store_true",
+                        help="drop the page cache before every run (root, writable /proc/sys)")
+    parser.add_argument("--keep", action="store_true", help="keep the workdir at the end")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each measurement (default 2)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed of the backup's shape")
+    args = parser.parse_args(argv)
+    try:
+        args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        parser.error("--workers takes integers, e.g. 1,2,4")
+    if not args.workers or min(args.workers) < 1 or args.gib <= 0 or args.repeat < 1:
+        parser.error("--workers, --gib and --repeat must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="orthanc-verify-", dir=args.workdir))
+    try:
+        backup = build_backup(workdir, args.gib, args.seed)
+        cache = "warm (nothing dropped; dirty pages flushed before each run)"
+        if args.cold:
+            cache = "cold: " + check_cold(backup)
+            if "NOT dropped" in cache:
+                log(f"--cold: the page cache is {cache[len('cold: '):]}; the figures below are warm")
+                cache += " -> figures are WARM"
+                args.cold = False
+        log(f"measuring ({cache})")
+        todo = methods(backup, args.workers)
+        measure(backup, todo, args.repeat, args.cold)
+        print(report(backup, todo, cache, args.repeat, load_at_start))
+        print(f"total run time {time.perf_counter() - started:.0f} s")
+        return 0
+    except BenchmarkError as exc:
+        log(f"FAILED: {exc}")
+        return 1
+    finally:
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
