@@ -97,7 +97,7 @@ def md5_file(path: str) -> str:
     digest = hashlib.md5()  # Orthanc records MD5s; this is a checksum, not security
     with open(path, "rb") as handle:
         while True:
-            chunk = handle.read(HASH_CHUNK)
+            chunk = handle.read(64 * 1024)  # small reads let the disk and the hashing overlap
             if not chunk:
                 break
             digest.update(chunk)

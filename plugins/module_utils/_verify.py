@@ -13,7 +13,7 @@ import json
 import os
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import md5_file, sha256_file
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, md5_file, sha256_file
 
 __metaclass__ = type
 
@@ -80,13 +80,21 @@ def check_storage(backup: str, index_file: str, report: Report, hash_filter=None
         if md5 and (hash_filter is None or hash_filter(uuid)):
             to_hash.append((uuid, path, md5, size))
     if to_hash:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for (uuid, _path, expected, size), actual in zip(
-                    to_hash, pool.map(lambda item: md5_file(item[1]), to_hash)):
+        if workers <= 1:  # a pool of one thread only adds its own cost
+            digests = (md5_file(item[1]) for item in to_hash)
+            pool = None
+        else:
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+            digests = pool.map(lambda item: md5_file(item[1]), to_hash)
+        try:
+            for (uuid, _path, expected, size), actual in zip(to_hash, digests):
                 report.stats["files_hashed"] += 1
                 report.stats["bytes_hashed"] += size
                 if actual != expected:
                     report.add("storage files with a wrong MD5", uuid)
+        finally:
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
     if orphans and os.path.isdir(storage):
         for uuid, _entry in _storage.walk_storage(storage):
             if uuid not in listed:
@@ -117,19 +125,34 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
     if not os.path.isfile(index_file):
         report.add("missing index", "index/index")
         return report.as_dict()
-    integrity = _sqlite.check_integrity(index_file, "full")
+    # The integrity check (SQLite, which releases the GIL) runs beside the storage check, whose
+    # hashing is the other long part: on a large index the two take about as long.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as side:
+        integrity_future = side.submit(_sqlite.check_integrity, index_file, "full")
+        if md5 == "none":
+            chosen = _hash_none
+        elif md5 == "all":
+            chosen = None
+        else:
+            chosen = hash_filter
+        storage_report = Report()
+        storage_error = None
+        try:
+            check_storage(backup, index_file, storage_report, chosen, workers)
+        except PacsError as exc:
+            storage_error = exc
+        integrity = integrity_future.result()
     for problem in integrity:
         report.add("index integrity errors", problem)
     if integrity:
-        return report.as_dict()
+        return report.as_dict()  # storage findings against a damaged index would mislead
+    if storage_error:
+        raise storage_error
+    for kind, entry in storage_report.problems.items():
+        report.problems[kind] = entry
+    report.stats.update(storage_report.stats)
+    report.orphan_examples = storage_report.orphan_examples
     summary = _sqlite.read_summary(index_file)
-    if md5 == "none":
-        chosen = _hash_none
-    elif md5 == "all":
-        chosen = None
-    else:
-        chosen = hash_filter
-    check_storage(backup, index_file, report, chosen, workers)
     if manifest:
         for key, value in summary["counts"].items():
             recorded = manifest.get("counts", {}).get(key)
