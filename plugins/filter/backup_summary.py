@@ -31,6 +31,8 @@ _value:
   description: C(line) and C(record).
   type: dict
 """
+# backup_results(hosts, hostvars) does the same for a list of hosts; it is documented in the
+# playbook that uses it (playbooks/backup.yml).
 
 
 def human_bytes(value) -> str:
@@ -74,6 +76,17 @@ def backup_result(pair):
     return {"line": line, "record": record}
 
 
+def backup_results(hosts, hostvars):
+    """``backup_result`` for each host, whether or not it has an ``orthanc_backup_result``
+    (a host that was never reached, or whose batch never started, has none)."""
+    results = []
+    for host in hosts:
+        variables = hostvars[host]
+        result = variables["orthanc_backup_result"] if "orthanc_backup_result" in variables else None
+        results.append(backup_result([result, host]))
+    return results
+
+
 class FilterModule:
     def filters(self):
-        return {"backup_result": backup_result}
+        return {"backup_result": backup_result, "backup_results": backup_results}

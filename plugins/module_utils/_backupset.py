@@ -114,10 +114,23 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         result["changed"] = True
         return result
     try:
-        fd = os.open(lock_path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if held is not None:
+            os.unlink(lock_path)  # stale: its run is gone
+        # The lock is created atomically (a hard link fails when the name exists), so two runs
+        # that both found no lock cannot both take it.
+        fresh = f"{lock_path}.{os.getpid()}"
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump({"name": name, "started_at": iso(now), "pid": os.getpid()}, handle)
-        os.rename(lock_path + ".new", lock_path)
+        try:
+            os.link(fresh, lock_path)
+        except FileExistsError:
+            raise PacsError(step, f"another backup took the lock {lock_path} at the same moment; wait for it to end")
+        finally:
+            os.unlink(fresh)
+    except OSError as exc:
+        raise PacsError(step, os_error_cause(exc))
+    try:
         for leftover in sorted(os.listdir(root)):
             if leftover.endswith(INCOMPLETE) and leftover != name + INCOMPLETE:
                 shutil.rmtree(os.path.join(root, leftover))
@@ -127,7 +140,12 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         os.makedirs(os.path.join(path, WORK), mode=0o700)
         os.chmod(path, 0o700)
         result["config_files"] = copy_tree_as_is(config_path, os.path.join(path, "config"))
-    except OSError as exc:
+    except (OSError, PacsError) as exc:
+        # nothing of this run may stay behind: its folder goes, its lock is released
+        shutil.rmtree(path, ignore_errors=True)
+        _release_lock(root, name)
+        if isinstance(exc, PacsError):
+            raise
         raise PacsError(step, os_error_cause(exc))
     result["changed"] = True
     return result

@@ -163,3 +163,29 @@ def test_module_killed_mid_copy_while_orthanc_is_stopped(servers, tmp_path):
     assert_failed_cleanly(Result, "killed", "copy what changed since the hot pass", "killed by signal 9", root, earlier)
     assert server.answers()  # started again by the role's always
     assert "Orthanc was left as it was" in output
+
+
+def test_a_broken_host_in_a_fleet(servers, tmp_path):
+    broken, healthy = servers("broken"), servers("healthy")
+    checks.store_studies(healthy, tmp_path, patients=1, via="rest")
+    # a key defined in two files of the configuration folder (Orthanc itself would refuse it)
+    (broken.config_path / "zz-duplicate.json").write_text('{"HttpPort": 1}')
+    inventory = write_inventory(tmp_path / "inventory.json", {
+        "broken": local_host(broken, tmp_path / "backups-broken"),
+        "healthy": local_host(healthy, tmp_path / "backups-healthy")})
+
+    # default: the canary (first host) fails, later batches are not started
+    canary = run_playbook(inventory)
+    assert canary.returncode != 0
+    assert re.search(r"broken: FAILED at 'Read the Orthanc configuration': .*the key 'HttpPort' is defined "
+                     r"both in .*orthanc.json and in .*zz-duplicate.json \(Orthanc running\)", canary.stdout), canary.stdout
+    assert "healthy: NOT BACKED UP" in canary.stdout
+    assert not (tmp_path / "backups-healthy").exists()
+
+    # with failures allowed, every host is tried; the run still fails at the end and says why
+    tolerant = run_playbook(inventory, extra_vars={"orthanc_backup_max_fail_percentage": 100})
+    assert tolerant.returncode != 0
+    assert "1 of 2 hosts were not backed up: broken: FAILED at 'Read the Orthanc configuration'" in tolerant.stdout
+    assert "healthy: ok, sqlite, 3 instances" in tolerant.stdout
+    assert checks.complete_backups(tmp_path / "backups-healthy")
+    assert broken.answers() and healthy.answers()

@@ -128,3 +128,13 @@ def test_no_room_is_refused_with_the_figures(tmp_path):
         _backupset.open_backup(str(tmp_path / "backups"), str(config), str(index_dir), str(storage),
                                min_free_bytes=1 << 60)
     assert not (tmp_path / "backups" / ".lock").exists()
+
+
+def test_a_failed_open_leaves_no_lock_and_no_folder(tmp_path):
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    with pytest.raises(PacsError, match="prepare backup folder: .*No such file"):
+        _backupset.open_backup(str(root), str(tmp_path / "no-config"), str(index_dir), str(storage))
+    assert os.listdir(root) == []  # the next run is not blocked by a lock of a dead run
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    assert opened["removed_incomplete"] == []
