@@ -218,6 +218,7 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
         "database_schema_version": report.get("schema_version"),
         "backend": facts.get("backend", "sqlite"),
         "strategy": facts.get("strategy", "stop"),
+        "capture": facts.get("capture"),
         "storage_compression": facts.get("storage_compression"),
         "source": {"config_path": facts.get("config_path"), "storage_directory": facts.get("storage_directory"),
                    "index_directory": facts.get("index_directory"), "config_is_folder": facts.get("config_is_folder"),
