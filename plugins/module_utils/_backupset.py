@@ -28,6 +28,15 @@ INCOMPLETE = ".incomplete"
 LOCK = ".lock"
 WORK = ".work"
 STATE_FILE = "storage.tsv"
+MISSING = ".missing"  # beside the state file: files the dump lists that Orthanc deleted meanwhile
+
+
+def _read_missing(path: str) -> list:
+    try:
+        with open(path, "r", encoding="ascii") as handle:
+            return sorted(line.strip() for line in handle if line.strip())
+    except FileNotFoundError:
+        return []
 
 
 def complete_backups(root: str) -> list:
@@ -61,7 +70,7 @@ def _free_bytes(path: str) -> int:
 def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
                 expected_storage_bytes: int = 0, min_free_bytes: int = 0,
                 stale_lock_seconds: int = 86400, space_check: bool = True,
-                check_mode: bool = False) -> dict:
+                check_mode: bool = False, expected_dump_bytes: int = 0) -> dict:
     """Take the lock, clean up leftovers, check room, create the incomplete folder, copy the
     configuration. Returns the names and paths the later steps use."""
     step = "prepare backup folder"
@@ -94,9 +103,11 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
                             f"holds the lock {lock_path}; wait for it to end. If no backup is running, "
                             "remove that file")
     previous = latest_backup(root)
-    index_bytes = sum(os.path.getsize(os.path.join(index_dir, f)) for f in _sqlite.index_files(index_dir))
-    needed = index_bytes + min_free_bytes
-    if not _storage.same_filesystem(storage_dir, root):
+    index_bytes = 0
+    if index_dir and os.path.isdir(index_dir):
+        index_bytes = sum(os.path.getsize(os.path.join(index_dir, f)) for f in _sqlite.index_files(index_dir))
+    needed = index_bytes + expected_dump_bytes + min_free_bytes
+    if storage_dir and not _storage.same_filesystem(storage_dir, root):
         already = 0
         if previous:
             try:
@@ -109,7 +120,8 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
     result.update({"previous": previous, "free_bytes": free, "needed_bytes": needed})
     if space_check and free < needed:
         raise PacsError(step, f"not enough free space in {root}: about {needed} bytes are needed "
-                        f"(index {index_bytes}, new storage files, margin {min_free_bytes}), {free} are free")
+                        f"(index {index_bytes}, database dump about {expected_dump_bytes}, new storage files, margin "
+                        f"{min_free_bytes}), {free} are free")
     if check_mode:
         result["changed"] = True
         return result
@@ -182,6 +194,19 @@ def retention(root: str, keep: int, protect: str, check_mode: bool = False) -> l
     return doomed
 
 
+def _dump_record(dump, path: str):
+    """What the manifest keeps of db_dump's result: the dump relative to the backup, its size,
+    SHA-256, format and the engine's and tool's versions (never the connection's password)."""
+    if not dump:
+        return None
+    keep = ("engine", "format", "bytes", "sha256", "server_version", "tool", "tool_version", "dump_seconds")
+    record = {k: dump.get(k) for k in keep}
+    record["path"] = os.path.relpath(dump["path"], path) if dump.get("path") else None
+    connection = dump.get("connection") or {}
+    record["database"] = {k: connection.get(k) for k in ("host", "port", "database", "username", "unix_socket")}
+    return record
+
+
 def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: str = "new",
                  workers: int = 2, check_mode: bool = False) -> dict:
     """Check the incomplete backup, write its manifest, rename it complete, point ``latest`` at
@@ -192,7 +217,9 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
         raise PacsError(step, f"there is no incomplete backup {path}")
     state = _storage.read_state(os.path.join(path, WORK, STATE_FILE))
     new_files = {u for u, (_s, origin) in state.items() if origin != _storage.ORIGIN_PREVIOUS}
-    report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=lambda u: u in new_files)
+    deleted_during_capture = _read_missing(os.path.join(path, WORK, STATE_FILE + MISSING))
+    report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=lambda u: u in new_files,
+                                   known_missing=set(deleted_during_capture))
     if not report["ok"]:
         raise PacsError(step, f"the backup in {path} failed its check: "
                         f"{_verify.describe_problems(report['problems'])}", verification=report)
@@ -231,12 +258,15 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
         "ended_at": iso(ended),
         "downtime_seconds": facts.get("downtime_seconds"),
         "downtime_phases": facts.get("downtime_phases"),
+        "storage_in_database": bool(report.get("storage_in_database", False)),
+        "dump": _dump_record(facts.get("dump"), path),
         "counts": report["counts"],
         "storage": {"files": storage_totals["files"], "bytes": storage_totals["bytes"],
                     "new_files": storage_totals["new_files"], "new_bytes": storage_totals["new_bytes"],
                     "linked_files": storage_totals["linked_files"], "linked_bytes": storage_totals["linked_bytes"],
                     "copied_files": storage_totals["copied_files"], "copied_bytes": storage_totals["copied_bytes"],
-                    "previous": facts.get("previous")},
+                    "previous": facts.get("previous"),
+                    "deleted_during_capture": deleted_during_capture},
         "verification": {"md5": md5, "files_checked": report["files_checked"],
                          "files_hashed": report["files_hashed"], "orphans": report["orphans"]},
         "files": files,

@@ -244,8 +244,9 @@ def describe(config_path: str, environ: dict | None = None, base_dir: str | None
                             "folder and are reported as orphans")
         if not plugin["exists"]:
             warnings.append(f"plugin {plugin['path']} does not exist: Orthanc will not start with it")
-    if backend in ("postgresql", "mysql"):
-        unsupported.append(f"the {backend} index is backed up by dumps, which this version does not do yet")
+    if storage in ("postgresql", "mysql") and backend == "sqlite":
+        unsupported.append(f"files in {storage} with a SQLite index: the two cannot be captured consistently "
+                           "together; use the database for the index too")
     for key in ("MaximumStorageSize", "MaximumPatientCount"):
         if values.get(key, 0) not in (0, None, "0"):
             warnings.append(f"{key} is set: Orthanc recycles (deletes) old patients when it is reached")

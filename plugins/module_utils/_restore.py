@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _database, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, copy_tree_as_is, os_error_cause, resolve_ids)
 
@@ -71,14 +71,30 @@ def plan(backup: str, config_path: str, orthanc_version, database_version, force
                         "an older Orthanc can break on a newer index")
     if database_version and backup_schema and version_tuple(backup_schema) > version_tuple(database_version):
         refusals.append(f"the backup's index has schema {backup_schema}, this host's Orthanc expects {database_version}")
-    if described["backend"] != "sqlite" or described["storage"] != "filesystem":
-        raise PacsError("plan restore", "this version restores SQLite indexes with files on disk only")
+    database = None
+    if described["backend"] != "sqlite":
+        found = _database.find_dump(backup)
+        if not found:
+            raise PacsError("plan restore", f"the configuration in the backup uses a {described['backend']} index "
+                            "but the backup holds no database dump")
+        if found[0] != described["backend"]:
+            raise PacsError("plan restore", f"the backup holds a {found[0]} dump but its configuration uses "
+                            f"{described['backend']}")
+        database = {"engine": found[0], "format": found[1], "dump": found[2],
+                    "storage_in_database": described["storage"] != "filesystem"}
+    elif described["storage"] != "filesystem":
+        raise PacsError("plan restore", "a SQLite index with the files in a database cannot be restored")
     if refusals and not force:
         raise PacsError("plan restore", "; ".join(refusals) + ". Restore onto an Orthanc at least as new, "
                         "or set force to restore anyway")
-    targets = {"config": target_config, "index": described["index_directory"], "storage": described["storage_directory"]}
+    targets = {"config": target_config}
+    if described["backend"] == "sqlite":
+        targets["index"] = described["index_directory"]
+    if described["storage"] == "filesystem":
+        targets["storage"] = described["storage_directory"]
     return {"backup": backup, "manifest": manifest, "config_is_folder": bool(is_folder), "targets": targets,
-            "refusals_overridden": refusals, "counts": manifest.get("counts", {})}
+            "refusals_overridden": refusals, "counts": manifest.get("counts", {}), "database": database,
+            "deleted_during_capture": manifest.get("storage", {}).get("deleted_during_capture") or []}
 
 
 def _aside_roots(targets: dict) -> list:
@@ -118,8 +134,8 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
     if not _ID.match(restore_id):
         raise PacsError("restore", f"invalid restore id {restore_id!r}")
     targets, backup = plan_result["targets"], plan_result["backup"]
-    live_index = os.path.join(targets["index"], "index")
-    holder = _sqlite.lock_holder(live_index) if os.path.exists(live_index) else None
+    live_index = os.path.join(targets["index"], "index") if targets.get("index") else None
+    holder = _sqlite.lock_holder(live_index) if live_index and os.path.exists(live_index) else None
     if holder is not None:
         raise PacsError("restore", f"process {holder} holds {live_index}: stop Orthanc first")
     uid, gid = _data_owner(plan_result, owner, group)
@@ -149,21 +165,24 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
             if os.path.lexists(dest):
                 os.lchown(dest, *resolve_ids(info["owner"], info["group"]))
         # index and storage, owned by Orthanc's user
-        for folder in (targets["index"], targets["storage"]):
-            os.makedirs(folder, mode=0o750, exist_ok=True)
-            os.chown(folder, uid, gid)
-        index_target = os.path.join(targets["index"], "index")
-        shutil.copyfile(os.path.join(backup, "index", "index"), index_target)
-        os.chmod(index_target, 0o640)
-        os.chown(index_target, uid, gid)
-        placer = _storage.Placer(os.path.join(backup, "storage"), targets["storage"], None, link, workers,
-                                 owner=(uid, gid))
+        for folder in (targets.get("index"), targets.get("storage")):
+            if folder:
+                os.makedirs(folder, mode=0o750, exist_ok=True)
+                os.chown(folder, uid, gid)
+        if targets.get("index"):
+            index_target = os.path.join(targets["index"], "index")
+            shutil.copyfile(os.path.join(backup, "index", "index"), index_target)
+            os.chmod(index_target, 0o640)
+            os.chown(index_target, uid, gid)
         files = 0
-        for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")):
-            placer.place(uuid, None)
-            files += 1
-        if placer.finish("restore storage"):
-            raise PacsError("restore storage", "files vanished from the backup while it was restored")
+        if targets.get("storage"):
+            placer = _storage.Placer(os.path.join(backup, "storage"), targets["storage"], None, link, workers,
+                                     owner=(uid, gid))
+            for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")):
+                placer.place(uuid, None)
+                files += 1
+            if placer.finish("restore storage"):
+                raise PacsError("restore storage", "files vanished from the backup while it was restored")
     except OSError as exc:
         raise PacsError("restore", os_error_cause(exc))
     return {"journal": journal_path, "moved_aside": [r for r in journal["roots"] if r["aside"]],

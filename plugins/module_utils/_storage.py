@@ -246,8 +246,10 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
 
 
 def delta_pass(source: str, dest: str, state_file: str, wanted: dict, previous: str | None = None,
-               link_mode: str = "auto", workers: int = 4, check_mode: bool = False) -> dict:
-    """``wanted``: {uuid: size} from the captured index."""
+               link_mode: str = "auto", workers: int = 4, check_mode: bool = False,
+               missing_out: list | None = None) -> dict:
+    """``wanted``: {uuid: size} from the captured index. Every uuid that the source lacks is
+    appended to ``missing_out`` when given."""
     previous, link_source = _prepare(source, dest, previous, link_mode, check_mode)
     state = read_state(state_file)
     removed = 0
@@ -285,8 +287,11 @@ def delta_pass(source: str, dest: str, state_file: str, wanted: dict, previous: 
         fetched -= 1
     if not check_mode:
         write_state(state_file, state)
+    if missing_out is not None:
+        missing_out.extend(sorted(missing))
     result = summarize(state)
     result.update({"phase": "delta", "fetched_files": fetched, "removed_files": removed,
                    "missing_files": len(missing), "missing_examples": sorted(missing)[:10],
+
                    "hardlink_from_source": link_source, "previous": previous})
     return result

@@ -12,7 +12,7 @@ import concurrent.futures
 import json
 import os
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _database, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, md5_file, sha256_file
 
 __metaclass__ = type
@@ -58,18 +58,25 @@ def check_manifest_files(backup: str, manifest: dict, report: Report) -> None:
             report.add("files outside storage with a wrong SHA-256", rel)
 
 
-def check_storage(backup: str, index_file: str, report: Report, hash_filter=None,
-                  workers: int = 2, orphans: bool = True) -> dict:
+def check_storage(backup: str, index_file: str | None, report: Report, hash_filter=None,
+                  workers: int = 2, orphans: bool = True, listed: dict | None = None,
+                  known_missing=frozenset()) -> dict:
     """Every attachment the index lists is in storage/ with its size, and, for the uuids that
-    ``hash_filter(uuid)`` accepts (all when None), its MD5. Returns {uuid: size} of the index."""
+    ``hash_filter(uuid)`` accepts (all when None), its MD5. Returns {uuid: size} of the index.
+    ``listed`` ({uuid: (size, md5)}) replaces the index file (a database dump's listing);
+    ``known_missing`` are files that the manifest records as deleted while the dump ran."""
     storage = os.path.join(backup, "storage")
-    listed = _sqlite.attachments(index_file)
+    if listed is None:
+        listed = _sqlite.attachments(index_file)
     to_hash = []
     for uuid, (size, md5) in listed.items():
         path = os.path.join(storage, _storage.relpath(uuid))
         try:
             actual = os.stat(path).st_size
         except FileNotFoundError:
+            if uuid in known_missing:
+                report.stats["known_missing"] = report.stats.get("known_missing", 0) + 1
+                continue
             report.add("missing storage files", uuid)
             continue
         report.stats["files_checked"] += 1
@@ -108,19 +115,75 @@ def _hash_none(_uuid: str) -> bool:
     return False
 
 
-def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=None) -> dict:
-    """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none."""
-    report = Report()
-    manifest = None
+def _read_manifest(backup: str, report: Report):
     manifest_path = os.path.join(backup, "manifest.json")
-    if os.path.exists(manifest_path):
-        try:
-            with open(manifest_path, "r", encoding="utf-8") as handle:
-                manifest = json.load(handle)
-        except ValueError as exc:
-            report.add("unreadable manifest", str(exc))
-        else:
-            check_manifest_files(backup, manifest, report)
+    if not os.path.exists(manifest_path):
+        return None
+    try:
+        with open(manifest_path, "r", encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except ValueError as exc:
+        report.add("unreadable manifest", str(exc))
+        return None
+    check_manifest_files(backup, manifest, report)
+    return manifest
+
+
+def _compare_counts(manifest, counts: dict, report: Report) -> None:
+    if manifest:
+        for key, value in counts.items():
+            recorded = manifest.get("counts", {}).get(key)
+            if recorded is not None and recorded != value:
+                report.add("counts that differ from the manifest", f"{key}: manifest {recorded}, index {value}")
+
+
+def verify_database_backup(backup: str, found: tuple, manifest, report: Report, md5: str = "all",
+                           workers: int = 2, hash_filter=None, known_missing=frozenset()) -> dict:
+    """A backup whose index is a database dump: the dump reads back and lists what the backup
+    holds, whether the files are in the dump (large objects, LONGBLOBs) or in storage/."""
+    engine, fmt, path = found
+    try:
+        _database.check_dump(engine, path, fmt)
+        listing = _database.read_dump(engine, path, with_contents=True)
+    except PacsError as exc:
+        report.add("unreadable database dump", exc.cause)
+        return report.as_dict()
+    in_database = bool(listing["stored"]) or bool((manifest or {}).get("storage_in_database"))
+    if in_database:
+        for uuid, (size, expected_md5) in listing["attachments"].items():
+            stored = listing["stored"].get(uuid)
+            if stored is None or stored[0] is None:
+                report.add("files missing from the database dump", uuid)
+                continue
+            report.stats["files_checked"] += 1
+            report.stats["bytes_checked"] += stored[0]
+            if stored[0] != size:
+                report.add("files in the dump with a wrong size", f"{uuid} ({stored[0]} bytes, index says {size})")
+            elif expected_md5 and md5 != "none":
+                report.stats["files_hashed"] += 1
+                report.stats["bytes_hashed"] += size
+                if stored[1] != expected_md5:
+                    report.add("files in the dump with a wrong MD5", uuid)
+    else:
+        chosen = _hash_none if md5 == "none" else (None if md5 == "all" else hash_filter)
+        known = set((manifest or {}).get("storage", {}).get("deleted_during_capture") or []) | set(known_missing)
+        check_storage(backup, None, report, chosen, workers, listed=listing["attachments"], known_missing=known)
+    _compare_counts(manifest, listing["counts"], report)
+    result = report.as_dict()
+    result.update({"counts": listing["counts"], "schema_version": listing["schema_version"],
+                   "dump": {"engine": engine, "format": fmt, "path": path}, "storage_in_database": in_database})
+    return result
+
+
+def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=None,
+                  known_missing=frozenset()) -> dict:
+    """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none.
+    ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped."""
+    report = Report()
+    manifest = _read_manifest(backup, report)
+    found = _database.find_dump(backup)
+    if found:
+        return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing)
     index_file = os.path.join(backup, "index", "index")
     if not os.path.isfile(index_file):
         report.add("missing index", "index/index")
@@ -153,11 +216,7 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
     report.stats.update(storage_report.stats)
     report.orphan_examples = storage_report.orphan_examples
     summary = _sqlite.read_summary(index_file)
-    if manifest:
-        for key, value in summary["counts"].items():
-            recorded = manifest.get("counts", {}).get(key)
-            if recorded is not None and recorded != value:
-                report.add("counts that differ from the manifest", f"{key}: manifest {recorded}, index {value}")
+    _compare_counts(manifest, summary["counts"], report)
     result = report.as_dict()
     result.update({"counts": summary["counts"], "schema_version": summary["schema_version"]})
     return result

@@ -103,6 +103,18 @@ targets:
   type: dict
   returned: planned, restored
   sample: {"config": "/etc/orthanc", "index": "/var/lib/orthanc/db-v6", "storage": "/var/lib/orthanc/db-v6"}
+database:
+  description:
+    - For a backup of a PostgreSQL or MySQL index, its dump (C(engine), C(format), C(dump)) and whether the
+      files are in the database (C(storage_in_database)); restore it with M(pacs.orthanc.db_restore).
+      None for a SQLite index.
+  type: dict
+  returned: planned, restored
+deleted_during_capture:
+  description: Files the backup's index lists that Orthanc deleted while the database was dumped; the restored Orthanc cannot serve them.
+  type: list
+  elements: str
+  returned: planned, restored
 counts:
   description: Counts recorded in the backup's manifest, to compare with the restored Orthanc.
   type: dict
@@ -148,7 +160,8 @@ def act(module):
     planned = _restore.plan(p["backup"], p["config_path"], p["orthanc_version"], p["database_version"], p["force"])
     result = {"changed": False, "backup": planned["backup"], "targets": planned["targets"],
               "counts": planned["counts"], "refusals_overridden": planned["refusals_overridden"],
-              "backup_orthanc_version": planned["manifest"].get("orthanc", {}).get("version")}
+              "backup_orthanc_version": planned["manifest"].get("orthanc", {}).get("version"),
+              "database": planned["database"], "deleted_during_capture": planned["deleted_during_capture"]}
     if p["state"] == "planned":
         return result
     if not p["restore_id"]:

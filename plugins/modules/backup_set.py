@@ -37,11 +37,15 @@ options:
     description: Orthanc's configuration file or folder, copied by C(open).
     type: path
   index_directory:
-    description: Orthanc's index folder, for the free space estimate of C(open).
+    description: Orthanc's SQLite index folder, for the free space estimate of C(open). Omit for a database index.
     type: path
   storage_directory:
-    description: Orthanc's storage folder, for the free space estimate of C(open).
+    description: Orthanc's storage folder, for the free space estimate of C(open). Omit when the files are in a database.
     type: path
+  expected_dump_bytes:
+    description: Bytes a database dump is expected to take, for the free space estimate of C(open).
+    type: int
+    default: 0
   expected_storage_bytes:
     description: Bytes of the live storage (Orthanc's C(TotalDiskSize)), for the free space estimate.
     type: int
@@ -66,7 +70,8 @@ options:
       - What the role learnt during the backup, recorded in the manifest, orthanc_version,
         orthanc_name, backend, storage_compression, config_path, config_is_folder,
         storage_directory, storage_owner, index_directory, started_at, stopped_at,
-        restarted_at, downtime_seconds, downtime_phases, previous.
+        restarted_at, downtime_seconds, downtime_phases, previous, strategy, capture (details of
+        the strategy), dump (the result of M(pacs.orthanc.db_dump)), storage_in_database.
     type: dict
     default: {}
   keep:
@@ -154,12 +159,12 @@ from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsEr
 def act(module):
     p = module.params
     if p["state"] == "open":
-        for key in ("config_path", "index_directory", "storage_directory"):
+        for key in ("config_path",):
             if not p[key]:
                 raise PacsError("prepare backup folder", f"state=open needs '{key}'")
         return _backupset.open_backup(p["root"], p["config_path"], p["index_directory"], p["storage_directory"],
                                       p["expected_storage_bytes"], p["min_free_bytes"], p["stale_lock_seconds"],
-                                      p["space_check"], module.check_mode)
+                                      p["space_check"], module.check_mode, p["expected_dump_bytes"])
     if not p["name"]:
         raise PacsError("complete backup", f"state={p['state']} needs 'name'")
     if p["state"] == "discard":
@@ -180,6 +185,7 @@ def main():
             index_directory=dict(type="path"),
             storage_directory=dict(type="path"),
             expected_storage_bytes=dict(type="int", default=0),
+            expected_dump_bytes=dict(type="int", default=0),
             min_free_bytes=dict(type="int", default=64 * 1024 * 1024),
             stale_lock_seconds=dict(type="int", default=86400),
             space_check=dict(type="bool", default=True),

@@ -35,7 +35,15 @@ options:
     choices: [hot, delta]
     required: true
   index:
-    description: The captured SQLite index file; required for the C(delta) phase.
+    description: The captured SQLite index file; the C(delta) phase needs it or O(dump).
+    type: path
+  dump:
+    description:
+      - A database dump (C(.pgdump), C(.pgdir), C(.sql)) made by M(pacs.orthanc.db_dump) while Orthanc
+        ran; the C(delta) phase takes the list of files from it instead of O(index).
+      - Then Orthanc keeps running, and a file that the dump lists but that Orthanc deleted before
+        the delta phase cannot be copied. Such files are not hidden; they are written, one per line,
+        to O(state_file)C(.missing), returned in RV(deleted_during_capture), and recorded in the manifest.
     type: path
   previous:
     description: The previous backup's storage folder; files of the same name and size are linked from it.
@@ -135,6 +143,11 @@ removed_files:
   description: Delta phase, files removed because the index no longer lists them.
   type: int
   returned: phase is delta
+deleted_during_capture:
+  description: Delta phase from a dump, files the dump lists that were deleted from the storage meanwhile.
+  type: list
+  elements: str
+  returned: phase is delta and dump is given
 missing_files:
   description: Delta phase, files the index lists that the storage folder lacks.
   type: int
@@ -149,7 +162,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _database, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -164,17 +177,34 @@ def snapshot(module):
         result = _storage.hot_pass(p["source"], p["dest"], state_file, settle=p["settle_seconds"], **common)
         changed = result["files"] > 0
     else:
-        if not p["index"]:
-            raise PacsError("copy storage (delta pass)", "the delta phase needs 'index', the captured index file")
-        wanted = {uuid: size for uuid, (size, _md5) in _sqlite.attachments(p["index"]).items()}
-        result = _storage.delta_pass(p["source"], p["dest"], state_file, wanted, **common)
+        if p["dump"]:
+            engine = "mysql" if p["dump"].endswith(".sql") else "postgresql"
+            listing = _database.read_dump(engine, p["dump"], with_contents=False)["attachments"]
+            wanted = {uuid: size for uuid, (size, _md5) in listing.items()}
+        elif p["index"]:
+            wanted = {uuid: size for uuid, (size, _md5) in _sqlite.attachments(p["index"]).items()}
+        else:
+            raise PacsError("copy storage (delta pass)", "the delta phase needs 'index' (the captured index file) "
+                            "or 'dump' (a database dump)")
+        missing: list = []
+        result = _storage.delta_pass(p["source"], p["dest"], state_file, wanted, missing_out=missing, **common)
         changed = result["fetched_files"] > 0 or result["removed_files"] > 0
-        if result["missing_files"]:
-            message = (f"{result['missing_files']} files that the index lists are missing from {p['source']} "
-                       f"(e.g. {result['missing_examples'][0]}): the live archive is already damaged")
-            if not p["missing_ok"]:
-                raise PacsError("copy storage (delta pass)", message, **result)
-            module.warn(message)
+        if p["dump"]:
+            # Orthanc ran on: what the dump lists and the storage lacks was deleted meanwhile
+            result["deleted_during_capture"] = missing
+            if not module.check_mode:
+                with open(state_file + ".missing", "w", encoding="ascii") as handle:
+                    handle.write("".join(f"{uuid}\n" for uuid in missing))
+            if missing:
+                module.warn(f"{len(missing)} files that the dump lists were deleted from {p['source']} while it "
+                            f"ran (e.g. {missing[0]}); the manifest names them")
+        else:
+            if result["missing_files"]:
+                message = (f"{result['missing_files']} files that the index lists are missing from {p['source']} "
+                           f"(e.g. {result['missing_examples'][0]}): the live archive is already damaged")
+                if not p["missing_ok"]:
+                    raise PacsError("copy storage (delta pass)", message, **result)
+                module.warn(message)
     result.update({"changed": changed, "state_file": state_file})
     return result
 
@@ -186,6 +216,7 @@ def main():
             dest=dict(type="path", required=True),
             phase=dict(type="str", choices=["hot", "delta"], required=True),
             index=dict(type="path"),
+            dump=dict(type="path"),
             previous=dict(type="path"),
             state_file=dict(type="path"),
             link_mode=dict(type="str", choices=["auto", "hardlink", "copy"], default="auto"),
@@ -193,7 +224,8 @@ def main():
             workers=dict(type="int", default=4),
             missing_ok=dict(type="bool", default=False),
         ),
-        required_if=[("phase", "delta", ("index",))],
+        required_if=[("phase", "delta", ("index", "dump"), True)],
+        mutually_exclusive=[("index", "dump")],
         supports_check_mode=True,
     )
     run_module(module, snapshot)

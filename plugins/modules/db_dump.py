@@ -1,0 +1,210 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: db_dump
+short_description: Dump Orthanc's PostgreSQL or MySQL/MariaDB database hot, with the engine's own tool
+version_added: 0.2.0
+description:
+  - Dumps the database that Orthanc's configuration names (its C(PostgreSQL) or C(MySQL) section,
+    C(ConnectionUri) included), while Orthanc keeps running. Options given here override the
+    configuration's values.
+  - "PostgreSQL: C(pg_dump), custom format by default (one file, compressed), or the directory format
+    with O(jobs) parallel jobs. Large objects (Orthanc's files when C(EnableStorage) is true) are included."
+  - "MySQL/MariaDB: C(mysqldump --single-transaction --routines --triggers --hex-blob): one consistent
+    snapshot, with the stored procedures and triggers without which Orthanc's MySQL index cannot
+    store anything."
+  - The password reaches the tool only through a private 0600 file (C(PGPASSFILE), or MySQL's
+    C(--defaults-extra-file)) that is removed afterwards; it is never on a command line, in the
+    result or in a log.
+  - The dump is written as O(dest)C(.part) and renamed to O(dest) only when the tool succeeded and
+    the dump reads back (C(pg_restore --list) reads it and it holds Orthanc's tables; a MySQL dump
+    ends with C(-- Dump completed)). A failed dump leaves nothing behind.
+options:
+  config_path:
+    description: Orthanc's configuration file or folder; the database is the one it enables.
+    type: path
+  environment:
+    description: Environment that Orthanc sees, for C(${VAR}) in its configuration.
+    type: dict
+  engine:
+    description: C(postgresql) or C(mysql). Default, the one that the configuration enables.
+    type: str
+    choices: [postgresql, mysql]
+  host:
+    description: Overrides the configuration's C(Host).
+    type: str
+  port:
+    description: Overrides the configuration's C(Port).
+    type: int
+  database:
+    description: Overrides the configuration's C(Database).
+    type: str
+  username:
+    description: Overrides the configuration's C(Username).
+    type: str
+  password:
+    description: Overrides the configuration's C(Password). Never logged nor returned.
+    type: str
+  unix_socket:
+    description: MySQL only, overrides the configuration's C(UnixSocket).
+    type: str
+  dest:
+    description: The dump to write (a file; a folder for the PostgreSQL directory format). Must not exist.
+    type: path
+    required: true
+  format:
+    description: PostgreSQL dump format. MySQL dumps are always SQL text.
+    type: str
+    choices: [custom, directory]
+    default: custom
+  jobs:
+    description: Parallel jobs of C(pg_dump) with the directory format.
+    type: int
+    default: 1
+  bin_dir:
+    description: Folder holding the engine's client programs, when they are not on the PATH.
+    type: path
+  timeout:
+    description: Seconds after which the dump is abandoned (and removed). No limit by default.
+    type: float
+attributes:
+  check_mode:
+    support: full
+    description: Connects and reports the server's version; writes nothing.
+notes:
+  - Needs C(postgresql-client) (C(pg_dump), C(pg_restore), C(psql)) or C(mariadb-client)
+    (C(mysqldump), C(mysql)) on the host that runs it.
+author:
+  - pacs.orthanc developers (@pacs-orthanc)
+"""
+
+EXAMPLES = r"""
+- name: Dump the database that Orthanc uses
+  pacs.orthanc.db_dump:
+    config_path: /etc/orthanc
+    dest: /var/backups/orthanc-db/orthanc.pgdump
+  register: dump
+
+- name: A large PostgreSQL database, in parallel
+  pacs.orthanc.db_dump:
+    config_path: /etc/orthanc
+    format: directory
+    jobs: 4
+    dest: /var/backups/orthanc-db/orthanc.pgdir
+
+- name: Another database than the configuration's, password from a vault
+  pacs.orthanc.db_dump:
+    engine: mysql
+    database: orthanc_db
+    username: backup
+    password: "{{ vault_orthanc_db_backup_password }}"
+    dest: /var/backups/orthanc-db/orthanc.sql
+"""
+
+RETURN = r"""
+path:
+  description: The dump.
+  type: str
+  returned: success, not in check mode
+engine:
+  description: C(postgresql) or C(mysql).
+  type: str
+  returned: always
+format:
+  description: C(custom), C(directory) or C(sql).
+  type: str
+  returned: success, not in check mode
+bytes:
+  description: Size of the dump (all files of a directory dump).
+  type: int
+  returned: success, not in check mode
+sha256:
+  description: SHA-256 of the dump file (of its file list with their SHA-256s for a directory dump).
+  type: str
+  returned: success, not in check mode
+duration_seconds:
+  description: Seconds from connecting to the dump being in place, its check included.
+  type: float
+  returned: success, not in check mode
+dump_seconds:
+  description: Seconds the dump tool itself ran.
+  type: float
+  returned: success, not in check mode
+server_version:
+  description: The database server's version.
+  type: str
+  returned: always
+  sample: 15.18 (Debian 15.18-0+deb12u1)
+tool_version:
+  description: The dump tool's version.
+  type: str
+  returned: success, not in check mode
+connection:
+  description: The connection used, without the password.
+  type: dict
+  returned: always
+  sample: {"engine": "postgresql", "host": "db1", "port": 5432, "database": "orthanc", "username": "orthanc", "password_set": true}
+check:
+  description: What the read-back found (tables and large objects; or that the MySQL dump is complete).
+  type: dict
+  returned: success, not in check mode
+files:
+  description: Directory format, each file of the dump and its SHA-256.
+  type: dict
+  returned: format is directory
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _database
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
+
+CONNECTION_KEYS = ("host", "port", "database", "username", "password", "unix_socket")
+
+
+def run(module):
+    p = module.params
+    conn = _database.from_config(p["config_path"], p["environment"], p["engine"],
+                                 {k: p[k] for k in CONNECTION_KEYS})
+    if module.check_mode:
+        with _database.Client(conn, p["bin_dir"], "dump the database") as client:
+            client.tool("pg_dump" if conn["engine"] == "postgresql" else "mysqldump")
+            version = client.server_version()
+        return {"changed": True, "engine": conn["engine"], "server_version": version,
+                "connection": _database.public(conn)}
+    result = _database.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"])
+    result["changed"] = True
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            config_path=dict(type="path"),
+            environment=dict(type="dict"),
+            engine=dict(type="str", choices=["postgresql", "mysql"]),
+            host=dict(type="str"),
+            port=dict(type="int"),
+            database=dict(type="str"),
+            username=dict(type="str"),
+            password=dict(type="str", no_log=True),
+            unix_socket=dict(type="str"),
+            dest=dict(type="path", required=True),
+            format=dict(type="str", choices=["custom", "directory"], default="custom"),
+            jobs=dict(type="int", default=1),
+            bin_dir=dict(type="path"),
+            timeout=dict(type="float"),
+        ),
+        required_one_of=[("config_path", "engine")],
+        supports_check_mode=True,
+    )
+    run_module(module, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: db_restore
+short_description: Restore a dump of Orthanc's PostgreSQL or MySQL/MariaDB database so that Orthanc can write to it
+version_added: 0.2.0
+description:
+  - Restores a dump made by M(pacs.orthanc.db_dump) into the database that Orthanc's configuration
+    names (or the one given here), creating it when it does not exist.
+  - "MySQL/MariaDB: the database is created with C(utf8mb4) and C(utf8mb4_unicode_ci), without which
+    Orthanc's stored procedures fail with C(Illegal mix of collations); the owner is granted all
+    privileges on it. PostgreSQL: the database is created owned by O(owner), and the dump is
+    restored with C(--no-owner --role=OWNER) in one transaction, so everything belongs to the user
+    that Orthanc connects as."
+  - A database that holds tables is refused unless O(replace) is true; then it is dropped and
+    created again. Stop Orthanc first.
+  - Returns the patient, study, series and instance counts read from the restored database.
+  - Passwords reach the tools only through private 0600 files, never a command line, a result or a log.
+options:
+  dump:
+    description: The dump (a C(.pgdump) file, a C(.pgdir) folder or a C(.sql) file), or a backup folder holding C(database/).
+    type: path
+    required: true
+  config_path:
+    description: Orthanc's configuration file or folder; the target is the database it enables.
+    type: path
+  environment:
+    description: Environment that Orthanc sees, for C(${VAR}) in its configuration.
+    type: dict
+  engine:
+    description: C(postgresql) or C(mysql). Default, the one that the configuration enables.
+    type: str
+    choices: [postgresql, mysql]
+  host:
+    description: Overrides the configuration's C(Host).
+    type: str
+  port:
+    description: Overrides the configuration's C(Port).
+    type: int
+  database:
+    description: Overrides the configuration's C(Database).
+    type: str
+  username:
+    description: Overrides the configuration's C(Username) (the user Orthanc connects as).
+    type: str
+  password:
+    description: Overrides the configuration's C(Password). Never logged nor returned.
+    type: str
+  unix_socket:
+    description: MySQL only, overrides the configuration's C(UnixSocket).
+    type: str
+  owner:
+    description: Role (PostgreSQL) or user (MySQL) that owns the restored database. Default, the connection's user.
+    type: str
+  admin_username:
+    description:
+      - User that creates, drops and fills the database (PostgreSQL C(CREATEDB) or superuser; MySQL
+        with C(CREATE), C(DROP), C(GRANT OPTION) and, when binary logging is on, C(SUPER) for triggers).
+        Default, the connection's user.
+    type: str
+  admin_password:
+    description: Password of O(admin_username). Never logged nor returned.
+    type: str
+  admin_host:
+    description: Host for the admin connection. Default, the connection's.
+    type: str
+  admin_port:
+    description: Port for the admin connection. Default, the connection's.
+    type: int
+  admin_unix_socket:
+    description: MySQL only, socket for the admin connection (C(root) through the socket needs no password on Debian).
+    type: str
+  maintenance_db:
+    description: PostgreSQL database to connect to for creating and dropping the target.
+    type: str
+    default: postgres
+  replace:
+    description: Drop and recreate a target database that holds tables. Without it such a target is refused.
+    type: bool
+    default: false
+  jobs:
+    description: Parallel jobs of C(pg_restore) for a directory-format dump.
+    type: int
+    default: 1
+  bin_dir:
+    description: Folder holding the engine's client programs, when they are not on the PATH.
+    type: path
+  timeout:
+    description: Seconds after which the restore is abandoned.
+    type: float
+attributes:
+  check_mode:
+    support: full
+    description: Connects and says whether the target exists and is empty; changes nothing.
+author:
+  - pacs.orthanc developers (@pacs-orthanc)
+"""
+
+EXAMPLES = r"""
+- name: Restore the latest backup's dump into the database Orthanc's configuration names
+  pacs.orthanc.db_restore:
+    dump: /var/backups/orthanc/latest
+    config_path: /etc/orthanc
+    admin_username: postgres
+    admin_password: "{{ vault_postgres_password }}"
+
+- name: Into a fresh MariaDB database, as root through the socket
+  pacs.orthanc.db_restore:
+    dump: /var/backups/orthanc/20261129T080000Z/database/orthanc.sql
+    config_path: /etc/orthanc
+    admin_username: root
+    admin_unix_socket: /run/mysqld/mysqld.sock
+"""
+
+RETURN = r"""
+database:
+  description: The database restored into.
+  type: str
+  returned: always
+owner:
+  description: Its owner.
+  type: str
+  returned: always
+before:
+  description: The target before the restore (exists, tables, large objects).
+  type: dict
+  returned: always
+created:
+  description: Whether the database was created.
+  type: bool
+  returned: always
+replaced:
+  description: Whether a non-empty database was dropped first.
+  type: bool
+  returned: always
+counts:
+  description: Patients, studies, series and instances in the restored database.
+  type: dict
+  returned: success, not in check mode
+duration_seconds:
+  description: Seconds the restore took.
+  type: float
+  returned: success, not in check mode
+connection:
+  description: The connection of the target, without the password.
+  type: dict
+  returned: always
+dump:
+  description: The dump restored.
+  type: str
+  returned: always
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _database
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
+
+CONNECTION_KEYS = ("host", "port", "database", "username", "password", "unix_socket")
+
+
+def locate(path: str):
+    if os.path.isdir(path) and not path.rstrip("/").endswith(".pgdir"):
+        found = _database.find_dump(path)
+        if not found:
+            raise PacsError("find the dump", f"{path} holds no database dump (database/orthanc.pgdump, .pgdir or .sql)")
+        return found
+    for fmt, name in _database.DUMP_NAMES.items():
+        if path.rstrip("/").endswith(os.path.splitext(name)[1]):
+            return ("mysql" if fmt == "sql" else "postgresql"), fmt, path
+    raise PacsError("find the dump", f"{path}: not a .pgdump, .pgdir or .sql dump")
+
+
+def run(module):
+    p = module.params
+    dump_engine, fmt, path = locate(p["dump"])
+    conn = _database.from_config(p["config_path"], p["environment"], p["engine"] or dump_engine,
+                                 {k: p[k] for k in CONNECTION_KEYS}, step="read the target database")
+    if conn["engine"] != dump_engine:
+        raise PacsError("read the target database", f"the dump is a {dump_engine} dump but the target is {conn['engine']}")
+    admin = dict(conn)
+    if p["admin_username"]:
+        admin.update({"username": p["admin_username"], "password": p["admin_password"]})
+    for key in ("host", "port"):
+        if p[f"admin_{key}"]:
+            admin[key] = p[f"admin_{key}"]
+    if p["admin_unix_socket"]:
+        admin.update({"unix_socket": p["admin_unix_socket"], "host": "localhost"})
+    admin["maintenance_db"] = p["maintenance_db"]
+    result = _database.restore(conn, admin, path, fmt, owner=p["owner"], replace=p["replace"], jobs=p["jobs"],
+                               bin_dir=p["bin_dir"], check_mode=module.check_mode, timeout=p["timeout"])
+    result["dump"] = path
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            dump=dict(type="path", required=True),
+            config_path=dict(type="path"),
+            environment=dict(type="dict"),
+            engine=dict(type="str", choices=["postgresql", "mysql"]),
+            host=dict(type="str"),
+            port=dict(type="int"),
+            database=dict(type="str"),
+            username=dict(type="str"),
+            password=dict(type="str", no_log=True),
+            unix_socket=dict(type="str"),
+            owner=dict(type="str"),
+            admin_username=dict(type="str"),
+            admin_password=dict(type="str", no_log=True),
+            admin_host=dict(type="str"),
+            admin_port=dict(type="int"),
+            admin_unix_socket=dict(type="str"),
+            maintenance_db=dict(type="str", default="postgres"),
+            replace=dict(type="bool", default=False),
+            jobs=dict(type="int", default=1),
+            bin_dir=dict(type="path"),
+            timeout=dict(type="float"),
+        ),
+        supports_check_mode=True,
+    )
+    run_module(module, run)
+
+
+if __name__ == "__main__":
+    main()

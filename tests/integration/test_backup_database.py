@@ -1,0 +1,314 @@
+"""PostgreSQL and MariaDB indexes against real servers: hot dumps with the engines' own tools,
+restores into fresh databases that Orthanc writes to, passwords never exposed, clear failures.
+
+Orthanc runs Debian's orthanc-postgresql / orthanc-mysql plugins, with the files either in the
+database (EnableStorage) or on disk. Databases and users are made per test with random
+passwords (tests/support/databases.py); the servers are started by scripts/databases.sh."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import stat
+import threading
+import time
+
+import pytest
+
+from tests.support import checks, databases, dicomgen
+from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
+from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
+
+pytestmark = pytest.mark.slow
+
+CONFIRM = {"orthanc_restore_confirm": True}
+ENGINES = ["postgresql", "mysql"]
+
+
+@pytest.fixture
+def database(request):
+    """Factory of fresh databases (and their users) on the real servers, dropped at the end.
+    Tests ask for it before ``servers``, so that their Orthancs stop before the databases go."""
+    made = []
+
+    def make(engine: str, with_database: bool = True) -> databases.Database:
+        available = databases.pg_available() if engine == "postgresql" else databases.my_available()
+        if not available:
+            pytest.fail(f"the {engine} server does not answer: run scripts/databases.sh")
+        name = f"pacs_{engine[:2]}_{os.getpid()}_{len(made)}_{int(time.time() * 1000) % 100000}"
+        db = databases.Database(engine, name).create(with_database)
+        made.append(db)
+        return db
+
+    yield make
+    for db in made:
+        db.drop()
+
+
+def contents(server) -> dict:
+    """{SOP Instance UID: MD5 of the DICOM file served} of every instance."""
+    return {server.instance_sop_uid(i): hashlib.md5(server.instance_file(i)).hexdigest() for i in server.instances()}
+
+
+def db_server(servers, database, engine, in_db, name="pacs"):
+    db = database(engine)
+    server = servers(name, extra_config=db.orthanc_config(storage_in_database=in_db))
+    system = server.rest("GET", "/system")
+    assert system["DatabaseBackendPlugin"], system  # really on the database plugin
+    assert bool(system.get("StorageAreaPlugin")) == in_db, system
+    return db, server
+
+
+def fingerprint(backup: pathlib.Path) -> dict:
+    return {str(p.relative_to(backup)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(backup.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("in_db", [True, False], ids=["files-in-db", "files-on-disk"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_round_trip_into_a_fresh_database(database, servers, tmp_path, engine, in_db):
+    db, server = db_server(servers, database, engine, in_db)
+    checks.store_studies(server, tmp_path, patients=2, via="rest")
+    checks.store_studies(server, tmp_path, patients=1, via="cstore")
+    stored = contents(server)
+    assert len(stored) == 9
+    root = tmp_path / "backups"
+    inventory = write_inventory(tmp_path / "inventory.json", {
+        "pacs": local_host(server, root, orthanc_backup_settle_seconds=0, **db.restore_vars())})
+    pid_before = server.pid()
+    result = run_playbook(inventory)
+    assert result.returncode == 0, result.stdout
+    assert server.pid() == pid_before  # Orthanc was never stopped
+    backup = (root / "latest").resolve()
+    manifest = checks.read_manifest(backup)
+    assert manifest["backend"] == engine and manifest["strategy"] == "dump"
+    assert manifest["downtime_seconds"] == 0 and manifest["stopped_at"] is None
+    assert manifest["storage_in_database"] is in_db
+    assert manifest["counts"] == {"patients": 3, "studies": 3, "series": 3, "instances": 9}
+    dump = backup / manifest["dump"]["path"]
+    assert dump.is_file() and stat.S_IMODE(dump.stat().st_mode) == 0o600
+    assert hashlib.sha256(dump.read_bytes()).hexdigest() == manifest["dump"]["sha256"] == manifest["files"][manifest["dump"]["path"]]
+    assert manifest["dump"]["server_version"] and manifest["dump"]["tool_version"]
+    assert (backup / "storage").exists() is (not in_db)
+    report = _verify.verify_backup(str(backup), md5="all")
+    assert report["ok"], report
+    assert report["files_hashed"] == 9  # every file's MD5, whether in the dump or in storage/
+    assert db.password not in (backup / "manifest.json").read_text()
+
+    # destroy: Orthanc stopped, its database dropped, its storage wiped
+    server.stop()
+    db.drop_database()
+    shutil.rmtree(server.storage_dir)
+    server.storage_dir.mkdir()
+    result = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+    assert result.returncode == 0, result.stdout
+    assert server.answers()
+    assert contents(server) == stored
+    # the restored database accepts writes: one new instance is stored and served
+    new = dicomgen.make_study(tmp_path / "new", "new-study", "New^Patient", series=1, instances_per_series=1)
+    server.store_rest(new[0])
+    assert server.statistics()["CountInstances"] == 10
+    assert db.count("Resources") == 4 + 4 + 4 + 10  # the new patient, study, series and instance are in the table
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_backup_while_instances_keep_arriving(database, servers, tmp_path, engine):
+    """Files on disk, index in the database: Orthanc answers throughout; the restored server serves
+    every instance its index lists, or the backup names the ones it cannot."""
+    db, server = db_server(servers, database, engine, in_db=False)
+    checks.store_studies(server, tmp_path, patients=2, via="rest")
+    root = tmp_path / "backups"
+    inventory = write_inventory(tmp_path / "inventory.json", {
+        "pacs": local_host(server, root, orthanc_backup_settle_seconds=0, **db.restore_vars())})
+    stop = threading.Event()
+    failures, polls, stored, deleted = [], [0], [], []
+    sources = dicomgen.make_instances(tmp_path / "stream", 400, size_range=(10_000, 60_000), seed=7)
+
+    def poll():
+        while not stop.is_set():
+            if not server.answers():
+                failures.append(time.time())
+            polls[0] += 1
+            time.sleep(0.03)
+
+    def feed():
+        for i, path in enumerate(sources):
+            if stop.is_set():
+                break
+            stored.append(server.store_rest(path))
+            if i % 5 == 4:  # delete some while the backup runs, too
+                victim = stored.pop(0)
+                server.rest("DELETE", f"/instances/{victim}")
+                deleted.append(victim)
+
+    threads = [threading.Thread(target=poll), threading.Thread(target=feed)]
+    for thread in threads:
+        thread.start()
+    try:
+        result = run_playbook(inventory)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert result.returncode == 0, result.stdout
+    assert polls[0] > 10 and not failures, f"{len(failures)} of {polls[0]} polls unanswered"
+    assert len(stored) + len(deleted) > 5, "nothing was stored during the backup"
+    backup = (root / "latest").resolve()
+    manifest = checks.read_manifest(backup)
+    report = _verify.verify_backup(str(backup), md5="all")
+    assert report["ok"], report
+    known = set(manifest["storage"]["deleted_during_capture"])
+
+    server.stop()
+    db.drop_database()
+    shutil.rmtree(server.storage_dir)
+    server.storage_dir.mkdir()
+    result = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+    assert result.returncode == 0, result.stdout
+    assert server.statistics()["CountInstances"] == manifest["counts"]["instances"]
+    unservable = []
+    for instance in server.instances():
+        try:
+            data = server.instance_file(instance)
+        except Exception:  # pylint: disable=broad-except  # Orthanc answers 404/500 for a lost file
+            unservable.append(instance)
+            continue
+        assert hashlib.md5(data).hexdigest() == server.instance_md5(instance)
+    # an instance that cannot be served must be one the backup named
+    assert len(unservable) <= len(known), (unservable, known)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_password_in_ps_output_or_files(database, servers, tmp_path, engine):
+    db, server = db_server(servers, database, engine, in_db=True)
+    paths = dicomgen.make_instances(tmp_path / "big", 40, size_range=(400_000, 600_000), seed=8)
+    for path in paths:
+        server.store_rest(path)
+    root = tmp_path / "backups"
+    inventory = write_inventory(tmp_path / "inventory.json", {"pacs": local_host(server, root)})
+    secret = db.password.encode()
+    seen_tools, leaks = set(), []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+                    environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
+                except OSError:
+                    continue
+                name = os.path.basename(argv.split(b"\0")[0]).decode(errors="replace")
+                if name in ("pg_dump", "mysqldump", "mariadb-dump", "psql", "mysql", "pg_restore"):
+                    seen_tools.add(name)
+                if secret in argv or secret in environ:
+                    leaks.append((pid, name))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = run_playbook(inventory, verbosity=3)
+    finally:
+        stop.set()
+        sampler.join()
+    assert result.returncode == 0, result.stdout
+    assert seen_tools & {"pg_dump", "mysqldump", "mariadb-dump"}, "the sampler never saw the dump tool run"
+    assert not leaks, leaks
+    assert db.password not in result.stdout  # -vvv output, module arguments and results included
+    backup = (root / "latest").resolve()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700 and stat.S_IMODE(backup.stat().st_mode) == 0o700
+    for path in backup.rglob("*"):
+        if path.is_file() and db.password.encode() in path.read_bytes():
+            # only Orthanc's own configuration holds it, copied with its mode, inside the 0700 backup
+            assert path.relative_to(backup).parts[0] == "config", path
+    leftovers = [p for p in pathlib.Path("/tmp").glob("pacs-orthanc-db-*")]
+    assert not leftovers, leftovers  # the private password files are gone
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dump_failures_are_clear_and_leave_nothing(database, servers, tmp_path, engine):
+    db, server = db_server(servers, database, engine, in_db=True)
+    checks.store_studies(server, tmp_path, patients=1, via="rest")
+    root = tmp_path / "backups"
+    hostvars = local_host(server, root)
+    inventory = write_inventory(tmp_path / "inventory.json", {"pacs": hostvars})
+    assert run_playbook(inventory).returncode == 0
+    earlier = {name: fingerprint(root / name) for name in checks.complete_backups(root)}
+    tool = "pg_dump" if engine == "postgresql" else "mysqldump"
+    cases = [
+        ({"orthanc_backup_db_password": "wrong-" + db.password[::-1]}, r"refused the credentials"),
+        # 127.0.0.1 rather than localhost: MySQL then uses TCP, not the socket, so the port applies
+        ({"orthanc_backup_db_host": "127.0.0.1", "orthanc_backup_db_port": 1}, r"cannot connect to"),
+        ({"orthanc_backup_db_bin_dir": str(tmp_path / "no-tools")}, rf"{tool} was not found in"),
+    ]
+    for extra, cause in cases:
+        result = run_playbook(inventory, extra_vars=extra)
+        assert result.returncode != 0, result.stdout
+        match = re.search(r"Backup of pacs failed at step '([^']*)': (.*)", result.stdout)
+        assert match, result.stdout
+        assert "Dump the database" in match.group(1) and re.search(cause, match.group(2)), match.group(0)
+        assert "wrong-" not in match.group(0) and db.password not in result.stdout
+        assert server.answers()
+        assert not [p for p in root.iterdir() if p.name.endswith(".incomplete")]
+        assert {name: fingerprint(root / name) for name in checks.complete_backups(root)} == earlier
+
+
+def test_disk_full_during_a_dump(database, servers, tmp_path):
+    db, server = db_server(servers, database, "postgresql", in_db=True)
+    paths = dicomgen.make_instances(tmp_path / "big", 12, size_range=(400_000, 600_000), seed=9)
+    for path in paths:
+        server.store_rest(path)
+    root = tmp_path / "small"
+    root.mkdir()
+    checks.mount_tmpfs(root, "1M")
+    try:
+        inventory = write_inventory(tmp_path / "inventory.json", {
+            "pacs": local_host(server, root, orthanc_backup_space_check=False, orthanc_backup_min_free_bytes=0)})
+        result = run_playbook(inventory)
+        assert result.returncode != 0
+        match = re.search(r"Backup of pacs failed at step '([^']*)': (.*)", result.stdout)
+        assert match and "Dump the database" in match.group(1), result.stdout
+        assert "No space left on device" in match.group(2), match.group(0)
+        assert server.answers()
+        # no dump, no .part, no folder, no lock: only the monitoring status of the failed run
+        assert sorted(p.name for p in root.iterdir() if p.name != "status.json") == []
+    finally:
+        checks.umount(root)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_db_restore_refuses_a_database_that_holds_tables(database, servers, tmp_path, engine):
+    db, server = db_server(servers, database, engine, in_db=False)
+    checks.store_studies(server, tmp_path, patients=1, via="rest")
+    dest = tmp_path / ("orthanc.sql" if engine == "mysql" else "orthanc.pgdump")
+    dumped = run_module("db_dump", {"config_path": str(server.config_path), "dest": str(dest)})
+    assert not dumped["failed"], dumped
+    assert dumped["sha256"] == hashlib.sha256(dest.read_bytes()).hexdigest()
+    assert db.password not in json.dumps(dumped)
+    admin = ({"admin_username": db.admin_user, "admin_password": db.admin_password} if engine == "postgresql"
+             else {"admin_username": "root", "admin_unix_socket": databases.MY_SOCKET})
+    before = db.count("Resources")
+    refused = run_module("db_restore", {"dump": str(dest), "config_path": str(server.config_path), **admin})
+    assert refused["failed"] and "is not empty" in refused["msg"], refused
+    assert db.count("Resources") == before
+    # into another, fresh database: created (MySQL with utf8mb4_unicode_ci), filled, counted
+    other = db.name + "_copy"
+    db.extra.append(other)
+    restored = run_module("db_restore", {"dump": str(dest), "config_path": str(server.config_path), "database": other,
+                                         **admin})
+    assert not restored["failed"], restored
+    assert restored["created"] and restored["counts"]["instances"] == 3
+    if engine == "mysql":
+        collation = databases.my_sql(f"SELECT DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA "
+                                     f"WHERE SCHEMA_NAME = '{other}'").strip()
+        assert collation == "utf8mb4_unicode_ci"
+        routines = int(databases.my_sql(f"SELECT COUNT(*) FROM information_schema.ROUTINES "
+                                        f"WHERE ROUTINE_SCHEMA = '{other}'").strip())
+        assert routines > 0  # Orthanc's procedures came along
+    assert db.password not in json.dumps(restored)
