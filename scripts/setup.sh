@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pair in Orthanc:orthanc storescu:dcmtk sqlite3:sqlite3 rsync:rsync curl:curl; do
+for pair in Orthanc:orthanc storescu:dcmtk sqlite3:sqlite3 rsync:rsync curl:curl mkfs.btrfs:btrfs-progs \
+    podman:podman runc:runc catatonit:catatonit debootstrap:debootstrap sshd:openssh-server ssh:openssh-client; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -16,7 +17,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-if ! python3 -c 'import ansible, pytest, pydicom' >/dev/null 2>&1; then
+if ! python3 -c 'import ansible, pytest, pydicom, molecule, molecule_plugins.podman, testinfra' >/dev/null 2>&1; then
   echo "== installing Python packages from requirements-test.txt"
   python3 -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 fi

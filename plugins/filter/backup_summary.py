@@ -10,12 +10,14 @@ name: backup_result
 short_description: One summary line and one record from a host's backup result
 version_added: 0.1.0
 description:
-  - Takes a pair C([orthanc_backup_result or none, host]) and returns C(line), a sentence for a
-    person, and C(record), a flat dictionary for AWX's C(set_stats).
+  - Takes a pair C([orthanc_backup_result or none, host]), or a triple that adds the host's
+    C(orthanc_ship_result) (or none when no backup server is configured), and returns C(line), a
+    sentence for a person, C(record), a flat dictionary for AWX's C(set_stats), and C(ok), whether
+    the host was backed up (and shipped, when shipping was expected).
 positional: _input
 options:
   _input:
-    description: The pair.
+    description: The pair or triple.
     type: list
     required: true
 """
@@ -28,11 +30,12 @@ EXAMPLES = r"""
 
 RETURN = r"""
 _value:
-  description: C(line) and C(record).
+  description: C(line), C(record) and C(ok).
   type: dict
 """
-# backup_results(hosts, hostvars) does the same for a list of hosts; it is documented in the
-# playbook that uses it (playbooks/backup.yml).
+# backup_results(hosts, hostvars) does the same for a list of hosts (with their orthanc_ship_result
+# when they have one), and backup_totals(results) sums them up; both are documented in the
+# playbook that uses them (playbooks/backup.yml).
 
 
 def human_bytes(value) -> str:
@@ -44,23 +47,50 @@ def human_bytes(value) -> str:
     return f"{size} B"
 
 
+def ship_part(ship) -> tuple:
+    """(text for the line, fields for the record, ok) of a host's transfer to the backup server."""
+    if not ship:
+        return "", {}, True
+    state = ship.get("result")
+    if state == "ok":
+        sent = int(ship.get("bytes_sent") or 0)
+        text = (f"; shipped to {ship.get('server')}:{ship.get('path')}, {human_bytes(sent)} sent "
+                f"in {float(ship.get('seconds') or 0):.1f} s")
+        if ship.get("already_on_server"):
+            text = f"; already on {ship.get('server')}:{ship.get('path')}"
+        return text, {"ship_result": "ok", "shipped_bytes": sent, "ship_server": ship.get("server"),
+                      "ship_path": ship.get("path"), "ship_seconds": ship.get("seconds")}, True
+    if state == "failed":
+        return (f"; SHIPPING to {ship.get('server')} FAILED at '{ship.get('step')}': {ship.get('cause')}",
+                {"ship_result": "failed", "shipped_bytes": 0, "ship_server": ship.get("server"),
+                 "ship_step": ship.get("step"), "ship_cause": ship.get("cause")}, False)
+    if state == "check mode":
+        return f"; would ship to {ship.get('server')}", {"ship_result": "check mode"}, True
+    return (f"; NOT SHIPPED to {ship.get('server')} (the run ended before the transfer)",
+            {"ship_result": "not shipped", "shipped_bytes": 0, "ship_server": ship.get("server")}, False)
+
+
 def backup_result(pair):
-    result, host = pair
+    result, host = pair[0], pair[1]
+    ship = pair[2] if len(pair) > 2 else None
     if not result:
         return {"line": f"{host}: NOT BACKED UP (unreachable, or the run stopped before this host)",
-                "record": {"host": host, "result": "not run"}}
+                "record": {"host": host, "result": "not run", "ok": False}, "ok": False}
     if result.get("result") == "check mode":
         storage = result.get("storage", {})
         return {"line": f"{host}: check mode, would back up {storage.get('files', 0)} files "
                         f"({storage.get('new_files', 0)} new, {storage.get('linked_files', 0)} from the previous backup) "
                         f"and {storage.get('deferred_files', 0)} recent ones, into {result.get('path')}"
                         + (", and stop Orthanc briefly" if result.get("would_stop_orthanc") else ""),
-                "record": {"host": host, "result": "check mode", "path": result.get("path")}}
+                "record": {"host": host, "result": "check mode", "path": result.get("path"), "ok": True},
+                "ok": True}
     if result.get("result") != "ok":
         running = "Orthanc running" if result.get("orthanc_running") else "ORTHANC NOT ANSWERING"
         return {"line": f"{host}: FAILED at '{result.get('step')}': {result.get('cause')} ({running})",
                 "record": {"host": host, "result": "failed", "step": result.get("step"),
-                           "cause": result.get("cause"), "orthanc_running": result.get("orthanc_running")}}
+                           "cause": result.get("cause"), "orthanc_running": result.get("orthanc_running"),
+                           "ok": False},
+                "ok": False}
     storage = result.get("storage", {})
     counts = result.get("counts", {})
     downtime = result.get("downtime_seconds")
@@ -73,7 +103,10 @@ def backup_result(pair):
               "bytes": storage.get("bytes", 0), "new_files": storage.get("new_files", 0),
               "new_bytes": storage.get("new_bytes", 0), "linked_files": storage.get("linked_files", 0),
               "downtime_seconds": downtime}
-    return {"line": line, "record": record}
+    ship_text, ship_fields, ship_ok = ship_part(ship)
+    record.update(ship_fields)
+    record["ok"] = ship_ok
+    return {"line": line + ship_text, "record": record, "ok": ship_ok}
 
 
 def backup_results(hosts, hostvars):
@@ -83,10 +116,38 @@ def backup_results(hosts, hostvars):
     for host in hosts:
         variables = hostvars[host]
         result = variables["orthanc_backup_result"] if "orthanc_backup_result" in variables else None
-        results.append(backup_result([result, host]))
+        ship = variables["orthanc_ship_result"] if "orthanc_ship_result" in variables else None
+        results.append(backup_result([result, host, ship]))
     return results
+
+
+def backup_totals(results):
+    """Totals over the results of ``backup_results``: a line for a person and a record."""
+    records = [r["record"] for r in results]
+    ok = [r for r in records if r.get("result") == "ok"]
+    failed = [r for r in records if r.get("result") == "failed"]
+    shipped = [r for r in records if r.get("ship_result") == "ok"]
+    ship_failed = [r for r in records if r.get("ship_result") in ("failed", "not shipped")]
+    downtimes = [float(r.get("downtime_seconds") or 0) for r in ok]
+    totals = {"hosts": len(records), "backed_up": len(ok), "failed": len(failed),
+              "not_run": len([r for r in records if r.get("result") == "not run"]),
+              "shipped": len(shipped), "ship_failed": len(ship_failed),
+              "shipped_bytes": sum(int(r.get("shipped_bytes") or 0) for r in shipped),
+              "backup_bytes": sum(int(r.get("bytes") or 0) for r in ok),
+              "new_bytes": sum(int(r.get("new_bytes") or 0) for r in ok),
+              "max_downtime_seconds": max(downtimes) if downtimes else None,
+              "all_ok": all(r.get("ok") for r in records)}
+    line = (f"{totals['backed_up']} of {totals['hosts']} hosts backed up ({totals['failed']} failed, "
+            f"{totals['not_run']} not run), {human_bytes(totals['new_bytes'])} new of {human_bytes(totals['backup_bytes'])}")
+    if shipped or ship_failed:
+        line += (f"; {totals['shipped']} shipped ({human_bytes(totals['shipped_bytes'])} sent), "
+                 f"{totals['ship_failed']} not shipped")
+    if downtimes:
+        line += f"; longest downtime {max(downtimes):.1f} s"
+    totals["line"] = line
+    return totals
 
 
 class FilterModule:
     def filters(self):
-        return {"backup_result": backup_result, "backup_results": backup_results}
+        return {"backup_result": backup_result, "backup_results": backup_results, "backup_totals": backup_totals}

@@ -1,0 +1,346 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Shipping complete backups to a backup server, and their life there.
+
+The managed host pushes its backup with rsync over SSH into
+``<server root>/<host>/<name>.incomplete/`` (``--link-dest`` to that host's newest complete
+backup on the server, so unchanged files become hard links); then, on the server, the copy is
+verified offline (as ``backup_verify`` does: SHA-256 of the manifest's files, the index's
+integrity, every indexed storage file's size, the MD5 of every file that is not a hard link to
+the previous backup), renamed ``<name>/``, pointed at by ``latest``, and retention applies.
+Nothing is ever renamed complete before its check passed. Standard library only: the server
+side runs wherever Ansible can reach with Python 3."""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import re
+import shlex
+import shutil
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _storage, _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
+    PacsError, fsync_dir, os_error_cause, run_command)
+
+__metaclass__ = type
+
+INCOMPLETE = _backupset.INCOMPLETE
+DELETING = ".deleting" + INCOMPLETE
+LOCK = ".lock"
+_STAT = re.compile(r"^(Total bytes sent|Total bytes received|Literal data|Matched data|Total file size|"
+                   r"Total transferred file size|Number of regular files transferred|Number of files)"
+                   r":\s*([\d,.]+)", re.M)
+RSYNC_EXIT = {1: "syntax or usage error", 2: "protocol incompatibility", 3: "errors selecting files",
+              5: "error starting the client-server protocol", 10: "error in socket I/O",
+              11: "error in file I/O", 12: "error in the rsync data stream", 20: "interrupted by a signal",
+              23: "partial transfer because of an error", 24: "source files vanished",
+              30: "timeout in data send/receive", 35: "timeout waiting for the daemon connection",
+              255: "SSH could not connect or authenticate"}
+
+
+# -- names and retention (pure) ------------------------------------------------------------
+
+def parse_name(name: str) -> datetime.datetime:
+    """The UTC time of a backup name (``20261129T073335Z``, optionally with microseconds)."""
+    base = name.split(".")[0].rstrip("Z")
+    return datetime.datetime.strptime(base, "%Y%m%dT%H%M%S").replace(tzinfo=datetime.timezone.utc)
+
+
+def select_kept(names: list, last: int, daily: int, weekly: int, monthly: int) -> list:
+    """Which backups retention keeps, newest first.
+
+    ``last`` newest backups; for each of the ``daily`` newest days (UTC) that hold a backup, the
+    newest backup of that day; the same for ISO weeks and for months. The union is kept; the
+    newest backup always is."""
+    newest_first = sorted(names, reverse=True)
+    if not newest_first:
+        return []
+    kept = {newest_first[0]}
+    kept.update(newest_first[:max(0, last)])
+    periods = ((daily, lambda t: t.date()), (weekly, lambda t: tuple(t.isocalendar())[:2]),
+               (monthly, lambda t: (t.year, t.month)))
+    for count, period in periods:
+        seen = set()
+        for name in newest_first:
+            if len(seen) >= count:
+                break
+            slot = period(parse_name(name))
+            if slot not in seen:
+                seen.add(slot)
+                kept.add(name)
+    return [name for name in newest_first if name in kept]
+
+
+# -- server side -----------------------------------------------------------------------------
+
+class ServerLock:
+    """An advisory lock on a host's folder on the server, held while one step acts there.
+
+    It is an ``flock``: released by the kernel when the process ends, so a killed run never
+    leaves a lock that blocks the next one."""
+
+    def __init__(self, folder: str, step: str):
+        self.path = os.path.join(folder, LOCK)
+        self.step = step
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise PacsError(self.step, f"another run is working in {os.path.dirname(self.path)} right now; "
+                            "try again when it has ended")
+        return self
+
+    def __exit__(self, *_exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _remove_tree(folder: str, name: str) -> None:
+    """Rename first, so that a half-removed backup never looks complete, then remove."""
+    trash = os.path.join(folder, name + DELETING)
+    if os.path.lexists(trash):
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(os.path.join(folder, name), trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _point_latest(folder: str, name: str) -> None:
+    tmp = os.path.join(folder, ".latest.new")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(name, tmp)
+    os.rename(tmp, os.path.join(folder, "latest"))
+
+
+def prepare(folder: str, name: str, check_mode: bool = False) -> dict:
+    """Create the host's folder, remove what interrupted runs left (``*.incomplete``), create
+    ``<name>.incomplete/`` and say which complete backup the transfer can link to."""
+    step = "prepare the server folder"
+    result = {"changed": False, "folder": folder, "name": name, "path": os.path.join(folder, name + INCOMPLETE),
+              "removed_incomplete": [], "already_complete": False, "previous": None}
+    if not os.path.isdir(folder):
+        result["changed"] = True
+        if check_mode:
+            return result
+        try:
+            os.makedirs(folder, mode=0o700)
+        except OSError as exc:
+            raise PacsError(step, f"cannot create {folder}: {os_error_cause(exc)}")
+    complete = _backupset.complete_backups(folder)
+    if name in complete:
+        result.update(already_complete=True, path=os.path.join(folder, name))
+        return result
+    older = [n for n in complete if n < name]
+    result["previous"] = older[-1] if older else None
+    if check_mode:
+        result["changed"] = True
+        return result
+    try:
+        with ServerLock(folder, step):
+            for leftover in sorted(os.listdir(folder)):
+                if leftover.endswith(INCOMPLETE):
+                    shutil.rmtree(os.path.join(folder, leftover), ignore_errors=True)
+                    if os.path.lexists(os.path.join(folder, leftover)):
+                        raise PacsError(step, f"cannot remove the leftover {os.path.join(folder, leftover)}")
+                    result["removed_incomplete"].append(leftover)
+            os.mkdir(result["path"], 0o700)
+            st = os.statvfs(folder)
+            result["free_bytes"] = st.f_bavail * st.f_frsize
+    except OSError as exc:
+        raise PacsError(step, os_error_cause(exc))
+    result["changed"] = True
+    return result
+
+
+def new_storage_files(path: str, previous: str | None) -> set:
+    """Storage uuids of ``path`` that are not the same file (inode) as in ``previous``."""
+    fresh = set()
+    if not os.path.isdir(os.path.join(path, "storage")):
+        return fresh  # a database dump that holds the files itself
+    prev_storage = os.path.join(previous, "storage") if previous else None
+    for uuid, entry in _storage.walk_storage(os.path.join(path, "storage")):
+        if prev_storage:
+            try:
+                if os.stat(os.path.join(prev_storage, _storage.relpath(uuid))).st_ino == entry.inode():
+                    continue
+            except FileNotFoundError:
+                pass
+        fresh.add(uuid)
+    return fresh
+
+
+def complete(folder: str, name: str, host: str, keep_last: int, keep_daily: int, keep_weekly: int,
+             keep_monthly: int, md5: str = "new", workers: int = 2, check_mode: bool = False) -> dict:
+    """Verify ``<name>.incomplete/`` on the server; only when it passes, rename it ``<name>/``,
+    point ``latest`` at it and apply retention."""
+    step = "check the copy on the server"
+    path = os.path.join(folder, name + INCOMPLETE)
+    final = os.path.join(folder, name)
+    if os.path.isfile(os.path.join(final, "manifest.json")) and not os.path.isdir(path):
+        return {"changed": False, "path": final, "already_complete": True, "deleted_by_retention": [],
+                "verification": None}
+    if not os.path.isdir(path):
+        raise PacsError(step, f"there is no transferred copy at {path}")
+    with ServerLock(folder, step):
+        try:
+            with open(os.path.join(path, "manifest.json"), encoding="utf-8") as handle:
+                manifest = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise PacsError(step, f"the copy in {path} has no readable manifest.json: {exc}")
+        if manifest.get("name") != name or (host and manifest.get("host") != host):
+            raise PacsError(step, f"the copy in {path} is the backup {manifest.get('name')} of "
+                            f"{manifest.get('host')}, not {name} of {host}")
+        older = [n for n in _backupset.complete_backups(folder) if n < name]
+        previous = os.path.join(folder, older[-1]) if older else None
+        fresh = new_storage_files(path, previous) if md5 == "new" else None
+        report = _verify.verify_backup(path, md5=md5, workers=workers,
+                                       hash_filter=(lambda u: u in fresh) if fresh is not None else None)
+        if not report["ok"]:
+            raise PacsError(step, f"the copy in {path} failed its check: "
+                            f"{_verify.describe_problems(report['problems'])}", verification=report)
+        result = {"changed": True, "path": final, "verification": report, "already_complete": False,
+                  "previous": previous, "new_files": len(fresh) if fresh is not None else None,
+                  "deleted_by_retention": []}
+        if check_mode:
+            return result
+        try:
+            fsync_dir(path)
+            os.rename(path, final)
+            _point_latest(folder, name)
+            fsync_dir(folder)
+            names = _backupset.complete_backups(folder)
+            kept = select_kept(names, keep_last, keep_daily, keep_weekly, keep_monthly)
+            for doomed in names:
+                if doomed not in kept and doomed != name:
+                    _remove_tree(folder, doomed)
+                    result["deleted_by_retention"].append(doomed)
+            result["kept"] = kept
+        except OSError as exc:
+            raise PacsError(step, os_error_cause(exc))
+    return result
+
+
+def discard(folder: str, name: str, check_mode: bool = False) -> dict:
+    """Remove ``<name>.incomplete/`` (never a complete backup)."""
+    path = os.path.join(folder, name + INCOMPLETE)
+    existed = os.path.isdir(path)
+    if existed and not check_mode:
+        with ServerLock(folder, "remove the incomplete copy on the server"):
+            shutil.rmtree(path, ignore_errors=True)
+    return {"changed": existed, "removed": path if existed else None}
+
+
+# -- managed host side -----------------------------------------------------------------------
+
+def ssh_command(port: int, user: str, key: str | None, known_hosts: str | None,
+                strict_host_key_checking: str, connect_timeout: int) -> list:
+    argv = ["ssh", "-p", str(port), "-l", user, "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+            "-o", f"StrictHostKeyChecking={strict_host_key_checking}", "-o", f"ConnectTimeout={connect_timeout}",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "-o", "ControlMaster=no",
+            "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no"]
+    if key:
+        argv += ["-i", key]
+    if known_hosts:
+        argv += ["-o", f"UserKnownHostsFile={known_hosts}"]
+    return argv
+
+
+def parse_stats(text: str) -> dict:
+    """The figures of ``rsync --stats`` (digit groups removed)."""
+    keys = {"Total bytes sent": "bytes_sent", "Total bytes received": "bytes_received",
+            "Literal data": "literal_bytes", "Matched data": "matched_bytes", "Total file size": "file_bytes",
+            "Total transferred file size": "transferred_file_bytes",
+            "Number of regular files transferred": "files_transferred", "Number of files": "files"}
+    stats = {}
+    for label, value in _STAT.findall(text):
+        stats[keys[label]] = int(re.sub(r"[,.]", "", value))
+    return stats
+
+
+def rsync_passes(source: str, remote: str, previous: str | None, ssh: list, bwlimit: int,
+                 io_timeout: int) -> list:
+    """The two rsync runs of a transfer.
+
+    1. ``storage/`` compared by name and size only (Orthanc never changes a stored file, so an
+       unchanged name and size is unchanged content), without times, so that a file copied anew
+       on the managed host (a full local backup) still becomes a hard link on the server.
+    2. Everything else (configuration, index, manifest last) with rsync's usual check of size
+       and time, hard-linking what did not change."""
+    common = ["rsync", "--recursive", "--links", "--perms", "--owner", "--group", "--devices", "--specials",
+              "--numeric-ids", "--protect-args", "--stats", "-e", shlex.join(ssh), f"--timeout={io_timeout}"]
+    if bwlimit:
+        common.append(f"--bwlimit={bwlimit}")
+    storage = common + ["--size-only"]
+    rest = common + ["--times", "--exclude=/storage/"]
+    if previous:
+        storage.append(f"--link-dest=../../{previous}/storage")
+        rest.append(f"--link-dest=../{previous}")
+    passes = []
+    if os.path.isdir(os.path.join(source, "storage")):
+        passes.append(storage + [os.path.join(source, "storage") + "/", f"{remote}/storage/"])
+    passes.append(rest + [source.rstrip("/") + "/", remote + "/"])
+    return passes
+
+
+def describe_rsync_failure(rc: int, err: str) -> str:
+    tail = " ".join(line.strip() for line in err.strip().splitlines()[-3:])
+    meaning = RSYNC_EXIT.get(rc, "failed")
+    return f"rsync exited with {rc} ({meaning}): {tail}" if tail else f"rsync exited with {rc} ({meaning})"
+
+
+def transfer(source: str, server: str, dest: str, previous: str | None, port: int = 22, user: str = "root",
+             key: str | None = None, known_hosts: str | None = None, strict_host_key_checking: str = "yes",
+             bwlimit: int = 0, io_timeout: int = 300, connect_timeout: int = 30, runner=run_command) -> dict:
+    """Push the local backup ``source`` into ``dest`` (the ``.incomplete`` folder on the server)."""
+    step = "send the backup to the server"
+    if not os.path.isfile(os.path.join(source, "manifest.json")):
+        raise PacsError(step, f"{source} is not a complete backup (no manifest.json)")
+    if key and not os.path.isfile(key):
+        raise PacsError(step, f"the SSH key {key} does not exist on this host")
+    if not dest.endswith(INCOMPLETE):
+        raise PacsError(step, f"refusing to write into {dest}: transfers go into a '{INCOMPLETE}' folder only")
+    ssh = ssh_command(port, user, key, known_hosts, strict_host_key_checking, connect_timeout)
+    remote = f"{server}:{dest}"
+    totals: dict = {}
+    for argv in rsync_passes(source, remote, previous, ssh, bwlimit, io_timeout):
+        rc, out, err = runner(argv, step, check=False)
+        if rc != 0:
+            raise PacsError(step, describe_rsync_failure(rc, err), rc=rc)
+        for key_, value in parse_stats(out).items():
+            totals[key_] = totals.get(key_, 0) + value
+    totals.setdefault("bytes_sent", 0)
+    return {"changed": True, "stats": totals, "bytes_sent": totals["bytes_sent"],
+            "remote": remote, "previous": previous}
+
+
+def remove_local(root: str, name: str, check_mode: bool = False) -> dict:
+    """Remove a local complete backup once it is on the server (``orthanc_backup_keep: 0``).
+
+    Not while another backup of this root runs (it may be linking from this one). ``latest``
+    goes too when it names this backup: the next local backup is then a full one."""
+    step = "remove the local copy"
+    path = os.path.join(root, name)
+    if not os.path.isdir(path):
+        return {"changed": False, "removed": None}
+    lock = os.path.join(root, _backupset.LOCK)
+    if os.path.exists(lock):
+        raise PacsError(step, f"another backup of {root} is running ({lock}); the local copy {path} is kept")
+    if check_mode:
+        return {"changed": True, "removed": path}
+    try:
+        latest = os.path.join(root, "latest")
+        if os.path.islink(latest) and os.readlink(latest) == name:
+            os.unlink(latest)
+        _remove_tree(root, name)
+        fsync_dir(root)
+    except OSError as exc:
+        raise PacsError(step, os_error_cause(exc))
+    return {"changed": True, "removed": path}

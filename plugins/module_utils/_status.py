@@ -1,0 +1,161 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A host's backup status for monitoring: a small JSON file and, optionally, a node-exporter
+textfile metric. Both are rewritten whole and atomically (temporary file, fsync, rename), so a
+reader never sees half a file. The last success is kept across failures."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, iso, os_error_cause, utc_now, write_json_atomic
+
+__metaclass__ = type
+
+FORMAT = "pacs.orthanc.status"
+PROM_PREFIX = "pacs_orthanc_backup_"
+
+
+def _parse_iso(text):
+    if not text:
+        return None
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        return None
+
+
+def _epoch(text):
+    moment = _parse_iso(text)
+    return round(moment.timestamp(), 3) if moment else None
+
+
+def read_status(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def backup_facts(backup_path: str) -> dict:
+    """What the status records of a complete backup, read from its manifest."""
+    try:
+        with open(os.path.join(backup_path, "manifest.json"), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise PacsError("write the backup status", f"cannot read the manifest of {backup_path}: {exc}")
+    storage = manifest.get("storage", {})
+    try:
+        index_bytes = os.path.getsize(os.path.join(backup_path, "index", "index"))
+    except OSError:
+        index_bytes = 0
+    started, ended = _parse_iso(manifest.get("started_at")), _parse_iso(manifest.get("ended_at"))
+    return {"time": manifest.get("ended_at"), "name": manifest.get("name"), "path": backup_path,
+            "size_bytes": int(storage.get("bytes", 0) or 0) + index_bytes,
+            "new_bytes": int(storage.get("new_bytes", 0) or 0),
+            "duration_seconds": round((ended - started).total_seconds(), 3) if started and ended else None,
+            "downtime_seconds": manifest.get("downtime_seconds"), "strategy": manifest.get("strategy"),
+            "instances": manifest.get("counts", {}).get("instances")}
+
+
+def update(status: dict, host: str, event: str, result: str, backup_path=None, started_at=None,
+           step=None, cause=None, ship=None, now=None) -> dict:
+    """The new status after a backup (``event`` backup) or a transfer (``event`` ship)."""
+    now = now or utc_now()
+    status = dict(status)
+    status.update({"format": FORMAT, "format_version": 1, "host": host})
+    if event == "backup":
+        run = {"time": iso(now), "result": result}
+        if result == "ok":
+            facts = backup_facts(backup_path)
+            run.update(facts)
+            status["last_success"] = facts
+            status["consecutive_failures"] = 0
+        else:
+            started = _parse_iso(started_at)
+            run.update({"step": step, "cause": cause,
+                        "duration_seconds": round((now - started).total_seconds(), 3) if started else None})
+            status["last_failure"] = run
+            status["consecutive_failures"] = int(status.get("consecutive_failures", 0)) + 1
+        status["last_run"] = run
+        status["result"] = result
+    else:
+        record = {"time": iso(now), "result": result}
+        record.update(ship or {})
+        if result != "ok":
+            record.update({"step": step, "cause": cause})
+        else:
+            status["last_ship_success"] = record
+        status["last_ship"] = record
+    return status
+
+
+def prom_text(status: dict) -> str:
+    """The status as node-exporter textfile metrics (gauges; absent values are left out)."""
+    host = str(status.get("host", "")).replace("\\", "\\\\").replace('"', '\\"')
+    last_run = status.get("last_run", {})
+    success = status.get("last_success", {})
+    ship = status.get("last_ship", {})
+    ship_ok = status.get("last_ship_success", {})
+    metrics = [
+        ("last_run_timestamp_seconds", "Time the last backup ended (success or failure)", _epoch(last_run.get("time"))),
+        ("last_result", "1 when the last backup succeeded, 0 when it failed",
+         (1 if status.get("result") == "ok" else 0) if status.get("result") else None),
+        ("last_success_timestamp_seconds", "Time the last successful backup ended", _epoch(success.get("time"))),
+        ("last_duration_seconds", "Duration of the last backup", last_run.get("duration_seconds")),
+        ("last_size_bytes", "Size of the last successful backup (storage and index)", success.get("size_bytes")),
+        ("last_new_bytes", "Storage bytes new in the last successful backup", success.get("new_bytes")),
+        ("last_downtime_seconds", "Orthanc's downtime during the last successful backup", success.get("downtime_seconds")),
+        ("consecutive_failures", "Backups failed since the last success", status.get("consecutive_failures")),
+        ("last_ship_result", "1 when the last transfer to the backup server succeeded, 0 when it failed",
+         (1 if ship.get("result") == "ok" else 0) if ship else None),
+        ("last_ship_success_timestamp_seconds", "Time the last transfer to the backup server succeeded",
+         _epoch(ship_ok.get("time"))),
+        ("last_ship_bytes", "Bytes sent by the last successful transfer", ship_ok.get("bytes_sent")),
+    ]
+    lines = []
+    for name, text, value in metrics:
+        if value is None:
+            continue
+        lines += [f"# HELP {PROM_PREFIX}{name} {text}.", f"# TYPE {PROM_PREFIX}{name} gauge",
+                  f'{PROM_PREFIX}{name}{{host="{host}"}} {value}']
+    return "\n".join(lines) + "\n"
+
+
+def write_text_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write(path: str, status: dict, textfile: str | None = None, check_mode: bool = False) -> dict:
+    step = "write the backup status"
+    if check_mode:
+        return {"changed": True, "path": path, "status": status, "textfile": textfile}
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        write_json_atomic(path, status, mode=0o644)
+        if textfile:
+            os.makedirs(os.path.dirname(textfile) or ".", mode=0o755, exist_ok=True)
+            write_text_atomic(textfile, prom_text(status))
+    except OSError as exc:
+        raise PacsError(step, os_error_cause(exc))
+    return {"changed": True, "path": path, "status": status, "textfile": textfile}
