@@ -85,8 +85,8 @@ def main() -> int:
                     server.store_rest(path)
                 print(f"{engine}: stored {count} files ({sum(p.stat().st_size for p in files) / 1e6:.0f} MB) in "
                       f"{time.monotonic() - started:.1f} s", flush=True)
-                conn = _database.connection(engine, db.orthanc_config(True)["PostgreSQL" if engine == "postgresql"
-                                                                               else "MySQL"])
+                section = "PostgreSQL" if engine == "postgresql" else "MySQL"
+                conn = _database.connection(engine, db.orthanc_config(True)[section])
                 times = {"raw": [], "raw + fsync": [], "module code": [], "module (ansible)": []}
                 size = 0
                 for round_ in range(args.repeat):

@@ -227,7 +227,7 @@ def test_no_password_in_ps_output_or_files(database, servers, tmp_path, engine):
         if path.is_file() and db.password.encode() in path.read_bytes():
             # only Orthanc's own configuration holds it, copied with its mode, inside the 0700 backup
             assert path.relative_to(backup).parts[0] == "config", path
-    leftovers = [p for p in pathlib.Path("/tmp").glob("pacs-orthanc-db-*")]
+    leftovers = list(pathlib.Path("/tmp").glob("pacs-orthanc-db-*"))
     assert not leftovers, leftovers  # the private password files are gone
 
 
