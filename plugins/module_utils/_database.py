@@ -358,6 +358,7 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
             if engine == "postgresql" and fmt == "custom":
                 # written by pg_dump itself (-f): a seekable archive records where each table's
                 # data starts, which selective and parallel restores need
+                os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # pg_dump keeps the mode
                 argv = client.argv("pg_dump", "-d", conn["database"], "-Fc", "-f", part)
                 rc, out, err = run_command(argv, step, env=client.env, check=False, timeout=timeout)
                 if rc != 0:
