@@ -24,4 +24,4 @@ fi
 
 mkdir -p .work/collections/ansible_collections/pacs
 ln -sfn "$PWD" .work/collections/ansible_collections/pacs/orthanc
-echo "== ready: $(Orthanc --version | head -1), $(ansible --version | head -1)"
+echo "== ready: $(Orthanc --version | sed -n 1p), $(ansible --version | sed -n 1p)"

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import threading
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
@@ -29,6 +30,55 @@ LOCK = ".lock"
 WORK = ".work"
 STATE_FILE = "storage.tsv"
 MISSING = ".missing"  # beside the state file: files the dump lists that Orthanc deleted meanwhile
+
+
+HEARTBEAT_SECONDS = 60
+
+
+class Heartbeat:
+    """While a long step of a backup runs (a hot pass, a dump, a verification), the run's lock
+    is touched every HEARTBEAT_SECONDS, so a lock that nobody touched for stale_lock_seconds
+    belongs to a run that was interrupted and can be taken over. ``path`` is anything inside
+    ``<root>/<name>.incomplete``; outside a backup folder this does nothing."""
+
+    def __init__(self, path: str, interval: float = HEARTBEAT_SECONDS):
+        self.lock_path = None
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = None
+        current = os.path.abspath(path or "/")
+        while current != os.path.dirname(current):
+            base = os.path.basename(current)
+            if base.endswith(INCOMPLETE):
+                lock = os.path.join(os.path.dirname(current), LOCK)
+                if _read_lock(lock).get("name") == base[:-len(INCOMPLETE)]:
+                    self.lock_path = lock
+                break
+            current = os.path.dirname(current)
+
+    def beat(self) -> None:
+        try:
+            os.utime(self.lock_path)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def __enter__(self):
+        if self.lock_path:
+            self.beat()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+            self.beat()
+        return False
 
 
 def _read_missing(path: str) -> list:
@@ -69,7 +119,7 @@ def _free_bytes(path: str) -> int:
 
 def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
                 expected_storage_bytes: int = 0, min_free_bytes: int = 0,
-                stale_lock_seconds: int = 86400, space_check: bool = True,
+                stale_lock_seconds: int = 900, space_check: bool = True,
                 check_mode: bool = False, expected_dump_bytes: int = 0) -> dict:
     """Take the lock, clean up leftovers, check room, create the incomplete folder, copy the
     configuration. Returns the names and paths the later steps use."""
@@ -100,8 +150,9 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
             age = 0
         if age < stale_lock_seconds:
             raise PacsError(step, f"another backup ({held.get('name', '?')}, started {held.get('started_at', '?')}) "
-                            f"holds the lock {lock_path}; wait for it to end. If no backup is running, "
-                            "remove that file")
+                            f"holds the lock {lock_path}, last touched {int(age)} s ago: wait for it to end. A run "
+                            f"that was interrupted is taken over once its lock is {stale_lock_seconds} s old "
+                            "(a running backup touches it every minute); or remove that file if no backup runs")
     previous = latest_backup(root)
     index_bytes = 0
     if index_dir and os.path.isdir(index_dir):
@@ -218,8 +269,10 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
     state = _storage.read_state(os.path.join(path, WORK, STATE_FILE))
     new_files = {u for u, (_s, origin) in state.items() if origin != _storage.ORIGIN_PREVIOUS}
     deleted_during_capture = _read_missing(os.path.join(path, WORK, STATE_FILE + MISSING))
-    report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=lambda u: u in new_files,
-                                   known_missing=set(deleted_during_capture))
+    lost_in_live_storage = _read_missing(os.path.join(path, WORK, STATE_FILE + ".lost"))
+    with Heartbeat(path):
+        report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=lambda u: u in new_files,
+                                       known_missing=set(deleted_during_capture))
     if not report["ok"]:
         raise PacsError(step, f"the backup in {path} failed its check: "
                         f"{_verify.describe_problems(report['problems'])}", verification=report)
@@ -266,7 +319,8 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
                     "linked_files": storage_totals["linked_files"], "linked_bytes": storage_totals["linked_bytes"],
                     "copied_files": storage_totals["copied_files"], "copied_bytes": storage_totals["copied_bytes"],
                     "previous": facts.get("previous"),
-                    "deleted_during_capture": deleted_during_capture},
+                    "deleted_during_capture": deleted_during_capture,
+                    "lost_in_live_storage": lost_in_live_storage},
         "verification": {"md5": md5, "files_checked": report["files_checked"],
                          "files_hashed": report["files_hashed"], "orphans": report["orphans"]},
         "files": files,

@@ -82,6 +82,14 @@ def run_command(argv: list, step: str, data: bytes | None = None, env: dict | No
     return proc.returncode, out, err
 
 
+def safe_relative(name) -> bool:
+    """A path taken from a manifest may only name something inside the backup (or the target it
+    is restored to): relative, without '..', without NUL."""
+    if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name):
+        return False
+    return ".." not in name.replace("\\", "/").split("/")
+
+
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

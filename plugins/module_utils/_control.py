@@ -86,3 +86,96 @@ class Controller:
         ended = utc_now()
         return {"changed": changed, "began_at": iso(began), "began_ts": began.timestamp(),
                 "ended_at": iso(ended), "ended_ts": ended.timestamp(), "seconds": round(time.monotonic() - t0, 3)}
+
+
+# A guardian: a small detached process that starts Orthanc again if the process that stopped it
+# dies before it could (SIGKILL, an interrupted ansible-playbook that takes its workers down, an
+# OOM kill). It watches that process, and exits quietly once the marker file says that the
+# stopper is done with Orthanc. It needs no credentials: any HTTP answer means Orthanc is up.
+_GUARDIAN = r"""
+import json, os, subprocess, sys, time, urllib.error, urllib.request
+watched, marker, url, argv, timeout = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), float(sys.argv[5])
+report = marker + ".guardian"
+
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+def answers():
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        opener.open(url.rstrip("/") + "/system", timeout=1).close()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except Exception:
+        return False
+
+while alive(watched) and not os.path.exists(marker):
+    time.sleep(0.1)
+if os.path.exists(marker):
+    os.unlink(marker)
+    sys.exit(0)
+started = time.time()
+note = {"watched_pid": watched, "noticed_at": started, "starts": 0, "result": "Orthanc did not answer"}
+stable_since = None
+while time.time() - started < timeout:
+    if answers():
+        # a stop may still be under way: only an Orthanc that keeps answering is up
+        stable_since = stable_since or time.time()
+        if time.time() - stable_since >= 10:
+            note["result"] = "Orthanc answers"
+            break
+    elif note["starts"] < 5:
+        stable_since = None
+        note["starts"] += 1
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=timeout, check=False)
+    time.sleep(0.2)
+with open(report, "w") as handle:
+    json.dump(note, handle)
+"""
+
+
+class Guardian:
+    """Context manager around the time Orthanc is stopped: outside it, a detached process will
+    start Orthanc again should this process die inside it. ``done()`` (or leaving the block
+    normally) releases the guardian."""
+
+    def __init__(self, controller: Controller, workdir: str, timeout: float = 120):
+        self.controller = controller
+        self.workdir = workdir
+        self.timeout = timeout
+        self.marker = os.path.join(workdir, f".pacs-orthanc-guardian.{os.getpid()}")
+        self.proc = None
+
+    def __enter__(self):
+        import json  # pylint: disable=import-outside-toplevel
+        import subprocess  # pylint: disable=import-outside-toplevel
+        import sys  # pylint: disable=import-outside-toplevel
+        for stale in (self.marker, self.marker + ".guardian"):
+            if os.path.exists(stale):
+                os.unlink(stale)
+        argv = [sys.executable, "-c", _GUARDIAN, str(os.getpid()), self.marker, self.controller.url,
+                json.dumps(self.controller._argv("start")), str(self.timeout)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        return self
+
+    def done(self) -> None:
+        if self.proc is None:
+            return
+        with open(self.marker, "w", encoding="ascii") as handle:
+            handle.write("done\n")
+        try:
+            self.proc.wait(timeout=5)
+        except Exception:  # pylint: disable=broad-except  # it exits on its own once it sees the marker
+            pass
+        self.proc = None
+
+    def __exit__(self, *exc):
+        self.done()
+        return False

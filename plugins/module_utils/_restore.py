@@ -13,7 +13,7 @@ import shutil
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _database, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, copy_tree_as_is, os_error_cause, resolve_ids)
+    PacsError, copy_tree_as_is, os_error_cause, resolve_ids, safe_relative)
 
 __metaclass__ = type
 
@@ -30,11 +30,19 @@ def read_manifest(backup: str) -> dict:
     path = os.path.join(backup, "manifest.json")
     try:
         with open(path, "r", encoding="utf-8") as handle:
-            return json.load(handle)
+            manifest = json.load(handle)
     except FileNotFoundError:
         raise PacsError("read backup", f"{backup} is not a complete backup (no manifest.json)")
     except (OSError, ValueError) as exc:
         raise PacsError("read backup", f"cannot read {path}: {exc}")
+    if not isinstance(manifest, dict):
+        raise PacsError("read backup", f"{path} is not a manifest")
+    for key in ("files", "config_files"):
+        unsafe = [name for name in (manifest.get(key) or {}) if not safe_relative(name)]
+        if unsafe:
+            raise PacsError("read backup", f"{path} names paths outside the backup ({unsafe[0]!r}): refusing "
+                            "a manifest that could write outside the restore's targets")
+    return manifest
 
 
 def _nested(inner: str, outer: str) -> bool:

@@ -263,6 +263,7 @@ def delta_pass(source: str, dest: str, state_file: str, wanted: dict, previous: 
                 pass
     placer = Placer(source, dest, previous, link_source, workers, check_mode)
     missing = []
+    missing_live = []
     fetched = 0
     try:
         for uuid, size in wanted.items():
@@ -271,6 +272,10 @@ def delta_pass(source: str, dest: str, state_file: str, wanted: dict, previous: 
                 continue
             if known and not check_mode:
                 os.unlink(os.path.join(dest, relpath(uuid)))  # placed while still being written
+            if not known and not os.path.lexists(os.path.join(source, relpath(uuid))):
+                # the hot pass did not see it and it is not there now: the live archive lost it
+                # (the previous backup may still hold it, and then this backup does too)
+                missing_live.append(uuid)
             origin, placed = placer.place(uuid, size)
             if origin is None:
                 missing.append(uuid)
@@ -289,7 +294,9 @@ def delta_pass(source: str, dest: str, state_file: str, wanted: dict, previous: 
         write_state(state_file, state)
     if missing_out is not None:
         missing_out.extend(sorted(missing))
+    recovered = sorted(set(missing_live) - set(missing))
     result = summarize(state)
+    result["lost_in_live_storage"] = recovered  # listed by the index, gone live, kept from the previous backup
     result.update({"phase": "delta", "fetched_files": fetched, "removed_files": removed,
                    "missing_files": len(missing), "missing_examples": sorted(missing)[:10],
 

@@ -13,7 +13,7 @@ import json
 import os
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _database, _sqlite, _storage
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, md5_file, sha256_file
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, md5_file, safe_relative, sha256_file
 
 __metaclass__ = type
 
@@ -51,6 +51,9 @@ def describe_problems(problems: dict) -> str:
 
 def check_manifest_files(backup: str, manifest: dict, report: Report) -> None:
     for rel, digest in sorted(manifest.get("files", {}).items()):
+        if not safe_relative(rel):
+            report.add("paths outside the backup named by the manifest", repr(rel))
+            continue
         path = os.path.join(backup, rel)
         if not os.path.isfile(path):
             report.add("missing files outside storage", rel)

@@ -59,9 +59,11 @@ options:
     type: bool
     default: true
   stale_lock_seconds:
-    description: A lock older than this is taken to belong to a dead run and is taken over.
+    description:
+      - A lock not touched for this long is taken to belong to an interrupted run and is taken over.
+        The collection's long steps touch the lock every minute while they run.
     type: int
-    default: 86400
+    default: 900
   host:
     description: Name of the host, recorded in the manifest.
     type: str
@@ -187,7 +189,7 @@ def main():
             expected_storage_bytes=dict(type="int", default=0),
             expected_dump_bytes=dict(type="int", default=0),
             min_free_bytes=dict(type="int", default=64 * 1024 * 1024),
-            stale_lock_seconds=dict(type="int", default=86400),
+            stale_lock_seconds=dict(type="int", default=900),
             space_check=dict(type="bool", default=True),
             host=dict(type="str"),
             facts=dict(type="dict", default={}),

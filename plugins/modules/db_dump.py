@@ -161,7 +161,7 @@ files:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _database
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _database
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
 
 CONNECTION_KEYS = ("host", "port", "database", "username", "password", "unix_socket")
@@ -177,7 +177,8 @@ def run(module):
             version = client.server_version()
         return {"changed": True, "engine": conn["engine"], "server_version": version,
                 "connection": _database.public(conn)}
-    result = _database.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"])
+    with _backupset.Heartbeat(p["dest"]):
+        result = _database.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"])
     result["changed"] = True
     return result
 

@@ -171,7 +171,7 @@ details:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _rest, _snapshot
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _rest, _snapshot
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
 
 
@@ -181,11 +181,12 @@ def snapshot_capture(module):
     if p["poll"]:
         poll = {"url": p["url"], "username": p["username"], "password": p["password"],
                 "interval": p["poll_interval"]}
-    result = _snapshot.capture(
-        p["kind"], p["index_directory"], p["storage_directory"], p["name"], p["index_dest"],
-        p["storage_dest"], p["state_file"], previous=p["previous"], link_mode=p["link_mode"],
-        workers=p["workers"], volume=p["volume"], integrity=p["integrity_check"],
-        min_free_bytes=p["min_free_bytes"], poll=poll, check_mode=module.check_mode)
+    with _backupset.Heartbeat(p["storage_dest"]):
+        result = _snapshot.capture(
+            p["kind"], p["index_directory"], p["storage_directory"], p["name"], p["index_dest"],
+            p["storage_dest"], p["state_file"], previous=p["previous"], link_mode=p["link_mode"],
+            workers=p["workers"], volume=p["volume"], integrity=p["integrity_check"],
+            min_free_bytes=p["min_free_bytes"], poll=poll, check_mode=module.check_mode)
     for warning in result.pop("warnings"):
         module.warn(warning)
     return result

@@ -128,15 +128,22 @@ delta:
   returned: success
 """
 
+import signal
+import tempfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _control, _rest, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _control, _rest, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
 def capture_window(module):
+    with _backupset.Heartbeat(module.params["storage_dest"]):
+        return _capture_window(module)
+
+
+def _capture_window(module):
     p = module.params
     controller = _control.Controller(p["url"], p["username"], p["password"], p["service_name"],
                                      p["stop_command"], p["start_command"])
@@ -144,8 +151,13 @@ def capture_window(module):
     phases, result = {}, {"changed": True, "running_after": False}
     stopped = None
     failure = None
+    guardian = None
+    # Orthanc is down from here to the start below: an interrupt (Ctrl-C, a job cancelled in AWX)
+    # must not stop us halfway, and should this process die anyway, the guardian starts Orthanc.
+    previous_handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if p["stop"]:
+            guardian = _control.Guardian(controller, tempfile.gettempdir(), p["start_timeout"]).__enter__()
             stopped = controller.stop(index_file, p["stop_timeout"])
             phases["stop"] = stopped["seconds"]
         t0 = time.monotonic()
@@ -162,6 +174,13 @@ def capture_window(module):
             raise PacsError("copy storage (delta pass)",
                             f"{delta['missing_files']} files that the index lists are missing from {p['storage_source']} "
                             f"(e.g. {delta['missing_examples'][0]}): the live archive is already damaged")
+        lost = delta.get("lost_in_live_storage") or []
+        if lost:
+            module.warn(f"{len(lost)} files that Orthanc's index lists are gone from {p['storage_source']} "
+                        f"(e.g. {lost[0]}): THE LIVE ARCHIVE IS DAMAGED. This backup holds them, from the "
+                        "previous backup; restore them from it")
+            with open(p["state_file"] + ".lost", "w", encoding="ascii") as handle:
+                handle.write("".join(f"{uuid}\n" for uuid in lost))
         result.update({"capture": copied, "delta": delta})
     except (PacsError, OSError) as exc:
         failure = exc if isinstance(exc, PacsError) else PacsError("capture while stopped", str(exc))
@@ -177,6 +196,13 @@ def capture_window(module):
             except PacsError as exc:
                 cause = f"{exc}" + (f" (after: {failure})" if failure else "")
                 raise PacsError("start Orthanc again", cause, running_after=False)
+            finally:
+                if guardian is not None:
+                    guardian.done()
+        elif guardian is not None:
+            guardian.done()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     if failure is not None:
         failure.details["running_after"] = result["running_after"]
         raise failure

@@ -162,7 +162,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _database, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _database, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -173,6 +173,14 @@ def snapshot(module):
         os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
     common = dict(previous=p["previous"], link_mode=p["link_mode"], workers=p["workers"],
                   check_mode=module.check_mode)
+    heartbeat = _backupset.Heartbeat(p["dest"]).__enter__()
+    try:
+        return _snapshot_phase(module, p, state_file, common)
+    finally:
+        heartbeat.__exit__(None, None, None)
+
+
+def _snapshot_phase(module, p, state_file, common):
     if p["phase"] == "hot":
         result = _storage.hot_pass(p["source"], p["dest"], state_file, settle=p["settle_seconds"], **common)
         changed = result["files"] > 0

@@ -138,3 +138,24 @@ def test_a_failed_open_leaves_no_lock_and_no_folder(tmp_path):
     assert os.listdir(root) == []  # the next run is not blocked by a lock of a dead run
     opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
     assert opened["removed_incomplete"] == []
+
+
+def test_a_running_step_keeps_its_lock_fresh(tmp_path):
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    old = time.time() - 1000
+    os.utime(root / ".lock", (old, old))
+    # a step working inside the incomplete folder touches the lock while it runs...
+    with _backupset.Heartbeat(os.path.join(opened["storage_path"], "ab"), interval=0.05) as beat:
+        assert beat.lock_path == str(root / ".lock")
+        os.utime(root / ".lock", (old, old))
+        time.sleep(0.3)
+        assert time.time() - os.stat(root / ".lock").st_mtime < 5
+    # ...so a second run started meanwhile still finds it held, even with a short staleness
+    with pytest.raises(PacsError, match="holds the lock"):
+        _backupset.open_backup(str(root), str(config), str(index_dir), str(storage), stale_lock_seconds=60)
+    # outside a backup folder, or for another run's folder, it touches nothing
+    assert _backupset.Heartbeat(str(tmp_path)).lock_path is None
+    assert _backupset.Heartbeat(str(root / "20000101T000000Z.incomplete" / "x")).lock_path is None
+    _backupset.discard_backup(str(root), opened["name"])

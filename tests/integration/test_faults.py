@@ -1,0 +1,255 @@
+"""Faults injected for real, beyond those of test_backup_failures, test_restore,
+test_backup_database, test_snapshot and test_ship/test_fleet (docs/faults.md lists them all):
+an interrupted play, a killed play, Orthanc refusing to start, a corrupt index, a damaged
+storage, broken configurations, two backups at once, and a manifest that names paths outside
+the backup. For each: Orthanc ends as it was, no incomplete backup looks complete and the next run
+cleans up, earlier backups still verify, and the message names host, step and cause."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import time
+
+import pytest
+
+from tests.support import checks, procs
+from tests.support.playbook import local_host, run_playbook, write_inventory
+from tests.integration.test_backup_failures import assert_failed_cleanly, earlier_backups, fingerprint, good_backup
+from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+CONFIRM = {"orthanc_restore_confirm": True}
+
+
+def one_host(servers, tmp_path, name="pacs", **extra):
+    server = servers(name)
+    checks.store_studies(server, tmp_path, patients=2, via="rest")
+    root = tmp_path / "backups"
+    inventory = write_inventory(tmp_path / "inventory.json", {
+        name: local_host(server, root, orthanc_backup_settle_seconds=0, **extra)})
+    return server, root, inventory
+
+
+def wait_for(predicate, timeout=30.0, step=0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def interrupt_during_downtime(inventory, server, how):
+    """Start the backup, wait until Orthanc is really down inside the stop window, then
+    interrupt: 'sigint' (Ctrl-C on ansible-playbook) or 'kill' (SIGKILL to ansible-playbook and
+    every process of its session, the module included)."""
+    proc = run_playbook(inventory, popen=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Stop Orthanc, capture the index" in line:
+            break
+    assert wait_for(lambda: not server.answers(), timeout=30, step=0.02), "".join(lines)
+    if how == "sigint":
+        proc.send_signal(signal.SIGINT)
+    else:
+        session = os.getsid(proc.pid)
+        victims = [pid for pid in procs.descendants(proc.pid) if _sid(pid) == session] + [proc.pid]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    out = proc.stdout.read()
+    proc.wait(timeout=120)
+    return "".join(lines) + out
+
+
+def _sid(pid):
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
+
+
+@pytest.mark.parametrize("how", ["sigint", "kill"])
+def test_play_interrupted_while_orthanc_is_stopped(servers, tmp_path, how):
+    server, root, inventory = one_host(servers, tmp_path, orthanc_backup_stale_lock_seconds=3)
+    good_backup(inventory)
+    earlier = earlier_backups(root)
+    checks.store_studies(server, tmp_path, patients=1, via="rest")
+    output = interrupt_during_downtime(inventory, server, how)
+    # Orthanc comes back by itself: the module finishes its window (SIGINT), or the guardian
+    # starts Orthanc once the module is gone (SIGKILL)
+    assert wait_for(server.answers, timeout=60), output
+    assert server.statistics()["CountInstances"] == 9
+    # nothing looks complete; the earlier backup is untouched
+    assert checks.complete_backups(root) == sorted(earlier)
+    for name, files in earlier.items():
+        assert fingerprint(root / name) == files
+    # the lock of the interrupted run is no longer touched: the next run takes it over, removes
+    # the incomplete folder and makes a complete backup
+    time.sleep(4)
+    result = run_playbook(inventory)
+    assert result.returncode == 0, result.stdout
+    assert not [p for p in root.iterdir() if p.name.endswith(".incomplete")]
+    assert len(checks.complete_backups(root)) == 2
+    assert _verify.verify_backup(str((root / "latest").resolve()))["ok"]
+
+
+def test_orthanc_refusing_to_start_again(servers, tmp_path):
+    server, root, inventory = one_host(servers, tmp_path)
+    good_backup(inventory)
+    earlier = earlier_backups(root)
+    broken = write_inventory(tmp_path / "broken.json", {"pacs": local_host(
+        server, root, orthanc_backup_settle_seconds=0, orthanc_start_command="echo 'port in use' >&2; exit 3",
+        orthanc_start_timeout=5)})
+    try:
+        result = run_playbook(broken)
+        assert not server.answers()
+        assert_failed_cleanly(result, "pacs", "Start Orthanc again", "exit|exited|answer", root, earlier)
+        # loud: the message says Orthanc is down and how to start it
+        assert "ORTHANC IS NOT RUNNING on pacs: start it with" in result.stdout
+        assert "exit 3" in result.stdout
+    finally:
+        server.start()
+
+
+def test_a_corrupt_index_is_refused_and_orthanc_restarted(servers, tmp_path):
+    server, root, inventory = one_host(servers, tmp_path)
+    good_backup(inventory)
+    earlier = earlier_backups(root)
+    server.stop()
+    # damage the ChildrenIndex b-tree page: Orthanc still starts and answers on such an index
+    index = server.index_dir / "index"
+    import sqlite3  # pylint: disable=import-outside-toplevel
+    conn = sqlite3.connect(index)
+    page = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'ChildrenIndex'").fetchone()[0]
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    with open(index, "r+b") as handle:
+        handle.seek((page - 1) * page_size + page_size - 296)
+        handle.write(bytes(range(256)) + bytes(range(40)))
+    server.start()
+    pid = server.pid()
+    result = run_playbook(inventory)
+    assert_failed_cleanly(result, "pacs", "Check and complete the backup", "integrity|malformed", root, earlier)
+    assert server.answers() and server.pid() != pid  # stopped for the capture, and started again
+    assert "Orthanc was left as it was before the backup" in result.stdout
+
+
+def test_a_storage_file_missing_or_unreadable(servers, tmp_path):
+    server, root, inventory = one_host(servers, tmp_path)
+    good_backup(inventory)
+    backed_up = sorted(p for p in server.storage_dir.rglob("*") if p.is_file() and len(p.name) == 36)
+    # lost live but held by the previous backup: the backup completes with it, and says loudly
+    # that the live archive is damaged
+    backed_up[0].unlink()
+    result = run_playbook(inventory)
+    assert result.returncode == 0, result.stdout
+    assert "THE LIVE ARCHIVE IS DAMAGED" in result.stdout
+    latest = (root / "latest").resolve()
+    assert checks.read_manifest(latest)["storage"]["lost_in_live_storage"] == [backed_up[0].name]
+    assert (latest / "storage" / backed_up[0].relative_to(server.storage_dir)).is_file()
+    assert _verify.verify_backup(str(latest), md5="all")["ok"]
+    earlier = earlier_backups(root)
+    # lost live and in no backup: refused, Orthanc started again
+    checks.store_studies(server, tmp_path, patients=1, via="rest")
+    fresh = sorted(set(p for p in server.storage_dir.rglob("*") if p.is_file() and len(p.name) == 36)
+                   - set(backed_up))
+    fresh[0].unlink()
+    result = run_playbook(inventory)
+    assert_failed_cleanly(result, "pacs", "Stop Orthanc, capture", "missing from .*already damaged", root, earlier)
+    assert server.answers()
+    # unreadable (even for root): a folder where the file should be
+    fresh[1].unlink()
+    fresh[1].mkdir()
+    result = run_playbook(inventory)
+    assert result.returncode != 0
+    match = re.search(r"Backup of pacs failed at step '([^']*)': (.*)", result.stdout)
+    assert match and fresh[1].name in match.group(0), result.stdout
+    assert server.answers()
+    assert checks.complete_backups(root) == sorted(earlier)
+    assert not [p for p in root.iterdir() if p.name.endswith(".incomplete")]
+
+
+@pytest.mark.parametrize("fault, cause", [
+    ("invalid-json", r"JSON|Expecting"),
+    ("key-in-two-files", r"HttpPort.*(two|both|twice|more than one)|defined in"),
+    ("unknown-storage-plugin", r"storage plugin .*cannot back them up"),
+])
+def test_a_broken_configuration_changes_nothing(servers, tmp_path, fault, cause):
+    server, root, inventory = one_host(servers, tmp_path)
+    pid = server.pid()
+    config = server.config_path
+    if fault == "invalid-json":
+        (config / "zz-broken.json").write_text('{ "Name": "x", }  ,')
+    elif fault == "key-in-two-files":
+        (config / "zz-dup.json").write_text(json.dumps({"HttpPort": 9999}))
+    else:
+        plugin = tmp_path / "libOrthancAzureBlobStorage.so"
+        plugin.write_bytes(b"\x7fELF")
+        main = config / "orthanc.json"
+        main.write_text(main.read_text().replace('"Plugins": []', f'"Plugins": [{json.dumps(str(plugin))}]'))
+    result = run_playbook(inventory)
+    assert result.returncode != 0
+    match = re.search(r"Backup of pacs failed at step '([^']*)': (.*)", result.stdout)
+    assert match, result.stdout
+    step = "Check that this Orthanc can be backed up" if fault == "unknown-storage-plugin" else "Read the Orthanc configuration"
+    assert step in match.group(1), match.group(0)
+    assert re.search(cause, match.group(2)), match.group(0)
+    assert server.pid() == pid and server.answers()  # never stopped
+    assert not root.exists() or [p.name for p in root.iterdir() if p.name != "status.json"] == []
+
+
+def test_two_backups_of_one_host_at_once(servers, tmp_path):
+    server, root, inventory = one_host(servers, tmp_path)
+    good_backup(inventory)
+    runs = [run_playbook(inventory, popen=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    codes = sorted(run.returncode for run in runs)
+    assert codes[0] == 0 and codes[1] != 0, outputs
+    loser = outputs[[run.returncode for run in runs].index(codes[1])]
+    match = re.search(r"Backup of pacs failed at step '([^']*)': (.*)", loser)
+    assert match and "Prepare the backup folder" in match.group(1), loser
+    assert re.search(r"another backup .*(holds|took) the lock", match.group(2)), match.group(0)
+    assert server.answers()
+    assert len(checks.complete_backups(root)) == 2
+    assert not [p for p in root.iterdir() if p.name.endswith(".incomplete")]
+
+
+def test_backups_are_private(servers, tmp_path):
+    server, root, inventory = one_host(servers, tmp_path)
+    good_backup(inventory)
+    backup = (root / "latest").resolve()
+    for path in (root, backup):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    assert stat.S_IMODE((backup / "manifest.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((backup / "index" / "index").stat().st_mode) & 0o077 == 0
+
+
+@pytest.mark.parametrize("name", ["../../outside", "/etc/passwd-pacs-test"])
+def test_restore_refuses_a_manifest_naming_paths_outside(servers, tmp_path, name):
+    server, root, inventory = one_host(servers, tmp_path)
+    good_backup(inventory)
+    backup = (root / "latest").resolve()
+    manifest = checks.read_manifest(backup)
+    key = "config_files" if name.startswith("..") else "files"
+    manifest[key][name] = {"owner": "root", "group": "root", "mode": "0644"} if key == "config_files" else "0" * 64
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    before = fingerprint(server.root)
+    result = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+    assert result.returncode != 0
+    assert "outside the backup" in result.stdout, result.stdout
+    assert server.answers()
+    assert not os.path.exists("/etc/passwd-pacs-test")
+    after = fingerprint(server.root)
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k) and not k.startswith(("log/", "index/"))}
+    assert not changed, changed
+    shutil.rmtree(backup)
