@@ -182,6 +182,7 @@ def test_backup_while_instances_keep_arriving(database, servers, tmp_path, engin
     assert len(unservable) <= len(known), (unservable, known)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("engine", ENGINES)
 def test_no_password_in_ps_output_or_files(database, servers, tmp_path, engine):
     db, server = db_server(servers, database, engine, in_db=True)
@@ -231,6 +232,7 @@ def test_no_password_in_ps_output_or_files(database, servers, tmp_path, engine):
     assert not leftovers, leftovers  # the private password files are gone
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("engine", ENGINES)
 def test_dump_failures_are_clear_and_leave_nothing(database, servers, tmp_path, engine):
     db, server = db_server(servers, database, engine, in_db=True)
@@ -259,6 +261,7 @@ def test_dump_failures_are_clear_and_leave_nothing(database, servers, tmp_path, 
         assert {name: fingerprint(root / name) for name in checks.complete_backups(root)} == earlier
 
 
+@pytest.mark.fault
 def test_disk_full_during_a_dump(database, servers, tmp_path):
     db, server = db_server(servers, database, "postgresql", in_db=True)
     paths = dicomgen.make_instances(tmp_path / "big", 12, size_range=(400_000, 600_000), seed=9)
@@ -282,6 +285,7 @@ def test_disk_full_during_a_dump(database, servers, tmp_path):
         checks.umount(root)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("engine", ENGINES)
 def test_db_restore_refuses_a_database_that_holds_tables(database, servers, tmp_path, engine):
     db, server = db_server(servers, database, engine, in_db=False)

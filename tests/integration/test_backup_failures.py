@@ -19,7 +19,7 @@ from tests.support import checks, procs
 from tests.support.playbook import local_host, run_playbook, write_inventory
 from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.fault,
               pytest.mark.skipif(os.geteuid() != 0, reason="mounts small filesystems: needs root")]
 
 

@@ -64,6 +64,7 @@ def iso_seconds(text: str) -> float:
         tzinfo=datetime.timezone.utc).timestamp()
 
 
+@pytest.mark.fault
 def test_fleet_with_ha_pairs_a_broken_host_and_a_throttled_server(servers, ssh_server, tmp_path, monkeypatch):
     monkeypatch.setenv("ANSIBLE_SHOW_CUSTOM_STATS", "1")
     log = tmp_path / "downtime.log"

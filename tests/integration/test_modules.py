@@ -32,6 +32,7 @@ def count_instances(index_file) -> int:
         conn.close()
 
 
+@pytest.mark.fault
 def test_sqlite_capture_refuses_while_orthanc_runs_and_keeps_the_wal(servers, tmp_path):
     server = servers("crash")
     checks.store_studies(server, tmp_path, patients=2, via="rest")
@@ -86,6 +87,7 @@ def test_orthanc_info_running_and_stopped(servers, tmp_path):
     assert stopped["database_version"] == "6"  # from the index
 
 
+@pytest.mark.fault
 def test_orthanc_info_reports_a_broken_configuration(tmp_path):
     (tmp_path / "a.json").write_text('{"Name": "x"}')
     (tmp_path / "b.json").write_text('{"Name": "y"}')
@@ -94,6 +96,7 @@ def test_orthanc_info_reports_a_broken_configuration(tmp_path):
     assert "Traceback" not in json.dumps(result)
 
 
+@pytest.mark.fault
 def test_rest_password_is_never_shown(servers, tmp_path):
     password = "pw-" + hashlib.sha256(os.urandom(8)).hexdigest()[:16]
     server = servers("secure", extra_config={"AuthenticationEnabled": True,

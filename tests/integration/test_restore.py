@@ -78,6 +78,7 @@ def test_restore_onto_a_fresh_host(servers, tmp_path):
     assert server.statistics()["CountInstances"] == len(stored) + 1
 
 
+@pytest.mark.fault
 def test_restore_refusals_change_nothing(servers, tmp_path):
     server, inventory, backup = backed_up(servers, tmp_path)
     pid, stored = server.pid(), contents(server)
@@ -108,6 +109,7 @@ def test_restore_refusals_change_nothing(servers, tmp_path):
     assert not list(server.root.glob("*.pre-restore-*"))
 
 
+@pytest.mark.fault
 def test_verification_catches_each_kind_of_damage(servers, tmp_path):
     _server, _inventory, backup = backed_up(servers, tmp_path)
     clean = run_module("backup_verify", {"path": str(backup)})
@@ -159,6 +161,7 @@ def test_verification_catches_each_kind_of_damage(servers, tmp_path):
     assert run_module("backup_verify", {"path": str(backup)})["ok"]  # the original is untouched
 
 
+@pytest.mark.fault
 def test_interrupted_restore_puts_the_previous_data_back(servers, tmp_path):
     server = servers("halfway")
     checks.store_studies(server, tmp_path, patients=1, via="rest", instances=6, pixel_bytes=60_000_000)

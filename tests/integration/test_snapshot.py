@@ -250,6 +250,7 @@ def host_line(output: str, host: str) -> str:
     return match
 
 
+@pytest.mark.fault
 def test_failures_leave_no_snapshot_and_orthanc_running(btrfs, orthancs, tmp_path):
     """One fleet run, one host per failure: each is refused (or fails after its snapshot) with a
     clear message, leaves Orthanc running as it was, no snapshot and no incomplete backup."""
