@@ -353,7 +353,16 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
         client.tool(tool_name)  # a clear message when it is missing, before anything else
         if engine == "postgresql":
             client.tool("pg_restore")
-        version = client.server_version()
+        # The versions are asked beside the dump (they cost two client start-ups, ~0.1 s each);
+        # a connection problem then shows in the dump tool's own error, explained the same way.
+        side = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        def ask_versions():
+            try:
+                return client.server_version(), client.tool_version(tool_name)
+            except PacsError:
+                return "unknown", client.tool_version(tool_name)
+
+        versions = side.submit(ask_versions)
         try:
             if engine == "postgresql" and fmt == "custom":
                 # written by pg_dump itself (-f): a seekable archive records where each table's
@@ -390,12 +399,15 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
             fsync_dir(parent)
         except BaseException:
             _remove(part)
+            side.shutdown(wait=True)
             raise
+        version, tool_version = versions.result()
+        side.shutdown(wait=True)
         result = {"path": dest, "engine": engine, "format": fmt, "bytes": info["bytes"], "sha256": info["sha256"],
                   "duration_seconds": round(time.monotonic() - started, 3),
                   "dump_seconds": round(dumped - started, 3),
                   "server_version": version, "tool": os.path.basename(client.tool(tool_name)),
-                  "tool_version": client.tool_version(tool_name), "connection": public(conn),
+                  "tool_version": tool_version, "connection": public(conn),
                   "check": check}
         if fmt == "directory":
             result["files"] = info["files"]
