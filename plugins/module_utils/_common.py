@@ -120,14 +120,13 @@ def iso(moment: datetime.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def write_json_atomic(path: str, data, mode: int = 0o600) -> None:
-    """Write JSON to a temporary file beside ``path``, fsync it, then rename it into place."""
+def write_text_atomic(path: str, text: str, mode: int = 0o600) -> None:
+    """Write text to a temporary file beside ``path``, fsync it, then rename it into place."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
@@ -138,6 +137,11 @@ def write_json_atomic(path: str, data, mode: int = 0o600) -> None:
         except OSError:
             pass
         raise
+
+
+def write_json_atomic(path: str, data, mode: int = 0o600) -> None:
+    """Write JSON atomically (see write_text_atomic)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode)
 
 
 def fsync_dir(path: str) -> None:

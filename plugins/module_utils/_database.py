@@ -36,6 +36,21 @@ MYSQL_TRAILER = b"-- Dump completed"
 # Orthanc's resource types in the database plugins' schema (0-based, unlike the SQLite index)
 PLUGIN_RESOURCE_TYPES = {0: "patients", 1: "studies", 2: "series", 3: "instances"}
 SCHEMA_VERSION_PROPERTY = "1"
+# The options of plugins/doc_fragments/database.py
+CONNECTION_SPEC = dict(
+    config_path=dict(type="path"),
+    environment=dict(type="dict"),
+    engine=dict(type="str", choices=["postgresql", "mysql"]),
+    host=dict(type="str"),
+    port=dict(type="int"),
+    database=dict(type="str"),
+    username=dict(type="str"),
+    password=dict(type="str", no_log=True),
+    unix_socket=dict(type="str"),
+    bin_dir=dict(type="path"),
+    timeout=dict(type="float"),
+)
+CONNECTION_KEYS = ("host", "port", "database", "username", "password", "unix_socket")
 DUMP_NAMES = {"custom": "orthanc.pgdump", "directory": "orthanc.pgdir", "sql": "orthanc.sql"}
 
 
@@ -356,6 +371,7 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
         # The versions are asked beside the dump (they cost two client start-ups, ~0.1 s each);
         # a connection problem then shows in the dump tool's own error, explained the same way.
         side = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
         def ask_versions():
             try:
                 return client.server_version(), client.tool_version(tool_name)

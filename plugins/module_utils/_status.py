@@ -10,9 +10,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, iso, os_error_cause, utc_now, write_json_atomic
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
+    PacsError, iso, os_error_cause, utc_now, write_json_atomic, write_text_atomic)
 
 __metaclass__ = type
 
@@ -128,24 +128,6 @@ def prom_text(status: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_text_atomic(path: str, text: str, mode: int = 0o644) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write(path: str, status: dict, textfile: str | None = None, check_mode: bool = False) -> dict:
     step = "write the backup status"
     if check_mode:
@@ -155,7 +137,7 @@ def write(path: str, status: dict, textfile: str | None = None, check_mode: bool
         write_json_atomic(path, status, mode=0o644)
         if textfile:
             os.makedirs(os.path.dirname(textfile) or ".", mode=0o755, exist_ok=True)
-            write_text_atomic(textfile, prom_text(status))
+            write_text_atomic(textfile, prom_text(status), 0o644)  # read by node-exporter
     except OSError as exc:
         raise PacsError(step, os_error_cause(exc))
     return {"changed": True, "path": path, "status": status, "textfile": textfile}

@@ -25,34 +25,6 @@ description:
     the dump reads back (C(pg_restore --list) reads it and it holds Orthanc's tables; a MySQL dump
     ends with C(-- Dump completed)). A failed dump leaves nothing behind.
 options:
-  config_path:
-    description: Orthanc's configuration file or folder; the database is the one it enables.
-    type: path
-  environment:
-    description: Environment that Orthanc sees, for C(${VAR}) in its configuration.
-    type: dict
-  engine:
-    description: C(postgresql) or C(mysql). Default, the one that the configuration enables.
-    type: str
-    choices: [postgresql, mysql]
-  host:
-    description: Overrides the configuration's C(Host).
-    type: str
-  port:
-    description: Overrides the configuration's C(Port).
-    type: int
-  database:
-    description: Overrides the configuration's C(Database).
-    type: str
-  username:
-    description: Overrides the configuration's C(Username).
-    type: str
-  password:
-    description: Overrides the configuration's C(Password). Never logged nor returned.
-    type: str
-  unix_socket:
-    description: MySQL only, overrides the configuration's C(UnixSocket).
-    type: str
   dest:
     description: The dump to write (a file; a folder for the PostgreSQL directory format). Must not exist.
     type: path
@@ -66,19 +38,12 @@ options:
     description: Parallel jobs of C(pg_dump) with the directory format.
     type: int
     default: 1
-  bin_dir:
-    description: Folder holding the engine's client programs, when they are not on the PATH.
-    type: path
-  timeout:
-    description: Seconds after which the dump is abandoned (and removed). No limit by default.
-    type: float
 attributes:
   check_mode:
     support: full
     description: Connects and reports the server's version; writes nothing.
-notes:
-  - Needs C(postgresql-client) (C(pg_dump), C(pg_restore), C(psql)) or C(mariadb-client)
-    (C(mysqldump), C(mysql)) on the host that runs it.
+extends_documentation_fragment:
+  - pacs.orthanc.database
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -164,13 +129,11 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _database
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
 
-CONNECTION_KEYS = ("host", "port", "database", "username", "password", "unix_socket")
-
 
 def run(module):
     p = module.params
     conn = _database.from_config(p["config_path"], p["environment"], p["engine"],
-                                 {k: p[k] for k in CONNECTION_KEYS})
+                                 {k: p[k] for k in _database.CONNECTION_KEYS})
     if module.check_mode:
         with _database.Client(conn, p["bin_dir"], "dump the database") as client:
             client.tool("pg_dump" if conn["engine"] == "postgresql" else "mysqldump")
@@ -186,20 +149,10 @@ def run(module):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            config_path=dict(type="path"),
-            environment=dict(type="dict"),
-            engine=dict(type="str", choices=["postgresql", "mysql"]),
-            host=dict(type="str"),
-            port=dict(type="int"),
-            database=dict(type="str"),
-            username=dict(type="str"),
-            password=dict(type="str", no_log=True),
-            unix_socket=dict(type="str"),
+            **_database.CONNECTION_SPEC,
             dest=dict(type="path", required=True),
             format=dict(type="str", choices=["custom", "directory"], default="custom"),
             jobs=dict(type="int", default=1),
-            bin_dir=dict(type="path"),
-            timeout=dict(type="float"),
         ),
         required_one_of=[("config_path", "engine")],
         supports_check_mode=True,

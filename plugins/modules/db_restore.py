@@ -26,34 +26,6 @@ options:
     description: The dump (a C(.pgdump) file, a C(.pgdir) folder or a C(.sql) file), or a backup folder holding C(database/).
     type: path
     required: true
-  config_path:
-    description: Orthanc's configuration file or folder; the target is the database it enables.
-    type: path
-  environment:
-    description: Environment that Orthanc sees, for C(${VAR}) in its configuration.
-    type: dict
-  engine:
-    description: C(postgresql) or C(mysql). Default, the one that the configuration enables.
-    type: str
-    choices: [postgresql, mysql]
-  host:
-    description: Overrides the configuration's C(Host).
-    type: str
-  port:
-    description: Overrides the configuration's C(Port).
-    type: int
-  database:
-    description: Overrides the configuration's C(Database).
-    type: str
-  username:
-    description: Overrides the configuration's C(Username) (the user Orthanc connects as).
-    type: str
-  password:
-    description: Overrides the configuration's C(Password). Never logged nor returned.
-    type: str
-  unix_socket:
-    description: MySQL only, overrides the configuration's C(UnixSocket).
-    type: str
   owner:
     description: Role (PostgreSQL) or user (MySQL) that owns the restored database. Default, the connection's user.
     type: str
@@ -87,16 +59,12 @@ options:
     description: Parallel jobs of C(pg_restore) for a directory-format dump.
     type: int
     default: 1
-  bin_dir:
-    description: Folder holding the engine's client programs, when they are not on the PATH.
-    type: path
-  timeout:
-    description: Seconds after which the restore is abandoned.
-    type: float
 attributes:
   check_mode:
     support: full
     description: Connects and says whether the target exists and is empty; changes nothing.
+extends_documentation_fragment:
+  - pacs.orthanc.database
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -163,8 +131,6 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.pacs.orthanc.plugins.module_utils import _database
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
-CONNECTION_KEYS = ("host", "port", "database", "username", "password", "unix_socket")
-
 
 def locate(path: str):
     if os.path.isdir(path) and not path.rstrip("/").endswith(".pgdir"):
@@ -182,7 +148,7 @@ def run(module):
     p = module.params
     dump_engine, fmt, path = locate(p["dump"])
     conn = _database.from_config(p["config_path"], p["environment"], p["engine"] or dump_engine,
-                                 {k: p[k] for k in CONNECTION_KEYS}, step="read the target database")
+                                 {k: p[k] for k in _database.CONNECTION_KEYS}, step="read the target database")
     if conn["engine"] != dump_engine:
         raise PacsError("read the target database", f"the dump is a {dump_engine} dump but the target is {conn['engine']}")
     admin = dict(conn)
@@ -203,16 +169,8 @@ def run(module):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
+            **_database.CONNECTION_SPEC,
             dump=dict(type="path", required=True),
-            config_path=dict(type="path"),
-            environment=dict(type="dict"),
-            engine=dict(type="str", choices=["postgresql", "mysql"]),
-            host=dict(type="str"),
-            port=dict(type="int"),
-            database=dict(type="str"),
-            username=dict(type="str"),
-            password=dict(type="str", no_log=True),
-            unix_socket=dict(type="str"),
             owner=dict(type="str"),
             admin_username=dict(type="str"),
             admin_password=dict(type="str", no_log=True),
@@ -222,8 +180,6 @@ def main():
             maintenance_db=dict(type="str", default="postgres"),
             replace=dict(type="bool", default=False),
             jobs=dict(type="int", default=1),
-            bin_dir=dict(type="path"),
-            timeout=dict(type="float"),
         ),
         supports_check_mode=True,
     )

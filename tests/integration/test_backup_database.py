@@ -63,6 +63,16 @@ def db_server(servers, database, engine, in_db, name="pacs"):
     return db, server
 
 
+def destroy_and_restore(server, db, inventory):
+    """A lost server: Orthanc stopped, its database dropped, its storage wiped; then the restore
+    playbook, which creates the database again."""
+    server.stop()
+    db.drop_database()
+    shutil.rmtree(server.storage_dir)
+    server.storage_dir.mkdir()
+    return run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+
+
 def fingerprint(backup: pathlib.Path) -> dict:
     return {str(p.relative_to(backup)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(backup.rglob("*")) if p.is_file()}
@@ -100,11 +110,7 @@ def test_round_trip_into_a_fresh_database(database, servers, tmp_path, engine, i
     assert db.password not in (backup / "manifest.json").read_text()
 
     # destroy: Orthanc stopped, its database dropped, its storage wiped
-    server.stop()
-    db.drop_database()
-    shutil.rmtree(server.storage_dir)
-    server.storage_dir.mkdir()
-    result = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+    result = destroy_and_restore(server, db, inventory)
     assert result.returncode == 0, result.stdout
     assert server.answers()
     assert contents(server) == stored
@@ -163,11 +169,7 @@ def test_backup_while_instances_keep_arriving(database, servers, tmp_path, engin
     assert report["ok"], report
     known = set(manifest["storage"]["deleted_during_capture"])
 
-    server.stop()
-    db.drop_database()
-    shutil.rmtree(server.storage_dir)
-    server.storage_dir.mkdir()
-    result = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+    result = destroy_and_restore(server, db, inventory)
     assert result.returncode == 0, result.stdout
     assert server.statistics()["CountInstances"] == manifest["counts"]["instances"]
     unservable = []

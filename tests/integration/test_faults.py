@@ -211,7 +211,7 @@ def test_a_broken_configuration_changes_nothing(servers, tmp_path, fault, cause)
 def test_two_backups_of_one_host_at_once(servers, tmp_path):
     server, root, inventory = one_host(servers, tmp_path)
     good_backup(inventory)
-    runs = [run_playbook(inventory, popen=True) for _ in range(2)]
+    runs = [run_playbook(inventory, popen=True), run_playbook(inventory, popen=True)]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     codes = sorted(run.returncode for run in runs)
     assert codes[0] == 0 and codes[1] != 0, outputs

@@ -1,0 +1,55 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    """The database connection of the modules that dump and restore Orthanc's database."""
+
+    DOCUMENTATION = r"""
+options:
+  config_path:
+    description:
+      - Orthanc's configuration file or folder; the database is the one its C(PostgreSQL) or C(MySQL)
+        section enables (C(EnableIndex) or C(EnableStorage)), C(ConnectionUri) included. The password
+        is then read on the managed host and never passes through Ansible.
+    type: path
+  environment:
+    description: Environment that Orthanc sees, for C(${VAR}) in its configuration.
+    type: dict
+  engine:
+    description: C(postgresql) or C(mysql). Default, the one that the configuration enables.
+    type: str
+    choices: [postgresql, mysql]
+  host:
+    description: Overrides the configuration's C(Host).
+    type: str
+  port:
+    description: Overrides the configuration's C(Port).
+    type: int
+  database:
+    description: Overrides the configuration's C(Database).
+    type: str
+  username:
+    description: Overrides the configuration's C(Username) (the user Orthanc connects as).
+    type: str
+  password:
+    description: Overrides the configuration's C(Password). Never logged nor returned.
+    type: str
+  unix_socket:
+    description: MySQL only, overrides the configuration's C(UnixSocket).
+    type: str
+  bin_dir:
+    description: Folder holding the engine's client programs, when they are not on the PATH.
+    type: path
+  timeout:
+    description: Seconds after which the tool is abandoned (and what it wrote removed). No limit by default.
+    type: float
+notes:
+  - Passwords reach the engine's tools only through a private 0600 file in a 0700 folder (C(PGPASSFILE), or
+    MySQL's C(--defaults-extra-file)), removed afterwards; never a command line, a result or a log.
+  - Needs C(postgresql-client) (C(pg_dump), C(pg_restore), C(psql)) or C(mariadb-client) (C(mysqldump),
+    C(mysql)) on the managed host.
+"""
