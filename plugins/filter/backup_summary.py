@@ -94,15 +94,27 @@ def backup_result(pair):
     storage = result.get("storage", {})
     counts = result.get("counts", {})
     downtime = result.get("downtime_seconds")
-    line = (f"{host}: ok, {result.get('backend')}, {counts.get('instances', 0)} instances, "
+    strategy = result.get("strategy") or "stop"
+    if downtime is None:
+        stopped = "downtime not measured"
+    elif strategy != "stop" and float(downtime) == 0:
+        stopped = "Orthanc not stopped"
+    else:
+        stopped = f"downtime {float(downtime):.1f} s"
+    dump = f", dump {human_bytes(result['dump_bytes'])}" if result.get("dump_bytes") not in (None, "") else ""
+    lost = result.get("lost_in_live_storage") or []
+    warning = (f" WARNING: {len(lost)} files the index lists are gone from the live storage "
+               "(kept in this backup from the previous one)") if lost else ""
+    line = (f"{host}: ok, {result.get('backend')}, {counts.get('instances', 0)} instances{dump}, "
             f"{human_bytes(storage.get('bytes'))} in {storage.get('files', 0)} files "
             f"({storage.get('new_files', 0)} new, {human_bytes(storage.get('new_bytes'))}; "
-            f"{storage.get('linked_files', 0)} linked), downtime {float(downtime or 0):.1f} s, {result.get('path')}")
+            f"{storage.get('linked_files', 0)} linked), {stopped} ({strategy}), {result.get('path')}{warning}")
     record = {"host": host, "result": "ok", "backend": result.get("backend"), "path": result.get("path"),
               "instances": counts.get("instances", 0), "files": storage.get("files", 0),
               "bytes": storage.get("bytes", 0), "new_files": storage.get("new_files", 0),
               "new_bytes": storage.get("new_bytes", 0), "linked_files": storage.get("linked_files", 0),
-              "downtime_seconds": downtime}
+              "downtime_seconds": downtime, "strategy": strategy, "dump_bytes": result.get("dump_bytes"),
+              "lost_in_live_storage": len(lost)}
     ship_text, ship_fields, ship_ok = ship_part(ship)
     record.update(ship_fields)
     record["ok"] = ship_ok

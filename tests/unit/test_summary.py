@@ -1,0 +1,29 @@
+"""The summary line of each strategy: what a person reads at the end of a run."""
+
+from __future__ import annotations
+
+from ansible_collections.pacs.orthanc.plugins.filter.backup_summary import backup_result
+
+
+def ok(**extra):
+    result = {"result": "ok", "backend": "sqlite", "path": "/b/20261129T000000Z", "counts": {"instances": 9},
+              "storage": {"bytes": 2048, "files": 9, "new_files": 1, "new_bytes": 100, "linked_files": 8}}
+    result.update(extra)
+    return result
+
+
+def test_each_strategy_says_whether_orthanc_was_stopped():
+    stop = backup_result([ok(strategy="stop", downtime_seconds=1.42), "a", None])
+    assert "downtime 1.4 s (stop)" in stop["line"] and stop["ok"]
+    dump = backup_result([ok(backend="postgresql", strategy="dump", downtime_seconds=0, dump_bytes=123456), "b", None])
+    assert "b: ok, postgresql, 9 instances, dump 120.6 KiB," in dump["line"]
+    assert "Orthanc not stopped (dump)" in dump["line"] and dump["record"]["dump_bytes"] == 123456
+    snapshot = backup_result([ok(strategy="snapshot", downtime_seconds=None), "c", None])
+    assert "downtime not measured (snapshot)" in snapshot["line"]
+
+
+def test_files_lost_live_are_a_warning_on_the_line():
+    line = backup_result([ok(strategy="stop", downtime_seconds=2, lost_in_live_storage=["u1", "u2"]), "a", None])
+    assert line["line"].endswith("WARNING: 2 files the index lists are gone from the live storage "
+                                 "(kept in this backup from the previous one)")
+    assert line["record"]["lost_in_live_storage"] == 2
