@@ -140,3 +140,17 @@ def test_a_stopped_orthanc_is_backed_up_and_left_stopped(servers, tmp_path):
     assert manifest["counts"]["instances"] == expected["CountInstances"]
     server.start()
     checks.assert_backup_matches(server, (tmp_path / "backups" / "latest").resolve())
+
+
+def test_limit_backs_up_and_reports_only_the_hosts_within_it(servers, tmp_path):
+    inside, outside = servers("inside"), servers("outside")
+    for server in (inside, outside):
+        checks.store_studies(server, tmp_path, patients=1, via="rest")
+    inventory = write_inventory(tmp_path / "inventory.json", {
+        server.name: local_host(server, tmp_path / f"backups-{server.name}", orthanc_backup_settle_seconds=0)
+        for server in (inside, outside)})
+    result = run_playbook(inventory, limit="inside")
+    assert result.returncode == 0, result.stdout
+    assert "inside: ok, sqlite, 3 instances" in result.stdout
+    assert "outside:" not in result.stdout.split("Summarise the backups")[-1]  # not reported as "not run"
+    assert checks.complete_backups(tmp_path / "backups-inside") and not (tmp_path / "backups-outside").exists()

@@ -78,7 +78,7 @@ def run_module(module: str, args: dict, check: bool = False) -> dict:
 
 def run_playbook(inventory: pathlib.Path, playbook: str = "backup.yml", extra_vars: dict | None = None,
                  pipelining: bool = True, timeout: float = 600, popen: bool = False, verbosity: int = 0,
-                 check: bool = False):
+                 check: bool = False, limit: str | None = None):
     """Run playbooks/<playbook>; returns CompletedProcess (stdout+stderr in .stdout), or the
     Popen when ``popen`` is set."""
     env = _env()
@@ -86,6 +86,8 @@ def run_playbook(inventory: pathlib.Path, playbook: str = "backup.yml", extra_va
     argv = ["ansible-playbook", "-i", str(inventory), str(REPO / "playbooks" / playbook)]
     if check:
         argv.append("--check")
+    if limit:
+        argv += ["--limit", limit]
     if verbosity:
         argv.append("-" + "v" * verbosity)
     if extra_vars:
