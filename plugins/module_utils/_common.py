@@ -177,10 +177,11 @@ def resolve_ids(owner: str, group: str) -> tuple:
 
 
 def copy_tree_as_is(src: str, dest: str) -> list:
-    """Copy a file or a folder like ``cp -a``: contents, modes, times, owners, symlinks.
-    Returns the copied files relative to ``dest`` (a file lands as dest/<its name>)."""
+    """Copy a file or a folder like ``cp -a``: contents, modes, times, owners, symlinks (into
+    ``dest``, which may exist). Returns the copied files relative to ``dest`` (a file lands as
+    dest/<its name>)."""
     if os.path.isdir(src):
-        shutil.copytree(src, dest, symlinks=True)
+        shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True)
         pairs = [(src, dest)]
         for directory, subdirs, files in os.walk(src):
             for name in subdirs + files:

@@ -6,6 +6,7 @@ current data aside, never delete it, put the backup in place) and roll back (put
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -154,10 +155,11 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
             aside = path.rstrip("/") + ASIDE + restore_id if existed else None
             if aside and os.path.lexists(aside):
                 raise PacsError("move current data aside", f"{aside} exists already")
-            journal["roots"].append({"path": path, "aside": aside})
+            entry = {"path": path, "aside": aside}
+            journal["roots"].append(entry)
             _write_journal(journal_path, journal)
             if aside:
-                os.rename(path, aside)
+                _move_aside(path, aside, entry, journal, journal_path)
         # configuration, as it was (modes and owners by name)
         config_copy = os.path.join(backup, "config")
         if plan_result["config_is_folder"]:
@@ -197,6 +199,33 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
             "storage_files": files, "targets": targets, "owner": [uid, gid]}
 
 
+def _empty(folder: str) -> None:
+    for name in os.listdir(folder):
+        child = os.path.join(folder, name)
+        if os.path.isdir(child) and not os.path.islink(child):
+            shutil.rmtree(child)
+        else:
+            os.unlink(child)
+
+
+def _move_aside(path: str, aside: str, entry: dict, journal: dict, journal_path: str) -> None:
+    """Rename ``path`` to ``aside``; a folder that cannot be renamed (a mount point, a folder of
+    a container's image layer: EBUSY, EXDEV) is copied aside instead, then emptied in place. The
+    journal says which, and when the copy was whole, so that a rollback knows what to do."""
+    try:
+        os.rename(path, aside)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EBUSY) or not os.path.isdir(path):
+            raise
+    entry["mode"] = "copied"
+    _write_journal(journal_path, journal)
+    copy_tree_as_is(path, aside)
+    entry["copy_complete"] = True
+    _write_journal(journal_path, journal)
+    _empty(path)
+
+
 def rollback(journal_path: str) -> dict:
     """Undo a restore from its journal: remove what it created, move back what it set aside.
     A path whose move aside never happened is the live data: it is left alone."""
@@ -211,6 +240,16 @@ def rollback(journal_path: str) -> dict:
             path, aside = root["path"], root["aside"]
             if aside and not os.path.lexists(aside):
                 continue  # never moved: still the live data
+            if root.get("mode") == "copied":
+                if not root.get("copy_complete"):
+                    shutil.rmtree(aside)  # the copy was cut short: the live data was never emptied
+                    continue
+                _empty(path)
+                copy_tree_as_is(aside, path)
+                shutil.rmtree(aside)
+                removed.append(path)
+                moved_back.append(path)
+                continue
             if os.path.lexists(path):
                 if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path)

@@ -253,3 +253,49 @@ def test_restore_refuses_a_manifest_naming_paths_outside(servers, tmp_path, name
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k) and not k.startswith(("log/", "index/"))}
     assert not changed, changed
     shutil.rmtree(backup)
+
+
+def test_restore_onto_mount_points(tmp_path):
+    """Orthanc's configuration and storage folders are mount points (volumes, an image layer):
+    they cannot be renamed aside, so they are copied aside and emptied in place; the restore and
+    its rollback both work, and the mounts stay."""
+    from tests.support.orthanc_server import OrthancServer  # pylint: disable=import-outside-toplevel
+    from ansible_collections.pacs.orthanc.plugins.module_utils import _restore  # pylint: disable=import-outside-toplevel
+    server = OrthancServer(tmp_path / "mounted", name="mounted")
+    mounted = []
+    try:
+        for folder in (server.config_path, server.storage_dir):
+            keep = tmp_path / f"keep-{folder.name}"
+            shutil.copytree(folder, keep)
+            checks.mount_tmpfs(folder, "64M")
+            mounted.append(folder)
+            shutil.copytree(keep, folder, dirs_exist_ok=True)
+        server.start()
+        checks.store_studies(server, tmp_path, patients=2, via="rest")
+        stored = {i: server.instance_md5(i) for i in server.instances()}
+        root = tmp_path / "backups"
+        inventory = write_inventory(tmp_path / "inventory.json", {"mounted": local_host(
+            server, root, orthanc_backup_settle_seconds=0)})
+        good_backup(inventory)
+        checks.store_studies(server, tmp_path, patients=1, via="rest")  # diverge after the backup
+        diverged = fingerprint(server.storage_dir)
+        result = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+        assert result.returncode == 0, result.stdout
+        assert {i: server.instance_md5(i) for i in server.instances()} == stored
+        assert all(os.path.ismount(folder) for folder in mounted)
+        # the previous data was copied aside (the journal says so): a rollback brings it back,
+        # into the same mounts
+        restore_id = re.search(r"pre-restore-(\d{8}T\d{6}Z)", " ".join(os.listdir(tmp_path / "mounted"))).group(1)
+        journal_path = f"/var/tmp/pacs-orthanc-restore-{restore_id}.json"
+        journal = json.loads(open(journal_path, encoding="utf-8").read())
+        assert {r["path"] for r in journal["roots"] if r.get("mode") == "copied"} == {str(f) for f in mounted}
+        server.stop()
+        _restore.rollback(journal_path)
+        assert fingerprint(server.storage_dir) == diverged
+        assert all(os.path.ismount(folder) for folder in mounted)
+        server.start()
+        assert server.statistics()["CountInstances"] == len(stored) + 3
+    finally:
+        server.stop()
+        for folder in reversed(mounted):
+            checks.umount(folder)
