@@ -16,6 +16,8 @@ from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsEr
 __metaclass__ = type
 
 POLL = 0.02  # seconds between two looks: part of the downtime, so kept short
+GUARDIAN_DIR = "/var/tmp"
+GUARDIAN_TAG = "pacs-orthanc-guardian"
 
 
 def service_argv(name: str, action: str) -> list:
@@ -94,7 +96,8 @@ class Controller:
 # stopper is done with Orthanc. It needs no credentials: any HTTP answer means Orthanc is up.
 _GUARDIAN = r"""
 import json, os, subprocess, sys, time, urllib.error, urllib.request
-watched, marker, url, argv, timeout = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), float(sys.argv[5])
+# argv[1] is the tag "pacs-orthanc-guardian", so that ps shows what this process is
+watched, marker, url, argv, timeout = int(sys.argv[2]), sys.argv[3], sys.argv[4], json.loads(sys.argv[5]), float(sys.argv[6])
 report = marker + ".guardian"
 
 def alive(pid):
@@ -123,6 +126,9 @@ started = time.time()
 note = {"watched_pid": watched, "noticed_at": started, "starts": 0, "result": "Orthanc did not answer"}
 stable_since = None
 while time.time() - started < timeout:
+    if os.path.exists(marker):  # someone else started Orthanc (the role's own start)
+        note["result"] = "released after another start"
+        break
     if answers():
         # a stop may still be under way: only an Orthanc that keeps answering is up
         stable_since = stable_since or time.time()
@@ -140,16 +146,35 @@ with open(report, "w") as handle:
 """
 
 
+def guardian_marker(url: str, workdir: str | None = None) -> str:
+    """The file that tells the guardian of the Orthanc at ``url`` that it is no longer needed:
+    one name per Orthanc, so that whoever starts that Orthanc again (this module, or the role's
+    own start after a failure) releases its guardian."""
+    import hashlib  # pylint: disable=import-outside-toplevel
+    key = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    # not tempfile.gettempdir(): inside a module that is Ansible's per-task folder, removed with
+    # the task, while the guardian outlives it
+    return os.path.join(workdir or GUARDIAN_DIR, f".pacs-orthanc-guardian.{key}")
+
+
+def release_guardian(url: str) -> None:
+    """Orthanc at ``url`` was started: a guardian still watching for it may go."""
+    try:
+        with open(guardian_marker(url), "w", encoding="ascii") as handle:
+            handle.write("done\n")
+    except OSError:
+        pass
+
+
 class Guardian:
     """Context manager around the time Orthanc is stopped: outside it, a detached process will
     start Orthanc again should this process die inside it. ``done()`` (or leaving the block
     normally) releases the guardian."""
 
-    def __init__(self, controller: Controller, workdir: str, timeout: float = 120):
+    def __init__(self, controller: Controller, workdir: str | None = None, timeout: float = 120):
         self.controller = controller
-        self.workdir = workdir
         self.timeout = timeout
-        self.marker = os.path.join(workdir, f".pacs-orthanc-guardian.{os.getpid()}")
+        self.marker = guardian_marker(controller.url, workdir)
         self.proc = None
 
     def __enter__(self):
@@ -159,7 +184,7 @@ class Guardian:
         for stale in (self.marker, self.marker + ".guardian"):
             if os.path.exists(stale):
                 os.unlink(stale)
-        argv = [sys.executable, "-c", _GUARDIAN, str(os.getpid()), self.marker, self.controller.url,
+        argv = [sys.executable, "-c", _GUARDIAN, GUARDIAN_TAG, str(os.getpid()), self.marker, self.controller.url,
                 json.dumps(self.controller._argv("start")), str(self.timeout)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)

@@ -100,7 +100,10 @@ def control(module):
                                      stop_command=p["command"], start_command=p["command"])
     if p["state"] == "stopped":
         return controller.stop(p["index_file"], p["timeout"], module.check_mode)
-    return controller.start(p["timeout"], p["grace"], module.check_mode)
+    result = controller.start(p["timeout"], p["grace"], module.check_mode)
+    if not module.check_mode:
+        _control.release_guardian(p["url"])  # a guardian left by a killed stopped_capture may go
+    return result
 
 
 def main():

@@ -49,7 +49,7 @@ def interrupt_during_downtime(inventory, server, how):
     """Start the backup, wait until Orthanc is really down inside the stop window, then
     interrupt: 'sigint' (Ctrl-C on ansible-playbook) or 'kill' (SIGKILL to ansible-playbook and
     every process of its session, the module included)."""
-    proc = run_playbook(inventory, popen=True)
+    proc = run_playbook(inventory, popen=True, pipelining=False)  # the module's name shows in ps
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -59,8 +59,12 @@ def interrupt_during_downtime(inventory, server, how):
     if how == "sigint":
         proc.send_signal(signal.SIGINT)
     else:
-        session = os.getsid(proc.pid)
-        victims = [pid for pid in procs.descendants(proc.pid) if _sid(pid) == session] + [proc.pid]
+        # everything of the run dies at once, the module that stopped Orthanc included (Ansible's
+        # workers have sessions of their own, so this goes by process tree); only the guardian,
+        # which the module detached for this very case, is spared
+        victims = [pid for pid in procs.descendants(proc.pid)
+                   if "pacs-orthanc-guardian" not in procs.cmdline(pid)] + [proc.pid]
+        assert any("AnsiballZ_stopped_capture" in procs.cmdline(pid) for pid in victims)
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -69,13 +73,6 @@ def interrupt_during_downtime(inventory, server, how):
     out = proc.stdout.read()
     proc.wait(timeout=120)
     return "".join(lines) + out
-
-
-def _sid(pid):
-    try:
-        return os.getsid(pid)
-    except ProcessLookupError:
-        return None
 
 
 @pytest.mark.parametrize("how", ["sigint", "kill"])
@@ -89,6 +86,11 @@ def test_play_interrupted_while_orthanc_is_stopped(servers, tmp_path, how):
     # starts Orthanc once the module is gone (SIGKILL)
     assert wait_for(server.answers, timeout=60), output
     assert server.statistics()["CountInstances"] == 9
+    if how == "kill":  # the guardian says what it did, then goes
+        from ansible_collections.pacs.orthanc.plugins.module_utils import _control  # pylint: disable=import-outside-toplevel
+        report = _control.guardian_marker(server.url) + ".guardian"
+        assert wait_for(lambda: os.path.exists(report), timeout=60)
+        assert json.loads(open(report, encoding="utf-8").read())["result"] == "Orthanc answers"
     # nothing looks complete; the earlier backup is untouched
     assert checks.complete_backups(root) == sorted(earlier)
     for name, files in earlier.items():
