@@ -15,12 +15,10 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
-import queue
 import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.parse
 
@@ -267,70 +265,58 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _stream(argv: list, env: dict, dest: str, step: str, client: Client, timeout: float | None) -> dict:
-    """Run a dump tool that writes to its standard output; write that to ``dest`` while
-    hashing it. Returns bytes, sha256 and the last bytes (for the MySQL trailer)."""
+def _write_and_follow(argv: list, env: dict, part: str, step: str, client: Client, timeout: float | None) -> dict:
+    """Run a dump tool that writes ``part`` itself, front to back (mysqldump --result-file), and
+    hash the file as it grows: no copy through this process, and the hash keeps pace with the
+    tool on the other core. Returns bytes, sha256 and the last bytes (for the MySQL trailer)."""
     full_env = dict(os.environ)
     full_env.update({"LC_ALL": "C", "LANG": "C"})
     full_env.update(env)
     digest = hashlib.sha256()
     size = 0
-    tail = b""
     deadline = time.monotonic() + timeout if timeout else None
+    os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # the tool keeps the mode
     with tempfile.TemporaryFile() as err_file:
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err_file,
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_file,
                                     env=full_env)
         except FileNotFoundError:
             raise PacsError(step, f"program not found: {argv[0]}")
-        # The hash runs in its own thread (hashlib releases the GIL): reading the pipe, writing
-        # the file and hashing overlap, so the dump tool is never kept waiting by the hash.
-        chunks: queue.Queue = queue.Queue(maxsize=16)
-
-        def hash_chunks():
-            while True:
-                chunk = chunks.get()
-                if chunk is None:
-                    return
-                digest.update(chunk)
-
-        hasher = threading.Thread(target=hash_chunks, daemon=True)
-        hasher.start()
         try:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
+            with open(part, "rb") as handle:
                 while True:
-                    chunk = proc.stdout.read(CHUNK)
-                    if not chunk:
-                        break
-                    chunks.put(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                    tail = (tail + chunk)[-4096:] if len(chunk) < 4096 else chunk[-4096:]
+                    chunk = handle.read(CHUNK)
+                    if chunk:
+                        digest.update(chunk)
+                        size += len(chunk)
+                        continue
+                    if proc.poll() is not None:
+                        rest = handle.read()
+                        if not rest:
+                            break
+                        digest.update(rest)
+                        size += len(rest)
+                        continue
                     if deadline and time.monotonic() > deadline:
                         raise PacsError(step, f"{os.path.basename(argv[0])} did not finish within {timeout} s")
-                out.flush()
-                os.fsync(out.fileno())
+                    time.sleep(0.005)
+                os.fsync(handle.fileno())
+                handle.seek(max(0, size - 4096))
+                tail = handle.read()
         except (OSError, PacsError) as exc:
-            proc.kill()
+            if proc.poll() is None:
+                proc.kill()
             proc.wait()
             if isinstance(exc, PacsError):
                 raise
-            raise PacsError(step, f"cannot write the dump: {os_error_cause(exc)}")
-        finally:
-            chunks.put(None)
-            hasher.join()
-        proc.stdout.close()
+            raise PacsError(step, f"cannot read the dump back: {os_error_cause(exc)}")
         rc = proc.wait()
         err_file.seek(0)
         err = err_file.read().decode("utf-8", "replace")
     if rc != 0:
-        cause = client.explain(err)
-        if rc < 0:
-            cause = f"{os.path.basename(argv[0])} was killed by signal {-rc}. {cause}"
-        else:
-            cause = f"{os.path.basename(argv[0])} exited with {rc}: {cause}"
-        raise PacsError(step, cause)
+        tool = os.path.basename(argv[0])
+        cause = f"{tool} was killed by signal {-rc}. " if rc < 0 else f"{tool} exited with {rc}: "
+        raise PacsError(step, cause + client.explain(err))
     return {"bytes": size, "sha256": digest.hexdigest(), "tail": tail, "stderr": err}
 
 
@@ -406,8 +392,8 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
             else:
                 argv = client.argv("mysqldump", "--single-transaction", "--routines", "--triggers", "--hex-blob",
                                    "--no-tablespaces", "--default-character-set=utf8mb4", "--quick",
-                                   "--skip-dump-date", conn["database"])
-                info = _stream(argv, client.env, part, step, client, timeout)
+                                   "--skip-dump-date", f"--result-file={part}", conn["database"])
+                info = _write_and_follow(argv, client.env, part, step, client, timeout)
             dumped = time.monotonic()
             if "hashed" not in info:
                 check = check_dump(engine, part, fmt, client=client, tail=info.get("tail"))
