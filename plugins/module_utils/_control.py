@@ -177,7 +177,8 @@ class Guardian:
         self.marker = guardian_marker(controller.url, workdir)
         self.proc = None
 
-    def __enter__(self):
+    def start(self) -> "Guardian":
+        """Detach the guardian process; call ``done()`` once Orthanc is started again."""
         import json  # pylint: disable=import-outside-toplevel
         import subprocess  # pylint: disable=import-outside-toplevel
         import sys  # pylint: disable=import-outside-toplevel
@@ -200,6 +201,9 @@ class Guardian:
         except Exception:  # pylint: disable=broad-except  # it exits on its own once it sees the marker
             pass
         self.proc = None
+
+    def __enter__(self):
+        return self.start()
 
     def __exit__(self, *exc):
         self.done()

@@ -206,13 +206,9 @@ class Client:
         place = f"in {self.bin_dir}" if self.bin_dir else "on the PATH"
         raise PacsError(self.step, f"{name} was not found {place}: install {package} on this host")
 
-    def argv(self, tool: str, *args, auth: bool = True) -> list:
-        path = self.tool(tool)
-        if not auth:
-            return [path, *args]
-        if self.conn["engine"] == "mysql":
-            return [path, *self.auth_args, *args]
-        return [path, *self.auth_args, *args]
+    def argv(self, tool: str, *args) -> list:
+        """The tool's argument list with the connection (MySQL's --defaults-extra-file comes first)."""
+        return [self.tool(tool), *self.auth_args, *args]
 
     def explain(self, text: str) -> str:
         """A tool's error output turned into a cause an administrator can act on."""
@@ -709,10 +705,9 @@ def restore(conn: dict, admin_conn: dict, path: str, fmt: str, owner: str | None
                             "COLLATE utf8mb4_unicode_ci", database="information_schema", step="create the database")
             result["created"] = True
         if engine == "mysql" and owner and owner != admin_conn["username"]:
-            host = conn.get("owner_host") or "%"
             rows = admin.query(f"SELECT Host FROM mysql.user WHERE User = {_literal(owner)}", database="mysql",
                                step="grant the database to its owner")
-            hosts = [r[0] for r in rows] or [host]
+            hosts = [r[0] for r in rows] or ["%"]
             for grantee_host in hosts:
                 admin.query(f"GRANT ALL PRIVILEGES ON {_ident(engine, name)}.* TO {_literal(owner)}@"
                             f"{_literal(grantee_host)}", database="information_schema",
@@ -730,8 +725,12 @@ def restore(conn: dict, admin_conn: dict, path: str, fmt: str, owner: str | None
                 argv = admin.argv("mysql", "--default-character-set=utf8mb4", name)
                 full_env = {**os.environ, "LC_ALL": "C"}
                 with tempfile.TemporaryFile() as err_file:
-                    proc = subprocess.run(argv, stdin=dump_file, stdout=subprocess.DEVNULL, stderr=err_file,
-                                          env=full_env, timeout=timeout, check=False)
+                    try:
+                        proc = subprocess.run(argv, stdin=dump_file, stdout=subprocess.DEVNULL, stderr=err_file,
+                                              env=full_env, timeout=timeout, check=False)
+                    except subprocess.TimeoutExpired:
+                        raise PacsError(step, f"mysql did not finish within {timeout} s; the database {name!r} "
+                                        "is partly restored: run again with replace")
                     err_file.seek(0)
                     err = err_file.read().decode("utf-8", "replace")
             if proc.returncode != 0:

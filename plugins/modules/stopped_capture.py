@@ -156,7 +156,7 @@ def _capture_window(module):
     previous_handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if p["stop"]:
-            guardian = _control.Guardian(controller, timeout=p["start_timeout"]).__enter__()
+            guardian = _control.Guardian(controller, timeout=p["start_timeout"]).start()
             stopped = controller.stop(index_file, p["stop_timeout"])
             phases["stop"] = stopped["seconds"]
         t0 = time.monotonic()

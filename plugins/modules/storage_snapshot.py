@@ -173,11 +173,8 @@ def snapshot(module):
         os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
     common = dict(previous=p["previous"], link_mode=p["link_mode"], workers=p["workers"],
                   check_mode=module.check_mode)
-    heartbeat = _backupset.Heartbeat(p["dest"]).__enter__()
-    try:
+    with _backupset.Heartbeat(p["dest"]):
         return _snapshot_phase(module, p, state_file, common)
-    finally:
-        heartbeat.__exit__(None, None, None)
 
 
 def _snapshot_phase(module, p, state_file, common):

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from tests.support import sshd
 from tests.support.orthanc_server import OrthancServer, stop_all
 
 
@@ -24,3 +25,12 @@ def servers(tmp_path):
 
     yield make
     stop_all(started)
+
+
+@pytest.fixture
+def ssh_server(tmp_path):
+    """A real OpenSSH server on 127.0.0.1 (the backup server of the shipping tests), stopped at the end."""
+    server = sshd.SshServer(tmp_path / "sshd")
+    server.start()
+    yield server
+    server.stop()

@@ -26,14 +26,6 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="runs sshd: needs root")]
 
 
-@pytest.fixture
-def ssh_server(tmp_path):
-    server = sshd.SshServer(tmp_path / "sshd")
-    server.start()
-    yield server
-    server.stop()
-
-
 def timed_commands(server, log: pathlib.Path) -> dict:
     """Stop and start commands that record when the stop began and when the start ended."""
     stamp = f'echo "%s {server.name} $(date +%%s.%%N)" >> {shlex.quote(str(log))}'

@@ -27,14 +27,6 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="runs sshd and mounts a small filesystem: needs root")]
 
 
-@pytest.fixture
-def ssh_server(tmp_path):
-    server = sshd.SshServer(tmp_path / "sshd")
-    server.start()
-    yield server
-    server.stop()
-
-
 def fleet_inventory(path: pathlib.Path, hosts: dict, server: sshd.SshServer | None = None, **group_vars) -> pathlib.Path:
     inventory = {"all": {"children": {"orthanc": {"hosts": hosts, "vars": group_vars}}}}
     if server is not None:

@@ -114,6 +114,18 @@ class Database:
             return int(pg_sql(f"SELECT count(*) FROM {table.lower()}", database or self.name).strip())
         return int(my_sql(f"SELECT COUNT(*) FROM {table}", database or self.name).strip())
 
+    def dicom_uuids(self) -> dict:
+        """{instance public id: uuid of its DICOM attachment}, read from the database itself."""
+        sql = ("SELECT r.publicId, a.uuid FROM Resources r JOIN AttachedFiles a ON a.id = r.internalId "
+               "WHERE r.resourceType = 3 AND a.fileType = 1")
+        if self.engine == "postgresql":
+            out = pg_sql(sql.replace("publicId", "publicid").replace("internalId", "internalid")
+                         .replace("resourceType", "resourcetype").replace("fileType", "filetype"), self.name)
+            rows = [line.split("|") for line in out.splitlines() if line]
+        else:
+            rows = [line.split("\t") for line in my_sql(sql, self.name).splitlines() if line]
+        return dict(rows)
+
     def restore_vars(self) -> dict:
         """Role variables that let the restore create and fill the database."""
         if self.engine == "postgresql":
