@@ -22,8 +22,10 @@ rows go to the index in batches of ``BATCH`` instances, and the padding is one S
 round. Memory does not grow with the number of instances (issue 15 asks for 1 M and 5 M).
 
 The archive is given by its size (``size_bytes``) or by its number of instances (``instances``).
-``backend`` names the index: only ``sqlite`` (Orthanc's default, written with Python's sqlite3)
-is built today; another backend plugs in as a class with the methods of ``SqliteIndex``.
+``backend`` names the index: ``sqlite`` (Orthanc's default, written with Python's sqlite3) or
+``postgresql`` (Debian's orthanc-postgresql plugin on the server that scripts/databases.sh
+starts, in a new database with a random name; rows loaded with ``psql``'s ``COPY``, the
+password in ``PGPASSWORD``, never on a command line; files stay on disk).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import hashlib
 import math
 import os
 import random
+import secrets
 import shutil
 import sqlite3
+import subprocess
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -43,7 +47,7 @@ from typing import Iterator
 import _bench  # noqa: F401  (sys.path for tests.support)
 from _bench import GIB, log
 
-from tests.support import dicomgen  # noqa: E402
+from tests.support import databases, dicomgen  # noqa: E402
 from tests.support.orthanc_server import OrthancServer  # noqa: E402
 
 MIN_FILE, MAX_FILE = 10_000, 1_000_000      # bytes of one stored file (log-uniform in between)
@@ -51,7 +55,7 @@ ARCHIVE_AGE = 30 * 86400                    # synthetic files are dated a month 
 BATCH = 5_000                               # instances whose rows are written at once
 SEED_SERIES, SEED_PER_SERIES = 2, 3         # real instances stored over REST first
 SEED_INSTANCES = SEED_SERIES * SEED_PER_SERIES
-BACKENDS = ("sqlite",)
+BACKENDS = ("sqlite", "postgresql")
 
 # Orthanc's resource types (Resources.resourceType) and change types (Changes.changeType).
 PATIENT, STUDY, SERIES, INSTANCE = 1, 2, 3, 4
@@ -145,7 +149,9 @@ class Rows:
 
 class SqliteIndex:
     """Orthanc's SQLite index (``IndexDirectory/index``), written with sqlite3 while Orthanc is
-    stopped, in one transaction for the rows and one for the padding."""
+    stopped: the rows in one transaction, the padding one statement per round."""
+
+    TYPE_OFFSET = 0  # Resources.resourceType = PATIENT .. INSTANCE
 
     def __init__(self, server: OrthancServer) -> None:
         self.path = server.index_dir / "index"
@@ -234,9 +240,151 @@ class SqliteIndex:
     def close(self) -> None:
         self.conn.close()  # checkpoints the WAL into index
 
-    def files_bytes(self) -> int:
+    def final_bytes(self) -> int:
         """Bytes of the index files on disk (after close)."""
         return sum(p.stat().st_size for p in self.path.parent.glob("index*"))
+
+
+def _copy_text(value) -> str:
+    """One field in COPY's text format."""
+    if value is None:
+        return "\\N"
+    return (str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
+
+
+class PostgresIndex:
+    """Orthanc's index in PostgreSQL (orthanc-postgresql 4.0), written with ``psql`` while
+    Orthanc is stopped: the rows with ``COPY`` in one transaction with the tables' triggers
+    disabled, then what the triggers keep (GlobalIntegers, PatientRecyclingOrder, the
+    sequence of internalIds) set from the tables. The plugin numbers resource types from 0."""
+
+    TYPE_OFFSET = -1
+    TABLES = {  # Rows field -> COPY target
+        "resources": "resources (internalid, resourcetype, publicid, parentid)",
+        "main_tags": "maindicomtags (id, taggroup, tagelement, value)",
+        "identifiers": "dicomidentifiers (id, taggroup, tagelement, value)",
+        "metadata": "metadata (id, type, value, revision)",
+        "attachments": "attachedfiles (id, filetype, uuid, compressedsize, uncompressedsize, compressiontype, "
+                       "uncompressedhash, compressedhash, revision)",
+        "changes": "changes (changetype, internalid, resourcetype, date)",
+    }
+    TRIGGERED = ("resources", "attachedfiles", "changes")
+
+    def __init__(self, server: OrthancServer) -> None:
+        section = server.extra_config["PostgreSQL"]
+        self.argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(section["Host"]),
+                     "-p", str(section["Port"]), "-U", section["Username"], "-d", section["Database"]]
+        self.env = dict(os.environ, PGPASSWORD=section["Password"])
+        self.session: subprocess.Popen | None = None
+        self.first_id = 0
+
+    def query(self, sql: str) -> list[list[str]]:
+        """Rows of a query, as strings (no NULL nor tab expected in what is read here)."""
+        proc = subprocess.run([*self.argv, "-A", "-t", "-F", "\t", "-c", sql], env=self.env,
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"psql: {proc.stderr.strip()}")
+        return [line.split("\t") for line in proc.stdout.splitlines() if line]
+
+    def templates(self) -> Templates:
+        off = self.TYPE_OFFSET
+        chain: dict[int, int] = {}
+        found = self.query(f"SELECT MIN(internalid) FROM resources WHERE resourcetype = {INSTANCE + off}")
+        internal_id = int(found[0][0]) if found and found[0][0] else None
+        while internal_id is not None:
+            rtype, parent = self.query(f"SELECT resourcetype, parentid FROM resources WHERE internalid = {internal_id}")[0]
+            chain[int(rtype) - off] = internal_id
+            internal_id = int(parent) if parent else None
+        if sorted(chain) != [PATIENT, STUDY, SERIES, INSTANCE]:
+            raise RuntimeError(f"unexpected resource hierarchy in the seeded index: {chain}")
+
+        def tags(table: str, rid: int) -> dict[Tag, str]:
+            return {(int(g), int(e)): v for g, e, v in self.query(
+                f"SELECT taggroup, tagelement, value FROM {table} WHERE id = {rid}")}
+
+        return Templates(
+            main_tags={t: tags("maindicomtags", rid) for t, rid in chain.items()},
+            identifiers={t: tags("dicomidentifiers", rid) for t, rid in chain.items()},
+            metadata={t: {int(k): v for k, v in self.query(f"SELECT type, value FROM metadata WHERE id = {rid}")}
+                      for t, rid in chain.items()},
+        )
+
+    def next_id(self) -> int:
+        self.first_id = int(self.query("SELECT COALESCE(MAX(internalid), 0) + 1 FROM resources")[0][0])
+        return self.first_id
+
+    def begin(self) -> None:
+        self.session = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+        self._send("BEGIN;\n" + "".join(f"ALTER TABLE {t} DISABLE TRIGGER USER;\n" for t in self.TRIGGERED))
+
+    def _send(self, text: str) -> None:
+        assert self.session is not None and self.session.stdin is not None
+        try:
+            self.session.stdin.write(text)
+        except BrokenPipeError:
+            self.session.wait()
+            raise RuntimeError(f"psql: {self.session.stderr.read().strip()}") from None
+
+    def write(self, rows: Rows) -> None:
+        for name, target in self.TABLES.items():
+            batch = getattr(rows, name)
+            if not batch:
+                continue
+            if name in ("metadata", "attachments"):
+                batch = [(*row, 0) for row in batch]  # revision 0, as Orthanc 1.10 writes
+            self._send(f"COPY {target} FROM STDIN;\n"
+                       + "".join("\t".join(_copy_text(v) for v in row) + "\n" for row in batch) + "\\.\n")
+
+    def commit(self) -> None:
+        if self.session is None:
+            return
+        self._send("".join(f"ALTER TABLE {t} ENABLE TRIGGER USER;\n" for t in self.TRIGGERED) + "COMMIT;\n")
+        _out, err = self.session.communicate()
+        rc, self.session = self.session.returncode, None
+        if rc != 0:
+            raise RuntimeError(f"psql: {err.strip()}")
+
+    def size(self) -> int:
+        """Bytes of Orthanc's tables with their indexes and TOAST (not the empty database's own)."""
+        return int(self.query(
+            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'")[0][0])
+
+    def pad(self, first_id: int, tag: Tag, text: str, chars: int) -> int:
+        literal = text.replace("'", "''")
+        return int(self.query(
+            f"WITH added AS (INSERT INTO maindicomtags SELECT internalid, {tag[0]}, {tag[1]}, "
+            f"substr('{literal}'::text, ((internalid * 7) % {PADDING_OFFSETS} + 1)::integer, {chars}) FROM resources "
+            f"WHERE resourcetype = {INSTANCE + self.TYPE_OFFSET} AND internalid >= {first_id} RETURNING 1) "
+            "SELECT COUNT(*) FROM added")[0][0])
+
+    def finish(self) -> dict[str, int]:
+        """What the disabled triggers keep, set from the tables; the counts of resources."""
+        off = self.TYPE_OFFSET
+        self.query(
+            "BEGIN; "
+            "SELECT setval('resources_internalid_seq', (SELECT MAX(internalid) FROM resources)); "
+            "UPDATE globalintegers SET value = (SELECT COALESCE(SUM(compressedsize), 0) FROM attachedfiles) WHERE key = 0; "
+            "UPDATE globalintegers SET value = (SELECT COALESCE(SUM(uncompressedsize), 0) FROM attachedfiles) WHERE key = 1; "
+            + "".join(f"UPDATE globalintegers SET value = (SELECT COUNT(*) FROM resources WHERE resourcetype = {t}) "
+                      f"WHERE key = {t + 2}; " for t in range(4))
+            + "UPDATE globalintegers SET value = (SELECT COALESCE(MAX(seq), 0) FROM changes) WHERE key = 6; "
+            f"INSERT INTO patientrecyclingorder (patientid) SELECT internalid FROM resources "
+            f"WHERE resourcetype = {PATIENT + off} AND internalid >= {self.first_id} ORDER BY internalid; "
+            "COMMIT; ANALYZE;")
+        return {LEVELS[int(t) - off]: int(n) for t, n in self.query(
+            "SELECT resourcetype, COUNT(*) FROM resources GROUP BY resourcetype")}
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.kill()
+            self.session.wait()
+            self.session = None
+
+    def final_bytes(self) -> int:
+        return self.size()
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,8 +411,8 @@ def fill_identifiers(template_ids: dict[Tag, str], template_main: dict[Tag, str]
 class Synthesizer:
     """Appends to ``rows`` the rows of each new instance and of the parents it opens."""
 
-    def __init__(self, tpl: Templates, next_id: int, rng: random.Random, date: str) -> None:
-        self.tpl, self.next_id, self.rng, self.date = tpl, next_id, rng, date
+    def __init__(self, tpl: Templates, next_id: int, rng: random.Random, date: str, type_offset: int = 0) -> None:
+        self.tpl, self.next_id, self.rng, self.date, self.offset = tpl, next_id, rng, date, type_offset
         self.rows = Rows()
         self.current: dict[int, tuple[int, str, dict]] = {}  # level -> (internalId, publicId, values)
         self.keys: dict[int, int] = {}  # level -> number of the open parent
@@ -272,15 +420,15 @@ class Synthesizer:
     def _resource(self, level: int, parent: int | None, pub: str, values: dict, extra_meta: dict) -> int:
         rid, tpl, rows = self.next_id, self.tpl, self.rows
         self.next_id += 1
-        rows.resources.append((rid, level, pub, parent))
+        rows.resources.append((rid, level + self.offset, pub, parent))
         rows.main_tags.extend((rid, g, e, v) for (g, e), v in fill_tags(tpl.main_tags[level], values).items())
         rows.identifiers.extend((rid, g, e, v) for (g, e), v in
                                 fill_identifiers(tpl.identifiers[level], tpl.main_tags[level], values).items())
         meta = {**tpl.metadata[level], **{k: v for k, v in extra_meta.items() if k in tpl.metadata[level]}}
         rows.metadata.extend((rid, k, v) for k, v in meta.items())
-        rows.changes.append((CHANGE_NEW[level], rid, level, self.date))
+        rows.changes.append((CHANGE_NEW[level], rid, level + self.offset, self.date))
         if level in CHANGE_STABLE:
-            rows.changes.append((CHANGE_STABLE[level], rid, level, self.date))
+            rows.changes.append((CHANGE_STABLE[level], rid, level + self.offset, self.date))
         return rid
 
     def _open(self, level: int, number: int, parent: int | None, pub: str, values: dict) -> None:
@@ -336,7 +484,8 @@ class Synthesizer:
 
 @dataclass
 class Archive:
-    """An archive built by ``build_archive``, held by its OrthancServer (running)."""
+    """An archive built by ``build_archive``, held by its OrthancServer (running); ``close``
+    stops it (and drops the PostgreSQL database)."""
     server: OrthancServer
     target_bytes: int | None                 # the size asked for, or None when built by count
     files: int                               # storage files (the seed's included)
@@ -347,6 +496,14 @@ class Archive:
     build_seconds: float
     sample_instances: list[tuple[str, str]] = field(default_factory=list)  # (publicId, md5)
     backend: str = "sqlite"
+    database: databases.Database | None = None  # the index's database (postgresql)
+
+    def close(self) -> None:
+        """Stop Orthanc and drop the index's database, if it has one."""
+        self.server.stop()
+        if self.database is not None:
+            self.database.drop()
+            self.database = None
 
     @property
     def size_gib(self) -> float:
@@ -363,14 +520,18 @@ def seed_real_instances(server: OrthancServer, workdir: Path) -> None:
     shutil.rmtree(workdir / "seed-dicom")
 
 
-def write_files(index: SqliteIndex, tpl: Templates, storage: Path, sizes: Iterator[int],
+Index = SqliteIndex | PostgresIndex
+
+
+def write_files(index: Index, tpl: Templates, storage: Path, sizes: Iterator[int],
                 rng: random.Random) -> tuple[int, int, int, list[tuple[str, str]]]:
     """Write one storage file per size and the rows of its instance, in batches.
 
     Returns the first synthetic internalId, the files and bytes written and a few
     (publicId, md5) samples."""
     first_id = index.next_id()
-    synth = Synthesizer(tpl, first_id, rng, time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() - ARCHIVE_AGE)))
+    synth = Synthesizer(tpl, first_id, rng, time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() - ARCHIVE_AGE)),
+                        index.TYPE_OFFSET)
     old = time.time() - ARCHIVE_AGE
     samples: list[tuple[str, str]] = []
     folders: set[Path] = set()
@@ -401,7 +562,7 @@ def write_files(index: SqliteIndex, tpl: Templates, storage: Path, sizes: Iterat
     return first_id, files, written, samples
 
 
-def inflate_index(index: SqliteIndex, first_id: int, instances: int, target_bytes: int,
+def inflate_index(index: Index, first_id: int, instances: int, target_bytes: int,
                   rng: random.Random) -> int:
     """Add free-text MainDicomTags rows (one PADDING_TAGS tag per synthetic instance and round)
     until the index reaches target_bytes. Returns the number of rows added."""
@@ -455,38 +616,46 @@ def build_archive(workdir: Path, *, size_bytes: int | None = None, instances: in
     t0 = time.monotonic()
     rng = random.Random(seed)
     sizes = file_sizes(rng, total_bytes=size_bytes, count=instances, low=file_size[0], high=file_size[1])
-    server = OrthancServer(workdir / "orthanc", name=name)
-    server.start()
+    database = None
+    if backend == "postgresql":
+        database = databases.Database("postgresql", f"bench_{secrets.token_hex(6)}").create()
+    server = OrthancServer(workdir / "orthanc", name=name,
+                           extra_config=database.orthanc_config(storage_in_database=False) if database else None)
     try:
-        seed_real_instances(server, workdir)
-    finally:
-        server.stop()
-    index = SqliteIndex(server)
-    try:
-        tpl = index.templates()
-        log(f"  writing the files and their rows ({size_bytes / GIB:.2f} GiB)" if size_bytes is not None
-            else f"  writing {instances} files and their rows")
-        index.begin()
-        first_id, files, written, samples = write_files(index, tpl, server.storage_dir, sizes, rng)
-        index.commit()
-        padding = 0
-        if index_ratio > 0:
-            target = int(index_ratio * written)
-            log(f"  growing the index from {index.size() / 2 ** 20:.1f} MiB towards {target / 2 ** 20:.1f} MiB")
+        server.start()
+        try:
+            seed_real_instances(server, workdir)
+        finally:
+            server.stop()
+        index = SqliteIndex(server) if database is None else PostgresIndex(server)
+        try:
+            tpl = index.templates()
+            log(f"  writing the files and their rows ({size_bytes / GIB:.2f} GiB, {backend} index)"
+                if size_bytes is not None else f"  writing {instances} files and their rows ({backend} index)")
             index.begin()
-            padding = inflate_index(index, first_id, files, target, rng)
+            first_id, files, written, samples = write_files(index, tpl, server.storage_dir, sizes, rng)
             index.commit()
+            padding = 0
+            if index_ratio > 0:
+                target = int(index_ratio * written)
+                log(f"  growing the index from {index.size() / 2 ** 20:.1f} MiB towards {target / 2 ** 20:.1f} MiB")
+                padding = inflate_index(index, first_id, files, target, rng)
+        except BaseException:
+            index.close()
+            raise
+        counts = index.finish()
+        os.sync()
+        files, storage_bytes = dir_bytes(server.storage_dir)
+        index_bytes = index.final_bytes()
+        server.start()
+        check_archive(server, counts, samples)
     except BaseException:
-        index.close()
+        server.stop()
+        if database is not None:
+            database.drop()
         raise
-    counts = index.finish()
-    os.sync()
-    files, storage_bytes = dir_bytes(server.storage_dir)
-    index_bytes = index.files_bytes()
-    server.start()
-    check_archive(server, counts, samples)
     return Archive(server, size_bytes, files, storage_bytes, index_bytes, padding, counts,
-                   time.monotonic() - t0, samples, backend)
+                   time.monotonic() - t0, samples, backend, database)
 
 
 def store_generated(server: OrthancServer, folder: Path, count: int, size_range: tuple[int, int],

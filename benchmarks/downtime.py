@@ -317,7 +317,7 @@ def measure_size(size_gib: float, workdir: Path, args: argparse.Namespace) -> tu
         return archive, [combine(list(same)) for same in zip(*rounds)]
     finally:
         if archive is not None:
-            archive.server.stop()
+            archive.close()
         else:
             try:
                 OrthancServer.load(workdir / "orthanc").stop()

@@ -20,6 +20,7 @@ if str(BENCHMARKS) not in sys.path:
 
 import _archive  # noqa: E402  pylint: disable=wrong-import-position
 import _poll  # noqa: E402  pylint: disable=wrong-import-position
+from tests.support import databases  # noqa: E402  pylint: disable=wrong-import-position
 
 INSTANCES = 50
 
@@ -127,6 +128,51 @@ def test_poller_sees_no_outage_while_orthanc_answers_and_one_across_a_restart(ar
             pass
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not databases.pg_available(), reason="PostgreSQL is not running: scripts/databases.sh")
+def test_postgresql_index_lists_exactly_the_files_and_orthanc_counts_them(tmp_path):
+    built = _archive.build_archive(tmp_path, instances=INSTANCES, index_ratio=3.0, seed=12,
+                                   file_size=(2_000, 40_000), name="benchunitpg", backend="postgresql")
+    database = built.database
+    try:
+        stats = built.server.statistics()
+        built.server.stop()
+
+        def query(sql: str) -> list[list[str]]:
+            return [line.split("|") for line in databases.pg_sql(sql, database.name).splitlines() if line]
+
+        on_disk = storage_files(built.server.storage_dir)
+        attached = query("SELECT uuid, filetype, compressedsize, uncompressedsize, compressiontype, "
+                         "uncompressedhash, compressedhash FROM attachedfiles")
+        assert len(attached) == len(on_disk) == built.files == INSTANCES + _archive.SEED_INSTANCES
+        assert {row[0] for row in attached} == set(on_disk)
+        for uuid, file_type, compressed, uncompressed, compression, md5, compressed_md5 in attached:
+            data = on_disk[uuid].read_bytes()
+            assert (file_type, compression) == ("1", "1")
+            assert int(compressed) == int(uncompressed) == len(data)
+            assert md5 == compressed_md5 == hashlib.md5(data).hexdigest()
+        counts = {_archive.LEVELS[int(t) + 1]: int(n) for t, n in query(
+            "SELECT resourcetype, COUNT(*) FROM resources GROUP BY resourcetype")}  # types from 0 here
+        assert counts == built.counts and counts["instances"] == INSTANCES + _archive.SEED_INSTANCES
+        assert {"patients": stats["CountPatients"], "studies": stats["CountStudies"],
+                "series": stats["CountSeries"], "instances": stats["CountInstances"]} == counts
+        assert int(stats["TotalDiskSize"]) == built.storage_bytes
+        totals = {int(k): int(v) for k, v in query("SELECT key, value FROM globalintegers")}
+        assert totals[0] == totals[1] == built.storage_bytes
+        assert [totals[t + 2] for t in range(4)] == [counts[_archive.LEVELS[t + 1]] for t in range(4)]
+        assert totals[6] == int(query("SELECT MAX(seq) FROM changes")[0][0])
+        assert int(query("SELECT COUNT(*) FROM patientrecyclingorder")[0][0]) == counts["patients"]
+        assert built.padding_rows > 0 and built.padding_rows % INSTANCES == 0
+        assert built.index_bytes >= 0.9 * 3.0 * built.storage_bytes
+        # Orthanc can still add an instance after the load: the sequence of internalIds follows
+        built.server.start()
+        _archive.store_generated(built.server, tmp_path / "more", 2, (2_000, 4_000), seed=5)
+        assert built.server.statistics()["CountInstances"] == counts["instances"] + 2
+    finally:
+        built.close()
+    assert database.name not in databases.pg_sql("SELECT datname FROM pg_database")
+
+
 def test_file_sizes_stream_to_the_total_or_the_count():
     sizes = list(_archive.file_sizes(random.Random(3), total_bytes=5_000_000))
     assert all(_archive.MIN_FILE <= s <= _archive.MAX_FILE for s in sizes[:-1])
@@ -142,6 +188,6 @@ def test_file_sizes_stream_to_the_total_or_the_count():
 
 
 def test_unknown_backend_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="postgresql"):
-        _archive.build_archive(tmp_path, instances=1, backend="postgresql")
+    with pytest.raises(ValueError, match="mysql"):
+        _archive.build_archive(tmp_path, instances=1, backend="mysql")
     assert not os.listdir(tmp_path)
