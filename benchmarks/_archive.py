@@ -44,8 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import _bench  # noqa: F401  (sys.path for tests.support)
-from _bench import GIB, log
+from _bench import GIB, log  # also sys.path, for tests.support
 
 from tests.support import databases, dicomgen  # noqa: E402
 from tests.support.orthanc_server import OrthancServer  # noqa: E402
@@ -229,7 +228,7 @@ class SqliteIndex:
                          "FROM AttachedFiles) WHERE key = 1")
             conn.execute("COMMIT")
             counts = {LEVELS[t]: n for t, n in conn.execute(
-                "SELECT resourceType, COUNT(*) FROM Resources GROUP BY resourceType")}
+                "SELECT resourceType, COUNT(*) FROM Resources GROUP BY resourceType ORDER BY resourceType")}
             problems = conn.execute("PRAGMA quick_check").fetchall()
             if problems != [("ok",)]:
                 raise RuntimeError(f"the built index fails quick_check: {problems[:5]}")
@@ -375,7 +374,7 @@ class PostgresIndex:
             f"WHERE resourcetype = {PATIENT + off} AND internalid >= {self.first_id} ORDER BY internalid; "
             "COMMIT; ANALYZE;")
         return {LEVELS[int(t) - off]: int(n) for t, n in self.query(
-            "SELECT resourcetype, COUNT(*) FROM resources GROUP BY resourcetype")}
+            "SELECT resourcetype, COUNT(*) FROM resources GROUP BY resourcetype ORDER BY resourcetype")}
 
     def close(self) -> None:
         if self.session is not None:

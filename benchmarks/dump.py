@@ -33,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import _bench  # noqa: F401  (sys.path for tests.support and the collection)
+# _bench puts tests.support and the collection on sys.path
+import _bench  # noqa: F401  pylint: disable=unused-import
 from _archive import store_generated
 
 from tests.support import databases  # noqa: E402
