@@ -2,12 +2,12 @@
 
 For each archive size this benchmark
 
-1. builds a realistic archive in a private Orthanc 1.10.1 (tests/support/orthanc_server.py):
-   files of 10 KB to 1 MB (log-uniform sizes) in Orthanc's ``xx/yy/uuid`` layout and a large
-   SQLite index. Storing GiBs over REST would take too long, so the archive is built
-   synthetically but consistently: Orthanc creates its schema and stores a few real instances,
-   then rows that follow the pattern of Orthanc's own rows are inserted with sqlite3, one
-   instance per file written to the storage with its true size and MD5;
+1. builds a realistic archive in a private Orthanc 1.10.1 with the benchmarks' shared builder
+   (benchmarks/_archive.py): files of 10 KB to 1 MB (log-uniform sizes) in Orthanc's
+   ``xx/yy/uuid`` layout and a large SQLite index. Storing GiBs over REST would take too long,
+   so the archive is built synthetically but consistently: Orthanc creates its schema and stores
+   a few real instances, then rows that follow the pattern of Orthanc's own rows are inserted
+   with sqlite3, one instance per file written to the storage with its true size and MD5;
 2. measures, from outside, the downtime of
    - ``floor``: stop Orthanc, ``cp`` the ``index*`` files, start Orthanc (no backup can stop
      Orthanc for less than this);
@@ -20,8 +20,8 @@ For each archive size this benchmark
      ``orthanc_backup_snapshot: btrfs`` (Orthanc never stopped: a read-only btrfs snapshot is
      captured), a full and an incremental backup. The archive then lives in a btrfs subvolume
      of a loop-mounted image file in the workdir, for every procedure (needs root);
-   A poller thread GETs ``/system`` every 20 ms; the downtime is the longest interval between
-   two answers;
+   A poller thread (benchmarks/_poll.py) GETs ``/system`` every 20 ms; the downtime is the
+   longest interval between two answers;
 3. prints one table per size and a comparison across sizes. It reports what it measured and
    never judges: it exits non-zero only when something broke.
 
@@ -31,475 +31,38 @@ Run ``python3 benchmarks/downtime.py --help``; see benchmarks/README.md to read 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import http.client
 import json
-import math
 import os
-import random
 import re
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-COLLECTIONS = REPO / ".work" / "collections"
-for _path in (REPO, COLLECTIONS):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from _bench import DROP_CACHES, GIB, cold_supported, drop_caches, human, log  # also sys.path
+from _archive import MAX_FILE, MIN_FILE, Archive, build_archive, store_generated
+from _poll import POLL_INTERVAL, Outage, Poller
 
-from pydicom.uid import generate_uid  # noqa: E402
-
-from tests.support import dicomgen  # noqa: E402
 from tests.support.orthanc_server import OrthancError, OrthancServer  # noqa: E402
 from tests.support.playbook import link_collection, local_host, run_playbook, write_inventory  # noqa: E402
-
-GIB = 1024 ** 3
-MIN_FILE, MAX_FILE = 10_000, 1_000_000      # bytes of one stored file (log-uniform in between)
-POLL_INTERVAL = 0.02                        # seconds between two GET /system
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-ARCHIVE_AGE = 30 * 86400                    # synthetic files are dated a month back
-
-# Orthanc's resource types (Resources.resourceType) and change types (Changes.changeType).
-PATIENT, STUDY, SERIES, INSTANCE = 1, 2, 3, 4
-CHANGE_NEW = {INSTANCE: 2, PATIENT: 3, SERIES: 4, STUDY: 5}
-CHANGE_STABLE = {PATIENT: 12, STUDY: 13, SERIES: 14}
-# Orthanc's metadata types whose value depends on the resource (the others are copied as they are).
-META_INDEX_IN_SERIES, META_RECEPTION_DATE, META_LAST_UPDATE = 1, 2, 7
-# Free-text instance tags of the DICOM dictionary, used to grow the index to its target size:
-# ImageComments (LT), IdentifyingComments (LT), DerivationDescription (ST),
-# CommentsOnThePerformedProcedureStep (ST), AdditionalPatientHistory (LT), ... Each round of
-# inflation adds one of them to every synthetic instance.
-PADDING_TAGS = [(0x0020, 0x4000), (0x0008, 0x4000), (0x0008, 0x2111), (0x0040, 0x0280),
-                (0x0010, 0x21B0), (0x0032, 0x4000), (0x0040, 0x2400), (0x0040, 0x3001)]
-PADDING_MAX_CHARS = 10_240                  # the LT limit
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-
-
-def log(message: str) -> None:
-    """Progress on stderr, so stdout holds only the results."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def human(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def public_id(*identifiers: str) -> str:
-    """Orthanc's public ID: SHA-1 of the DICOM identifiers joined by '|', in 5 groups of 8."""
-    digest = hashlib.sha1("|".join(identifiers).encode()).hexdigest()
-    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
-
-
-def storage_path(storage: Path, uuid: str) -> Path:
-    return storage / uuid[0:2] / uuid[2:4] / uuid
-
-
-def sqlite_size(conn: sqlite3.Connection) -> int:
-    """Bytes of the database file (pages in use plus free pages)."""
-    return conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
-
-
-def dir_bytes(root: Path) -> tuple[int, int]:
-    """(files, bytes) under root."""
-    files = size = 0
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            files += 1
-            size += os.lstat(os.path.join(dirpath, name)).st_size
-    return files, size
 
 
 def flush_and_maybe_drop_caches(cold: bool) -> None:
     """Write dirty pages back (so no flush runs during a measurement), then empty the page
     cache when ``cold``."""
-    os.sync()
-    if cold:
-        DROP_CACHES.write_text("3\n")
-
-
-def cold_supported() -> bool:
-    """Whether the page cache can be dropped (root and a writable /proc/sys)."""
-    return DROP_CACHES.exists() and os.access(DROP_CACHES, os.W_OK)
+    if not cold:
+        os.sync()
+    elif not drop_caches():
+        raise RuntimeError(f"--cold: the page cache could not be dropped ({DROP_CACHES})")
 
 
 # --------------------------------------------------------------------------------------------
-# Phase 1: build an archive
-
-
-@dataclass
-class Templates:
-    """The rows Orthanc itself wrote for one real instance and its parents, by resource type:
-    MainDicomTags and DicomIdentifiers as {(group, element): value}, Metadata as {type: value}."""
-    main_tags: dict[int, dict[tuple[int, int], str]]
-    identifiers: dict[int, dict[tuple[int, int], str]]
-    metadata: dict[int, dict[int, str]]
-
-
-@dataclass
-class Archive:
-    """An archive built by ``build_archive``, held by a (stopped) OrthancServer."""
-    server: OrthancServer
-    size_gib: float
-    files: int
-    storage_bytes: int
-    index_bytes: int
-    padding_rows: int
-    counts: dict[str, int]
-    build_seconds: float
-    sample_instances: list[tuple[str, str]] = field(default_factory=list)  # (publicId, md5)
-
-
-def seed_real_instances(server: OrthancServer, workdir: Path) -> None:
-    """Let Orthanc create its schema and store a few real instances over REST."""
-    files = dicomgen.make_study(workdir / "seed-dicom", "SEED0001", "Seed^Patient", series=2,
-                                instances_per_series=3, seed=1)
-    for path in files:
-        server.store_rest(path)
-    shutil.rmtree(workdir / "seed-dicom")
-
-
-def read_templates(conn: sqlite3.Connection) -> Templates:
-    """Read the rows Orthanc wrote for its first instance and that instance's parents."""
-    chain: dict[int, int] = {}  # resourceType -> internalId
-    internal_id = conn.execute(
-        "SELECT MIN(internalId) FROM Resources WHERE resourceType = ?", (INSTANCE,)).fetchone()[0]
-    while internal_id is not None:
-        rtype, parent = conn.execute(
-            "SELECT resourceType, parentId FROM Resources WHERE internalId = ?", (internal_id,)).fetchone()
-        chain[rtype] = internal_id
-        internal_id = parent
-    if sorted(chain) != [PATIENT, STUDY, SERIES, INSTANCE]:
-        raise RuntimeError(f"unexpected resource hierarchy in the seeded index: {chain}")
-
-    def tags(table: str, rid: int) -> dict[tuple[int, int], str]:
-        return {(g, e): v for g, e, v in conn.execute(
-            f"SELECT tagGroup, tagElement, value FROM {table} WHERE id = ?", (rid,))}
-
-    return Templates(
-        main_tags={t: tags("MainDicomTags", rid) for t, rid in chain.items()},
-        identifiers={t: tags("DicomIdentifiers", rid) for t, rid in chain.items()},
-        metadata={t: dict(conn.execute("SELECT type, value FROM Metadata WHERE id = ?", (rid,)))
-                  for t, rid in chain.items()},
-    )
-
-
-def plan_files(total_bytes: int, rng: random.Random) -> list[int]:
-    """File sizes, log-uniform between MIN_FILE and MAX_FILE, adding up to about total_bytes."""
-    sizes: list[int] = []
-    remaining = total_bytes
-    lo, hi = math.log(MIN_FILE), math.log(MAX_FILE)
-    while remaining > MIN_FILE:
-        size = min(remaining, int(math.exp(rng.uniform(lo, hi))))
-        sizes.append(size)
-        remaining -= size
-    return sizes
-
-
-def plan_hierarchy(n_instances: int, rng: random.Random) -> Iterator[tuple[int, int, int, int]]:
-    """Yield (patient_no, study_no, series_no, instance_no) for n_instances: patients with 1-3
-    studies of 1-4 series of 5-80 instances, numbered from 1."""
-    made = patient = study = 0
-    while made < n_instances:
-        patient += 1
-        for _study in range(rng.randint(1, 3)):
-            study += 1
-            for series in range(1, rng.randint(1, 4) + 1):
-                for instance in range(1, rng.randint(5, 80) + 1):
-                    if made == n_instances:
-                        return
-                    yield patient, study, series, instance
-                    made += 1
-
-
-def fill_tags(template: dict[tuple[int, int], str], values: dict[tuple[int, int], str]) -> dict[tuple[int, int], str]:
-    """The template's tags with our values where we have one, else the template's value."""
-    return {tag: values.get(tag, old) for tag, old in template.items()}
-
-
-def fill_identifiers(template_ids: dict[tuple[int, int], str], template_main: dict[tuple[int, int], str],
-                     values: dict[tuple[int, int], str]) -> dict[tuple[int, int], str]:
-    """DicomIdentifiers rows: like MainDicomTags, upper-cased where Orthanc upper-cased
-    (names, descriptions), as seen in the template."""
-    out = {}
-    for tag, old in template_ids.items():
-        value = values.get(tag, old)
-        upper = old != template_main.get(tag, old) and old == template_main.get(tag, old).upper()
-        out[tag] = value.upper() if upper else value
-    return out
-
-
-def write_synthetic(conn: sqlite3.Connection, tpl: Templates, storage: Path, sizes: list[int],
-                    rng: random.Random) -> tuple[list[int], list[tuple[str, str]]]:
-    """Write one storage file per size and the rows of its instance (and of new parents).
-
-    Returns the internalIds of the synthetic instances and a few (publicId, md5) samples."""
-    next_id = conn.execute("SELECT COALESCE(MAX(internalId), 0) + 1 FROM Resources").fetchone()[0]
-    now = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() - ARCHIVE_AGE))
-    old = time.time() - ARCHIVE_AGE
-    resources, main_rows, ident_rows, meta_rows, attach_rows, changes = [], [], [], [], [], []
-    instance_ids: list[int] = []
-    samples: list[tuple[str, str]] = []
-    current: dict[int, tuple[int, str, dict]] = {}  # level -> (internalId, publicId, values) of the open parent
-    keys: dict[int, int] = {}  # level -> number of the open parent
-
-    def add_resource(level: int, parent: int | None, pub: str, values: dict, extra_meta: dict) -> int:
-        nonlocal next_id
-        rid = next_id
-        next_id += 1
-        resources.append((rid, level, pub, parent))
-        main_rows.extend((rid, g, e, v) for (g, e), v in fill_tags(tpl.main_tags[level], values).items())
-        ident_rows.extend((rid, g, e, v) for (g, e), v in
-                          fill_identifiers(tpl.identifiers[level], tpl.main_tags[level], values).items())
-        meta = {**tpl.metadata[level], **{k: v for k, v in extra_meta.items() if k in tpl.metadata[level]}}
-        meta_rows.extend((rid, k, v) for k, v in meta.items())
-        changes.append((CHANGE_NEW[level], rid, level, now))
-        if level in CHANGE_STABLE:
-            changes.append((CHANGE_STABLE[level], rid, level, now))
-        return rid
-
-    for (p_no, st_no, se_no, in_no), size in zip(plan_hierarchy(len(sizes), rng), sizes):
-        if keys.get(PATIENT) != p_no:
-            values = {(0x0010, 0x0010): f"Synthetic^Patient{p_no}", (0x0010, 0x0020): f"SYN{p_no:07d}",
-                      (0x0010, 0x0030): f"19{rng.randint(30, 99)}0{rng.randint(1, 9)}1{rng.randint(0, 9)}",
-                      (0x0010, 0x0040): rng.choice("MFO")}
-            pub = public_id(values[(0x0010, 0x0020)])
-            current[PATIENT] = (add_resource(PATIENT, None, pub, values, {META_LAST_UPDATE: now}), pub, values)
-            keys[PATIENT] = p_no
-        if keys.get(STUDY) != st_no:
-            values = {**current[PATIENT][2], (0x0020, 0x000D): generate_uid(), (0x0020, 0x0010): str(st_no),
-                      (0x0008, 0x0020): f"20{rng.randint(10, 24)}0{rng.randint(1, 9)}1{rng.randint(0, 9)}",
-                      (0x0008, 0x0030): f"{rng.randint(7, 19):02d}{rng.randint(0, 59):02d}00",
-                      (0x0008, 0x0050): f"SYNACC{st_no:07d}", (0x0008, 0x1030): f"Synthetic study {st_no}"}
-            pub = public_id(values[(0x0010, 0x0020)], values[(0x0020, 0x000D)])
-            current[STUDY] = (add_resource(STUDY, current[PATIENT][0], pub, values, {META_LAST_UPDATE: now}),
-                              pub, values)
-            keys[STUDY] = st_no
-            keys.pop(SERIES, None)
-        if keys.get(SERIES) != se_no:
-            values = {(0x0020, 0x000E): generate_uid(), (0x0020, 0x0011): str(se_no),
-                      (0x0008, 0x0060): rng.choice(["CT", "MR", "CR", "US", "OT"]),
-                      (0x0008, 0x103E): f"Synthetic series {se_no}"}
-            study_values = current[STUDY][2]
-            pub = public_id(study_values[(0x0010, 0x0020)], study_values[(0x0020, 0x000D)],
-                            values[(0x0020, 0x000E)])
-            current[SERIES] = (add_resource(SERIES, current[STUDY][0], pub, values, {META_LAST_UPDATE: now}),
-                               pub, values)
-            keys[SERIES] = se_no
-        sop_uid = generate_uid()
-        values = {(0x0008, 0x0018): sop_uid, (0x0020, 0x0013): str(in_no)}
-        pub = public_id(current[STUDY][2][(0x0010, 0x0020)], current[STUDY][2][(0x0020, 0x000D)],
-                        current[SERIES][2][(0x0020, 0x000E)], sop_uid)
-        rid = add_resource(INSTANCE, current[SERIES][0], pub, values,
-                           {META_INDEX_IN_SERIES: str(in_no), META_RECEPTION_DATE: now})
-        instance_ids.append(rid)
-
-        data = os.urandom(size)
-        md5 = hashlib.md5(data).hexdigest()
-        file_uuid = str(uuidlib.uuid4())
-        path = storage_path(storage, file_uuid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        os.utime(path, (old, old))
-        attach_rows.append((rid, 1, file_uuid, size, size, 1, md5, md5))
-        if len(samples) < 3 or rng.random() < 0.001:
-            samples.append((pub, md5))
-
-    conn.executemany("INSERT INTO Resources (internalId, resourceType, publicId, parentId) VALUES (?,?,?,?)",
-                     resources)
-    conn.executemany("INSERT INTO MainDicomTags VALUES (?,?,?,?)", main_rows)
-    conn.executemany("INSERT INTO DicomIdentifiers VALUES (?,?,?,?)", ident_rows)
-    conn.executemany("INSERT INTO Metadata VALUES (?,?,?)", meta_rows)
-    conn.executemany("INSERT INTO AttachedFiles VALUES (?,?,?,?,?,?,?,?)", attach_rows)
-    conn.executemany("INSERT INTO Changes (changeType, internalId, resourceType, date) VALUES (?,?,?,?)",
-                     changes)
-    return instance_ids, samples[:6]
-
-
-def inflate_index(conn: sqlite3.Connection, instance_ids: list[int], target_bytes: int,
-                  rng: random.Random) -> int:
-    """Add free-text MainDicomTags rows (one PADDING_TAGS tag per instance and round) until the
-    index reaches target_bytes. Returns the number of rows added."""
-    added = 0
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789.,"
-    for tag in PADDING_TAGS:
-        missing = target_bytes - sqlite_size(conn)
-        if missing <= 0:
-            break
-        chars = max(16, min(PADDING_MAX_CHARS, int(missing / len(instance_ids) * 0.95)))
-        base = "".join(rng.choice(letters) for _char in range(PADDING_MAX_CHARS + 64))
-        rows = [(rid, tag[0], tag[1], base[(rid * 7) % 64:(rid * 7) % 64 + chars]) for rid in instance_ids]
-        conn.executemany("INSERT INTO MainDicomTags VALUES (?,?,?,?)", rows)
-        added += len(rows)
-    return added
-
-
-def index_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    names = {PATIENT: "patients", STUDY: "studies", SERIES: "series", INSTANCE: "instances"}
-    return {names[t]: n for t, n in conn.execute(
-        "SELECT resourceType, COUNT(*) FROM Resources GROUP BY resourceType")}
-
-
-def check_archive(server: OrthancServer, counts: dict[str, int], samples: list[tuple[str, str]]) -> None:
-    """Orthanc starts on the archive, counts what the index holds, and knows sampled instances
-    with the MD5 of the file we wrote."""
-    stats = server.rest("GET", "/statistics")
-    seen = {"patients": stats["CountPatients"], "studies": stats["CountStudies"],
-            "series": stats["CountSeries"], "instances": stats["CountInstances"]}
-    if seen != counts:
-        raise RuntimeError(f"Orthanc counts {seen}, the index holds {counts}")
-    for pub, md5 in samples:
-        if server.instance_md5(pub) != md5:
-            raise RuntimeError(f"Orthanc's MD5 of {pub} differs from the file written")
-        server.rest("GET", f"/instances/{pub}")
-
-
-def build_archive(workdir: Path, size_gib: float, index_ratio: float, seed: int) -> Archive:
-    """Build an archive of size_gib GiB in a new private Orthanc under workdir; leave it running.
-
-    Orthanc creates its schema and stores a few real instances; then it is stopped and the
-    synthetic files and rows are added with sqlite3 in one transaction; the index is grown to
-    index_ratio x the archive; GlobalIntegers 0/1 are set to the totals of AttachedFiles; Orthanc
-    is started again and must count everything."""
-    t0 = time.monotonic()
-    rng = random.Random(seed)
-    server = OrthancServer(workdir / "orthanc", name=f"bench{str(size_gib).replace('.', '_')}")
-    server.start()
-    try:
-        seed_real_instances(server, workdir)
-    finally:
-        server.stop()
-    index_file = server.index_dir / "index"
-    conn = sqlite3.connect(index_file, isolation_level=None)
-    try:
-        conn.execute("PRAGMA synchronous = OFF")
-        tpl = read_templates(conn)
-        sizes = plan_files(int(size_gib * GIB), rng)
-        log(f"  writing {len(sizes)} files ({human(sum(sizes))}) and their rows")
-        conn.execute("BEGIN")
-        instance_ids, samples = write_synthetic(conn, tpl, server.storage_dir, sizes, rng)
-        conn.execute("COMMIT")
-        target = int(index_ratio * size_gib * GIB)
-        log(f"  growing the index from {human(sqlite_size(conn))} towards {human(target)}")
-        conn.execute("BEGIN")
-        padding = inflate_index(conn, instance_ids, target, rng)
-        # Orthanc's triggers keep these totals on INSERT; set them from the table all the same.
-        conn.execute("UPDATE GlobalIntegers SET value = (SELECT COALESCE(SUM(compressedSize), 0) "
-                     "FROM AttachedFiles) WHERE key = 0")
-        conn.execute("UPDATE GlobalIntegers SET value = (SELECT COALESCE(SUM(uncompressedSize), 0) "
-                     "FROM AttachedFiles) WHERE key = 1")
-        conn.execute("COMMIT")
-        counts = index_counts(conn)
-        problems = conn.execute("PRAGMA quick_check").fetchall()
-        if problems != [("ok",)]:
-            raise RuntimeError(f"the built index fails quick_check: {problems[:5]}")
-    finally:
-        conn.close()  # checkpoints the WAL into index
-    os.sync()
-    files, storage_bytes = dir_bytes(server.storage_dir)
-    index_bytes = sum(p.stat().st_size for p in server.index_dir.glob("index*"))
-    server.start()
-    check_archive(server, counts, samples)
-    return Archive(server, size_gib, files, storage_bytes, index_bytes, padding, counts,
-                   time.monotonic() - t0, samples)
-
-
-# --------------------------------------------------------------------------------------------
-# Phase 2: measuring downtime
-
-
-@dataclass
-class Outage:
-    """What the poller saw: the longest interval without an answer (monotonic seconds) and
-    when it began and ended (wall clock, to line it up with the playbook's output)."""
-    seconds: float
-    began: float
-    ended: float
-    outages: int
-    probes: int
-
-
-class Poller:
-    """GET /system every POLL_INTERVAL in a thread; records the longest interval between two
-    answers. Use as a context manager around the procedure; ``result`` is set on exit."""
-
-    def __init__(self, port: int, interval: float = POLL_INTERVAL) -> None:
-        self.port, self.interval = port, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._lock = threading.Lock()
-        self.result: Outage | None = None
-        self._longest = (0.0, 0.0, 0.0)
-        self._last_ok: tuple[float, float] | None = None  # (monotonic, wall)
-        self._down = False
-        self._outages = self._probes = 0
-        self.still_down = False
-
-    def _probe(self) -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-        try:
-            conn.request("GET", "/system")
-            response = conn.getresponse()
-            response.read()
-            return response.status == 200
-        except (OSError, http.client.HTTPException):
-            return False
-        finally:
-            conn.close()
-
-    def _run(self) -> None:
-        next_tick = time.monotonic()
-        while not self._stop.is_set():
-            ok = self._probe()
-            mono, wall = time.monotonic(), time.time()
-            with self._lock:
-                self._probes += 1
-                if ok:
-                    if self._down and self._last_ok is not None:
-                        gap = mono - self._last_ok[0]
-                        if gap > self._longest[0]:
-                            self._longest = (gap, self._last_ok[1], wall)
-                    self._down = False
-                    self._last_ok = (mono, wall)
-                elif not self._down:
-                    self._down = True
-                    self._outages += 1
-            next_tick = max(next_tick + self.interval, time.monotonic())  # no burst after a slow probe
-            self._stop.wait(max(0.0, next_tick - time.monotonic()))
-
-    def __enter__(self) -> "Poller":
-        if not self._probe():
-            raise OrthancError(f"Orthanc does not answer on port {self.port} before the measurement")
-        self._thread.start()
-        while self._last_ok is None:
-            time.sleep(0.005)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        time.sleep(0.1)  # a few answers after the procedure, so the end of the outage is seen
-        self._stop.set()
-        self._thread.join()
-        with self._lock:
-            self.still_down = self._down
-            gap, began, ended = self._longest
-            self.result = Outage(gap, began, ended, self._outages, self._probes)
+# Phase 1: build an archive (benchmarks/_archive.py); phase 2: measuring downtime
 
 
 @dataclass
@@ -519,37 +82,34 @@ def timed(fn: Callable[[], object]) -> float:
     return time.monotonic() - t0
 
 
-def measure_floor(archive: Archive, workdir: Path, cold: bool) -> Measurement:
-    """Stop Orthanc, cp its index* files, start it."""
+def measure_stopped(archive: Archive, workdir: Path, cold: bool, procedure: str,
+                    copy_label: str, copy_argv: Callable[[Path], list[str]]) -> Measurement:
+    """Stop Orthanc, run ``copy_argv(dest)`` into a fresh folder, start Orthanc."""
     server = archive.server
-    dest = workdir / "floor-copy"
+    dest = workdir / f"{procedure}-copy"
     dest.mkdir()
     flush_and_maybe_drop_caches(cold)
     with Poller(server.http_port) as poller:
         stop = timed(server.stop)
-        files = sorted(str(p) for p in server.index_dir.glob("index*"))
-        copy = timed(lambda: subprocess.run(["cp", *files, str(dest)], check=True))
+        copy = timed(lambda: subprocess.run(copy_argv(dest), check=True))
         start = timed(server.start)
     shutil.rmtree(dest)
-    return Measurement("floor", poller.result.seconds,
-                       notes=f"stop {stop:.2f} s, cp index* {copy:.2f} s, start {start:.2f} s")
+    return Measurement(procedure, poller.result.seconds,
+                       notes=f"stop {stop:.2f} s, {copy_label} {copy:.2f} s, start {start:.2f} s")
+
+
+def measure_floor(archive: Archive, workdir: Path, cold: bool) -> Measurement:
+    """Stop Orthanc, cp its index* files, start it."""
+    index_dir = archive.server.index_dir
+    return measure_stopped(archive, workdir, cold, "floor", "cp index*", lambda dest: [
+        "cp", *sorted(str(p) for p in index_dir.glob("index*")), str(dest)])
 
 
 def measure_documented(archive: Archive, workdir: Path, cold: bool) -> Measurement:
     """Stop Orthanc, cp -a storage + index + configuration into a fresh folder, start it."""
     server = archive.server
-    dest = workdir / "documented-copy"
-    dest.mkdir()
-    flush_and_maybe_drop_caches(cold)
-    with Poller(server.http_port) as poller:
-        stop = timed(server.stop)
-        copy = timed(lambda: subprocess.run(
-            ["cp", "-a", str(server.storage_dir), str(server.index_dir), str(server.config_path), str(dest)],
-            check=True))
-        start = timed(server.start)
-    shutil.rmtree(dest)
-    return Measurement("documented", poller.result.seconds,
-                       notes=f"stop {stop:.2f} s, cp -a {copy:.2f} s, start {start:.2f} s")
+    return measure_stopped(archive, workdir, cold, "documented", "cp -a", lambda dest: [
+        "cp", "-a", str(server.storage_dir), str(server.index_dir), str(server.config_path), str(dest)])
 
 
 TASK_RE = re.compile(r"^TASK \[(?:[\w.]+ : )?(.+?)\] \*+$")
@@ -628,10 +188,7 @@ def verify(backup: Path) -> dict:
 def add_new_files(archive: Archive, workdir: Path, fraction: float = 0.01) -> int:
     """Store about ``fraction`` of the archive's file count as real instances over REST."""
     count = max(24, round(archive.files * fraction))
-    files = dicomgen.make_instances(workdir / "new-dicom", count, size_range=(MIN_FILE, MAX_FILE), seed=7)
-    for path in files:
-        archive.server.store_rest(path)
-    shutil.rmtree(workdir / "new-dicom")
+    store_generated(archive.server, workdir / "new-dicom", count, (MIN_FILE, MAX_FILE), seed=7)
     return count
 
 
@@ -743,7 +300,8 @@ def measure_size(size_gib: float, workdir: Path, args: argparse.Namespace) -> tu
                              int(3.2 * size_gib * GIB) + GIB)
             workdir = loop.volume
             log(f"  on btrfs: {loop.loop} mounted at {loop.mount_point}, subvolume {workdir}")
-        archive = build_archive(workdir, size_gib, args.index_ratio, args.seed)
+        archive = build_archive(workdir, size_bytes=int(size_gib * GIB), index_ratio=args.index_ratio,
+                                seed=args.seed, name=f"bench{str(size_gib).replace('.', '_')}")
         log(f"  built in {archive.build_seconds:.0f} s: {archive.files} files, {human(archive.storage_bytes)}, "
             f"index {human(archive.index_bytes)}, {archive.counts}")
         rounds: list[list[Measurement]] = []
@@ -759,7 +317,7 @@ def measure_size(size_gib: float, workdir: Path, args: argparse.Namespace) -> tu
         return archive, [combine(list(same)) for same in zip(*rounds)]
     finally:
         if archive is not None:
-            archive.server.stop()
+            archive.close()
         else:
             try:
                 OrthancServer.load(workdir / "orthanc").stop()
@@ -789,8 +347,8 @@ def print_size_table(archive: Archive, results: list[Measurement], cold: bool) -
         manifest = f"{m.manifest_downtime:.2f}" if m.manifest_downtime is not None else "-"
         print(f"{m.procedure:<20} {m.downtime:>12.2f} {m.downtime / floor:>8.2f} {manifest:>12}  {m.notes}")
     print("expected (issue): ours within 1.3x the floor; ours snapshot: no outage at all (issue 7).")
-    print("downtime = longest interval without an answer to GET /system (polled every 20 ms); manifest = "
-          "the role's own downtime_seconds (from the stop command to Orthanc answering again).")
+    print(f"downtime = longest interval without an answer to GET /system (polled every {POLL_INTERVAL * 1000:.0f} ms); "
+          "manifest = the role's own downtime_seconds (from the stop command to Orthanc answering again).")
     for m in results:
         inside = [(name, secs, ins) for name, secs, ins in m.tasks if ins > 0.005]
         if inside:

@@ -33,11 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / ".work" / "collections"))
+# _bench puts tests.support and the collection on sys.path
+import _bench  # noqa: F401  pylint: disable=unused-import
+from _archive import store_generated
 
-from tests.support import databases, dicomgen  # noqa: E402
+from tests.support import databases  # noqa: E402
 from tests.support.orthanc_server import OrthancServer  # noqa: E402
 from tests.support.playbook import run_module  # noqa: E402
 from ansible_collections.pacs.orthanc.plugins.module_utils import _database  # noqa: E402
@@ -79,12 +79,8 @@ def main() -> int:
             try:
                 server.start()
                 count = max(1, args.mb * 1024 * 1024 // 500_000)
-                files = dicomgen.make_instances(work / f"dicom-{engine}", count, size_range=(400_000, 600_000), seed=3)
-                started = time.monotonic()
-                for path in files:
-                    server.store_rest(path)
-                print(f"{engine}: stored {count} files ({sum(p.stat().st_size for p in files) / 1e6:.0f} MB) in "
-                      f"{time.monotonic() - started:.1f} s", flush=True)
+                size, seconds = store_generated(server, work / f"dicom-{engine}", count, (400_000, 600_000), seed=3)
+                print(f"{engine}: stored {count} files ({size / 1e6:.0f} MB) in {seconds:.1f} s", flush=True)
                 section = "PostgreSQL" if engine == "postgresql" else "MySQL"
                 conn = _database.connection(engine, db.orthanc_config(True)[section])
                 times = {"raw": [], "raw + fsync": [], "module code": [], "module (ansible)": []}

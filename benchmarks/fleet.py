@@ -28,19 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COLLECTIONS = REPO / ".work" / "collections"
-for _path in (REPO, COLLECTIONS):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from _bench import log  # also sys.path
 
 from tests.support import checks, sshd  # noqa: E402
 from tests.support.orthanc_server import OrthancServer, stop_all  # noqa: E402
 from tests.support.playbook import link_collection, local_host, run_playbook  # noqa: E402
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def inventory(path: Path, hosts: dict, server: sshd.SshServer, ship_root: Path, max_parallel: int) -> Path:

@@ -4,11 +4,12 @@ The issue expects the offline verification of a backup (``_verify.verify_backup`
 ``md5="all"``, which the ``pacs.orthanc.backup_verify`` module runs) to hash storage at no less
 than 0.9 times the throughput of ``md5sum``. This benchmark, in one run:
 
-1. builds a synthetic but consistent backup folder: files of 10 KB to 1 MB (log-uniform sizes)
-   in ``storage/xx/yy/uuid``, an ``index/index`` SQLite file with the tables that
-   verify_backup reads (``GlobalProperties``, ``Resources``, ``AttachedFiles`` with the true
-   size and MD5 of every file), ``config/`` and a ``manifest.json`` in the format of
-   ``_backupset.close_backup``; then checks that verify_backup finds it ok;
+1. builds a synthetic but consistent backup folder from the archive of the benchmarks' shared
+   builder (benchmarks/_archive.py: a private Orthanc's own schema and rows, files of 10 KB to
+   1 MB with log-uniform sizes): its ``storage/xx/yy/uuid`` files, its SQLite index as
+   ``index/index`` (``AttachedFiles`` with the true size and MD5 of every file), ``config/``
+   and a ``manifest.json`` in the format of ``_backupset.close_backup``; then checks that
+   verify_backup finds it ok;
 2. times, over the same files in the same order (the index's order, which is the order the
    files were written in and the order verify_backup hashes them in): ``md5sum`` (one at a
    time), two ``md5sum`` in parallel, ``verify_backup(md5="all", workers=W)`` for each W,
@@ -31,7 +32,6 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import socket
 import sqlite3
@@ -40,65 +40,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-COLLECTIONS = REPO / ".work" / "collections"
-if str(COLLECTIONS) not in sys.path:
-    sys.path.insert(0, str(COLLECTIONS))
+from _bench import DROP_CACHES, GIB, cold_supported, drop_caches, log  # also sys.path
+from _archive import build_archive
 
 try:
     from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage, _verify  # noqa: E402
 except ImportError as _exc:  # pragma: no cover - a setup problem, not a measurement
     sys.exit(f"cannot import the collection ({_exc}): run `bash scripts/setup.sh` first")
 
-GIB = 1024 ** 3
-MIN_FILE, MAX_FILE = 10_000, 1_000_000      # bytes of one stored file (log-uniform in between)
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-SCHEMA_VERSION = "6"                        # Orthanc's SQLite schema (GlobalProperties 1)
 XARGS_CHUNK = 500                           # files per md5sum / cat process in the parallel runs
 MIN_CHUNKS = 8                              # ... fewer on small sets, so that both get work
-
-# Orthanc's resource types (Resources.resourceType).
-PATIENT, STUDY, SERIES, INSTANCE = 1, 2, 3, 4
-# Children per resource, drawn uniformly: studies per patient, series per study, instances per series.
-CHILDREN = {PATIENT: (1, 3), STUDY: (1, 4), SERIES: (1, 40)}
-
-# The tables verify_backup reads, as Orthanc's own schema declares them.
-SCHEMA = """
-CREATE TABLE GlobalProperties(
-       property INTEGER PRIMARY KEY,
-       value TEXT
-       );
-CREATE TABLE Resources(
-       internalId INTEGER PRIMARY KEY AUTOINCREMENT,
-       resourceType INTEGER,
-       publicId TEXT,
-       parentId INTEGER REFERENCES Resources(internalId) ON DELETE CASCADE
-       );
-CREATE TABLE AttachedFiles(
-       id INTEGER REFERENCES Resources(internalId) ON DELETE CASCADE,
-       fileType INTEGER,
-       uuid TEXT,
-       compressedSize INTEGER,
-       uncompressedSize INTEGER,
-       compressionType INTEGER,
-       uncompressedMD5 TEXT,
-       compressedMD5 TEXT,
-       PRIMARY KEY(id, fileType)
-       );
-CREATE INDEX ChildrenIndex ON Resources(parentId);
-CREATE INDEX PublicIndex ON Resources(publicId);
-CREATE INDEX ResourceTypeIndex ON Resources(resourceType);
-"""
-
-
-def log(message: str) -> None:
-    """Progress on stderr, so stdout holds only the results."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 class BenchmarkError(Exception):
@@ -123,96 +78,7 @@ class Backup:
         return self.path / "storage"
 
 
-def public_id(rng: random.Random) -> str:
-    """An Orthanc-like public ID: a SHA-1 in five groups of eight hex digits."""
-    digest = hashlib.sha1(rng.getrandbits(160).to_bytes(20, "big")).hexdigest()
-    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
-
-
-def file_sizes(total: int, rng: random.Random) -> list[int]:
-    """Log-uniform sizes between MIN_FILE and MAX_FILE (mean ~215 KB) adding up to ``total``."""
-    sizes: list[int] = []
-    remaining = total
-    low, high = math.log(MIN_FILE), math.log(MAX_FILE)
-    while remaining > 0:
-        size = min(remaining, int(math.exp(rng.uniform(low, high))))
-        sizes.append(max(size, 1))
-        remaining -= size
-    return sizes
-
-
-class Hierarchy:
-    """Inserts the Resources row of each new instance, with the patients, studies and series it
-    needs, in the shape that CHILDREN gives."""
-
-    def __init__(self, conn: sqlite3.Connection, rng: random.Random):
-        self.conn, self.rng = conn, rng
-        self.left = {PATIENT: 0, STUDY: 0, SERIES: 0}   # children still to create under each
-        self.current: dict[int, int] = {}
-        self.counts = {"patients": 0, "studies": 0, "series": 0, "instances": 0}
-
-    def _insert(self, rtype: int, parent: int | None) -> int:
-        cursor = self.conn.execute(
-            "INSERT INTO Resources(resourceType, publicId, parentId) VALUES (?, ?, ?)",
-            (rtype, public_id(self.rng), parent))
-        self.counts[_sqlite.RESOURCE_TYPES[rtype]] += 1
-        return int(cursor.lastrowid)
-
-    def _ensure(self, rtype: int) -> int:
-        """The resource of ``rtype`` that receives the next child, a new one when it is full."""
-        if self.left[rtype] == 0:
-            parent = self._ensure(rtype - 1) if rtype > PATIENT else None
-            if parent is not None:
-                self.left[rtype - 1] -= 1
-            self.current[rtype] = self._insert(rtype, parent)
-            self.left[rtype] = self.rng.randint(*CHILDREN[rtype])
-        return self.current[rtype]
-
-    def new_instance(self) -> int:
-        series = self._ensure(SERIES)
-        self.left[SERIES] -= 1
-        return self._insert(INSTANCE, series)
-
-
-def write_storage_and_index(path: Path, total: int, seed: int) -> tuple[list[str], int, dict]:
-    """Write the storage files (random bytes) and an index listing each with its true size and
-    MD5, in the order written. Returns (relative paths, bytes, counts)."""
-    rng = random.Random(seed)
-    storage = path / "storage"
-    index_file = path / "index" / "index"
-    index_file.parent.mkdir(parents=True)
-    conn = sqlite3.connect(index_file, isolation_level=None)
-    rels: list[str] = []
-    written = 0
-    try:
-        conn.executescript(SCHEMA)
-        conn.execute("BEGIN")
-        conn.execute("INSERT INTO GlobalProperties(property, value) VALUES (1, ?)", (SCHEMA_VERSION,))
-        hierarchy = Hierarchy(conn, rng)
-        sizes = file_sizes(total, rng)
-        for number, size in enumerate(sizes, 1):
-            uuid = str(uuidlib.UUID(int=rng.getrandbits(128), version=4))
-            data = rng.randbytes(size)
-            md5 = hashlib.md5(data).hexdigest()
-            rel = _storage.relpath(uuid)
-            target = storage / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            instance = hierarchy.new_instance()
-            conn.execute("INSERT INTO AttachedFiles(id, fileType, uuid, compressedSize, uncompressedSize, "
-                         "compressionType, uncompressedMD5, compressedMD5) VALUES (?, 1, ?, ?, ?, 1, ?, ?)",
-                         (instance, uuid, size, size, md5, md5))
-            rels.append(rel)
-            written += size
-            if number % 1000 == 0:
-                log(f"  {number}/{len(sizes)} files, {written / GIB:.2f} GiB")
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-    return rels, written, hierarchy.counts
-
-
-def write_config_and_manifest(path: Path, counts: dict) -> None:
+def write_config_and_manifest(path: Path, counts: dict, orthanc: dict) -> None:
     """config/orthanc.json and a manifest.json in the format of _backupset.close_backup."""
     config = path / "config"
     config.mkdir()
@@ -222,10 +88,11 @@ def write_config_and_manifest(path: Path, counts: dict) -> None:
     files = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.is_relative_to(path / "storage")):
         files[str(file.relative_to(path))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    schema = str(orthanc["DatabaseVersion"])
     manifest = {
         "format": "pacs.orthanc.backup", "format_version": 1, "name": path.name, "host": socket.gethostname(),
-        "orthanc": {"version": None, "name": "benchmark", "database_version": SCHEMA_VERSION},
-        "database_schema_version": SCHEMA_VERSION, "backend": "sqlite", "storage_compression": False,
+        "orthanc": {"version": orthanc["Version"], "name": "benchmark", "database_version": schema},
+        "database_schema_version": schema, "backend": "sqlite", "storage_compression": False,
         "counts": counts, "files": files,
         "verification": {"md5": "all"},
     }
@@ -233,27 +100,40 @@ def write_config_and_manifest(path: Path, counts: dict) -> None:
 
 
 def build_backup(workdir: Path, gib: float, seed: int) -> Backup:
-    """A consistent backup folder of about ``gib`` GiB of storage, checked with verify_backup."""
+    """A consistent backup folder of about ``gib`` GiB of storage, checked with verify_backup:
+    the storage and the index of an archive from benchmarks/_archive.py."""
     path = workdir / "20240101T000000Z"
-    path.mkdir()
     log(f"building a {gib:g} GiB backup in {path}")
     started = time.perf_counter()
-    rels, total, counts = write_storage_and_index(path, int(gib * GIB), seed)
-    write_config_and_manifest(path, counts)
+    archive = build_archive(workdir / "build", size_bytes=int(gib * GIB), seed=seed, name="benchverify")
+    server = archive.server
+    orthanc = server.rest("GET", "/system")
+    server.stop()
+    conn = sqlite3.connect(server.index_dir / "index", isolation_level=None)
+    try:  # one self-contained file, as the backup's index/index
+        conn.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        conn.close()
+    (path / "index").mkdir(parents=True)
+    os.rename(server.index_dir / "index", path / "index" / "index")
+    os.rename(server.storage_dir, path / "storage")
+    shutil.rmtree(workdir / "build")
+    write_config_and_manifest(path, archive.counts, orthanc)
     os.sync()
-    log(f"built {len(rels)} files, {total / GIB:.2f} GiB, in {time.perf_counter() - started:.1f} s; "
+    total = archive.storage_bytes
+    log(f"built {archive.files} files, {total / GIB:.2f} GiB, in {time.perf_counter() - started:.1f} s; "
         "checking it with verify_backup")
-    backup = Backup(path, [], total, counts, (path / "index" / "index").stat().st_size)
+    backup = Backup(path, [], total, archive.counts, (path / "index" / "index").stat().st_size)
     report = _verify.verify_backup(str(path), md5="all", workers=2)
     if not report["ok"]:
         raise BenchmarkError(f"the synthetic backup does not verify: {_verify.describe_problems(report['problems'])}")
-    if (report["files_hashed"], report["bytes_hashed"], report["orphans"]) != (len(rels), total, 0):
+    if (report["files_hashed"], report["bytes_hashed"], report["orphans"]) != (archive.files, total, 0):
         raise BenchmarkError(f"verify_backup hashed {report['files_hashed']} files / {report['bytes_hashed']} "
-                             f"bytes with {report['orphans']} orphans; expected {len(rels)} / {total} / 0")
+                             f"bytes with {report['orphans']} orphans; expected {archive.files} / {total} / 0")
     # The order verify_backup hashes in (the index's); the external tools get the same list.
     listed = list(_sqlite.attachments(str(path / "index" / "index")))
     backup.files = [_storage.relpath(uuid) for uuid in listed]
-    if sorted(backup.files) != sorted(rels):
+    if len(backup.files) != archive.files or not all((backup.storage / rel).is_file() for rel in backup.files):
         raise BenchmarkError("the index does not list the files that were written")
     return backup
 
@@ -312,22 +192,6 @@ def methods(backup: Backup, workers: list[int]) -> list[Method]:
         Method("cat x2 (xargs -P2)", lambda: run_xargs(backup, ["-P2", *chunk, "cat"]), hashes=False),
     ]
     return result
-
-
-def cold_supported() -> bool:
-    """Whether the page cache can be dropped (root and a writable /proc/sys)."""
-    return DROP_CACHES.exists() and os.access(DROP_CACHES, os.W_OK)
-
-
-def drop_caches() -> bool:
-    """Write dirty pages back and empty the page cache; False when the kernel refuses."""
-    os.sync()
-    try:
-        DROP_CACHES.write_text("3\n")
-    except OSError as exc:
-        log(f"cannot drop the page cache: {exc}")
-        return False
-    return True
 
 
 def resident_fraction(backup: Backup, sample: int = 200) -> float | None:
