@@ -216,3 +216,47 @@ def test_orthanc_killed_during_a_failed_run_is_said_not_running(servers, tmp_pat
     subprocess.run(start.group(1), shell=True, check=True, timeout=60)
     assert server.answers() and server.statistics()["CountInstances"] == 4
     assert not [p for p in root.iterdir() if p.name.endswith(".incomplete")]
+
+
+def detached_start(server) -> str:
+    """A start command as a service's: Orthanc detached, no wait for an answer with any password
+    (the test harness's own start waits for one with the password the server was created with)."""
+    return (f"setsid {shlex.quote(ORTHANC_BIN)} --logdir={shlex.quote(str(server.log_dir))} "
+            f"{shlex.quote(str(server.config_path))} </dev/null >>{shlex.quote(str(server.log_dir / 'stdout.log'))} "
+            f"2>&1 & echo $! >{shlex.quote(str(server.pidfile))}")
+
+
+def test_a_restored_orthanc_that_refuses_the_credentials_is_rolled_back(servers, tmp_path):
+    """The password was changed after the backup: the restored configuration brings the old one
+    back, so the restored Orthanc runs and answers 401. The restore is rolled back (Orthanc is
+    stopped although it refuses the credentials, and started on the previous data), and the
+    message says what Orthanc answered."""
+    old, new = secret(), secret()
+    server = servers("restored", extra_config={"AuthenticationEnabled": True, "RegisteredUsers": {"backup": old}})
+    checks.store_studies(server, tmp_path, patients=1, via="rest")
+    hostvars = dict(orthanc_username="backup", orthanc_backup_settle_seconds=0,
+                    orthanc_start_command=detached_start(server))
+    root = tmp_path / "backups"
+    inventory = write_inventory(tmp_path / "old.json", {"restored": local_host(server, root, orthanc_password=old,
+                                                                              **hostvars)})
+    assert run_playbook(inventory).returncode == 0
+    # the password changes: in the configuration, Orthanc restarted, and in the inventory
+    server.stop()
+    main = server.config_path / "orthanc.json"
+    main.write_text(main.read_text().replace(old, new))
+    subprocess.run(detached_start(server), shell=True, check=True)
+    assert wait_for(lambda: status_with(server.url, "backup", new) == 200)
+    pid = server.pid()
+    inventory = write_inventory(tmp_path / "new.json", {"restored": local_host(server, root, orthanc_password=new,
+                                                                              **hostvars)})
+    result = run_playbook(inventory, playbook="restore.yml", extra_vars={"orthanc_restore_confirm": True})
+    assert result.returncode != 0, result.stdout
+    line = re.search(r"Restore of restored failed at step '([^']*)': (.*)", result.stdout)
+    assert line and line.group(1) == "Read the restored Orthanc", result.stdout
+    assert line.group(2) == (f"Orthanc answered HTTP 401 at {server.url}: it refused the credentials. "
+                             "The previous data was put back and Orthanc runs on it."), line.group(0)
+    no_down_words(result.stdout)
+    assert old not in result.stdout and new not in result.stdout
+    # Orthanc runs on the previous data, with the current password
+    assert server.pid() not in (None, pid) and status_with(server.url, "backup", new) == 200
+    assert new in main.read_text() and not list(server.root.glob("*.pre-restore-*"))
