@@ -87,10 +87,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _same_or_nested(arg: str, target: str) -> bool:
-    """The configuration Orthanc was given (a file or a folder) is the one we know, or holds it,
-    or is held by it (/etc/orthanc and /etc/orthanc/orthanc.json name one configuration)."""
-    return arg == target or target.startswith(arg.rstrip("/") + "/") or arg.startswith(target.rstrip("/") + "/")
+def _same_config(arg: str, target: str) -> bool:
+    """The configuration Orthanc was given (a file or a folder) is the one we know, or the folder
+    of it, or a file of it (/etc/orthanc and /etc/orthanc/orthanc.json name one configuration)."""
+    return arg == target or os.path.dirname(target) == arg or os.path.dirname(arg) == target
 
 
 def orthanc_processes(config_path: str | None = None, index_file: str | None = None):
@@ -128,7 +128,7 @@ def orthanc_processes(config_path: str | None = None, index_file: str | None = N
         for arg in argv[1:]:
             if arg.startswith("-"):
                 continue
-            if _same_or_nested(os.path.realpath(os.path.join(cwd, arg)), target):
+            if _same_config(os.path.realpath(os.path.join(cwd, arg)), target):
                 found.add(pid)
                 break
     return sorted(found)

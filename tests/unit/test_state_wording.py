@@ -138,3 +138,37 @@ def test_no_process_for_a_configuration_means_not_running(tmp_path):
         port = sock.getsockname()[1]
     record = _probe.probe(f"http://127.0.0.1:{port}", timeout=2, config_path=str(tmp_path / "no-such-config"))
     assert record["state"] == "not running" and record["pids"] == [] and record["orthanc_running"] is False
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_live_process_named_orthanc_on_that_configuration_is_not_answering(tmp_path):
+    """A process whose program is called Orthanc and whose argument is the configuration (here a
+    Python that sleeps, under that name) keeps the state at "not answering", naming its PID;
+    another configuration, or no such process, is "not running"."""
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "Orthanc").symlink_to(sys.executable)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "orthanc.json").write_text("{}")
+    proc = subprocess.Popen([str(tmp_path / "bin" / "Orthanc"), "-c", "import time; time.sleep(60)", "config"],
+                            cwd=tmp_path)  # a relative argument, taken from the process's folder
+    try:
+        url = closed_port_url()
+        for known in (config, config / "orthanc.json"):
+            record = _probe.probe(url, timeout=2, config_path=str(known))
+            assert record["state"] == "not answering" and record["pids"] == [proc.pid], record
+            assert f"although its process runs (PID {proc.pid})" in _probe.sentence(record)
+        other = tmp_path / "other"
+        other.mkdir()
+        assert _probe.probe(url, timeout=2, config_path=str(other))["state"] == "not running"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _probe.probe(url, timeout=2, config_path=str(config))["state"] == "not running"
