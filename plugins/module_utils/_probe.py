@@ -22,6 +22,7 @@ are also used on the controller by the filters."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -60,6 +61,9 @@ def ask(url: str, username: str | None = None, password: str | None = None, time
     except urllib.error.HTTPError as exc:
         record.update({"http_status": exc.code, "reason": str(exc.reason or ""),
                        "state": REFUSED if exc.code in (401, 403) else HTTP_ERROR})
+        return record
+    except http.client.HTTPException as exc:  # something answers on the port, but not in HTTP
+        record["reason"] = f"the port answers, but not in HTTP ({type(exc).__name__})"
         return record
     except (OSError, ValueError, socket.timeout) as exc:  # URLError is an OSError
         reason = getattr(exc, "reason", None) or exc

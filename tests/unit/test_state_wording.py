@@ -172,3 +172,19 @@ def test_a_live_process_named_orthanc_on_that_configuration_is_not_answering(tmp
         proc.kill()
         proc.wait()
     assert _probe.probe(url, timeout=2, config_path=str(config))["state"] == "not running"
+
+
+def test_a_port_that_answers_but_not_in_http_is_not_orthanc_answering():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def serve():
+            conn, _ = listener.accept()
+            conn.recv(1000)
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            conn.close()
+        threading.Thread(target=serve, daemon=True).start()
+        record = _probe.ask(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=5)
+    assert record["state"] == "not answering" and record["http_status"] is None
+    assert record["reason"] == "the port answers, but not in HTTP (BadStatusLine)"
