@@ -35,7 +35,11 @@ _value:
 """
 # backup_results(hosts, hostvars) does the same for a list of hosts (with their orthanc_ship_result
 # when they have one), and backup_totals(results) sums them up; both are documented in the
-# playbook that uses them (playbooks/backup.yml).
+# playbook that uses them (playbooks/backup.yml). orthanc_state_sentence(probe, host) words the
+# result of pacs.orthanc.orthanc_probe for the roles' messages. The words about Orthanc's state
+# come from module_utils/_probe.py, as the modules' do.
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _probe
 
 
 def human_bytes(value) -> str:
@@ -85,11 +89,11 @@ def backup_result(pair):
                 "record": {"host": host, "result": "check mode", "path": result.get("path"), "ok": True},
                 "ok": True}
     if result.get("result") != "ok":
-        running = "Orthanc running" if result.get("orthanc_running") else "ORTHANC NOT ANSWERING"
-        return {"line": f"{host}: FAILED at '{result.get('step')}': {result.get('cause')} ({running})",
+        return {"line": f"{host}: FAILED at '{result.get('step')}': {result.get('cause')} ({_probe.phrase(result)})",
                 "record": {"host": host, "result": "failed", "step": result.get("step"),
                            "cause": result.get("cause"), "orthanc_running": result.get("orthanc_running"),
-                           "ok": False},
+                           "orthanc_state": result.get("orthanc_state"),
+                           "orthanc_http_status": result.get("orthanc_http_status"), "ok": False},
                 "ok": False}
     storage = result.get("storage", {})
     counts = result.get("counts", {})
@@ -160,6 +164,12 @@ def backup_totals(results):
     return totals
 
 
+def orthanc_state_sentence(probe, host=None, start_hint=None):
+    """The sentence on Orthanc's state, from a pacs.orthanc.orthanc_probe result (see _probe)."""
+    return _probe.sentence(probe, host, start_hint)
+
+
 class FilterModule:
     def filters(self):
-        return {"backup_result": backup_result, "backup_results": backup_results, "backup_totals": backup_totals}
+        return {"backup_result": backup_result, "backup_results": backup_results, "backup_totals": backup_totals,
+                "orthanc_state_sentence": orthanc_state_sentence}

@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _rest, _sqlite
+from ansible_collections.pacs.orthanc.plugins.module_utils import _probe, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, iso, run_command, utc_now
 
 __metaclass__ = type
@@ -39,9 +39,23 @@ class Controller:
         self.url, self.auth = url, (username, password)
         self.service_name = service_name
         self.stop_command, self.start_command = stop_command, start_command
+        self.last = None  # the last answer (_probe.ask), for messages
 
     def answers(self, timeout: float = 1) -> bool:
-        return _rest.answers(self.url, *self.auth, timeout=timeout)
+        """Whether Orthanc answers HTTP at all. A 401 or 403 counts: that Orthanc runs (it is
+        not stopped yet, or it is started), it only refuses the credentials (see ``refused``)."""
+        self.last = _probe.ask(self.url, *self.auth, timeout=timeout)
+        return self.last["http_status"] is not None
+
+    def refused(self):
+        """The last answer when it refused the credentials (a PacsError to raise or warn), else None."""
+        if self.last and self.last["state"] == _probe.REFUSED:
+            return _probe.refused_error(self.last)
+        return None
+
+    def _silence(self) -> str:
+        reason = (self.last or {}).get("reason")
+        return f" ({reason})" if reason else ""
 
     def _argv(self, action: str) -> list:
         command = self.stop_command if action == "stop" else self.start_command
@@ -57,7 +71,8 @@ class Controller:
             deadline = t0 + timeout
             while self.answers():
                 if time.monotonic() > deadline:
-                    raise PacsError("stop Orthanc", f"Orthanc still answers at {self.url} {timeout:.0f} s after the stop")
+                    raise PacsError("stop Orthanc", f"Orthanc still answers at {self.url} {timeout:.0f} s after the stop "
+                                    f"(HTTP {self.last['http_status']})")
                 time.sleep(POLL)
             if index_file and os.path.exists(index_file):
                 _sqlite.wait_until_free(index_file, max(0.0, deadline - time.monotonic()), poll=POLL)
@@ -78,10 +93,13 @@ class Controller:
             deadline = time.monotonic() + timeout
             while not self.answers():
                 if time.monotonic() > deadline:
-                    raise PacsError("start Orthanc", f"Orthanc does not answer at {self.url} {timeout:.0f} s after "
-                                    f"'{' '.join(argv)}': look at its log")
+                    raise PacsError("start Orthanc", f"nothing answers at {self.url}{self._silence()} "
+                                    f"{timeout:.0f} s after '{' '.join(argv)}': look at Orthanc's log")
                 time.sleep(POLL)
-        return self._times(not answering, began, t0)
+        result = self._times(not answering, began, t0)
+        if self.last:
+            result.update({"orthanc_state": self.last["state"], "orthanc_http_status": self.last["http_status"]})
+        return result
 
     @staticmethod
     def _times(changed: bool, began, t0: float) -> dict:

@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import json
-import urllib.error
 
 from ansible.module_utils.urls import open_url
 
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
+from ansible_collections.pacs.orthanc.plugins.module_utils import _probe
 
 __metaclass__ = type
 
@@ -26,16 +25,12 @@ def get(url: str, path: str, username: str | None = None, password: str | None =
 
 
 def answers(url: str, username: str | None = None, password: str | None = None, timeout: float = 2) -> bool:
-    """True when GET /system answers 200. A 401 means Orthanc runs but refuses the credentials."""
-    try:
-        get(url, "/system", username, password, timeout)
-        return True
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            raise PacsError("ask Orthanc's REST API", f"{url} refused the credentials (HTTP 401)")
-        return True  # something answers HTTP on that port
-    except (OSError, ValueError):
-        return False
+    """True when Orthanc answers HTTP at ``url`` (see _probe). An Orthanc that answers but refuses
+    the credentials (401, 403) runs, but cannot be used: that raises PacsError, saying so."""
+    record = _probe.ask(url, username, password, timeout)
+    if record["state"] == _probe.REFUSED:
+        raise _probe.refused_error(record)
+    return record["http_status"] is not None
 
 
 # The argument spec that goes with the pacs.orthanc.rest documentation fragment.

@@ -16,6 +16,8 @@ description:
   - C(started) starts Orthanc unless it answers already, then waits until its REST API answers.
     Orthanc that still answers is given O(grace) seconds to finish a stop in progress before it
     is taken to be running.
+  - Any HTTP answer counts as answering, a 401 or 403 too. Such an Orthanc runs and refuses the
+    credentials; a warning says so, and RV(orthanc_state) is C(refused).
   - Both return the time they began and ended, measured on the host, so that the downtime of a
     backup is measured where it happens.
 options:
@@ -86,6 +88,16 @@ seconds:
   description: How long it took.
   type: float
   returned: always
+orthanc_state:
+  description:
+    - What the last look at Orthanc's REST API saw (C(answering), C(refused), C(http error),
+      C(not answering)); see M(pacs.orthanc.orthanc_probe).
+  type: str
+  returned: when Orthanc's API was asked
+orthanc_http_status:
+  description: The HTTP status of that last answer, or null when nothing answered.
+  type: int
+  returned: when Orthanc's API was asked
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -103,6 +115,9 @@ def control(module):
     result = controller.start(p["timeout"], p["grace"], module.check_mode)
     if not module.check_mode:
         _control.release_guardian(p["url"])  # a guardian left by a killed stopped_capture may go
+    refused = controller.refused()
+    if refused is not None:  # started, and it runs: but what comes next cannot use its API
+        module.warn(f"Orthanc runs, but {refused.cause}")
     return result
 
 

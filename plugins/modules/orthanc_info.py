@@ -16,7 +16,7 @@ description:
   - Finds the index backend (SQLite, PostgreSQL, MySQL), where the files are stored, the index and
     storage folders, compression and plugins, and flags what this collection cannot back up safely.
   - Asks the REST API for the version, database schema version and statistics when Orthanc
-    answers; otherwise reads the schema version from the SQLite index and the version from the
+    answers (and fails when it answers but refuses the credentials); otherwise reads the schema version from the SQLite index and the version from the
     C(Orthanc) program.
   - Never changes anything.
 options:
@@ -99,8 +99,23 @@ config_files:
   elements: str
   returned: always
 running:
-  description: Whether the REST API answered.
+  description: Whether the REST API answered with Orthanc's version and statistics.
   type: bool
+  returned: always
+orthanc_state:
+  description:
+    - What C(GET /system) saw (C(answering), C(http error) or C(not answering)); an Orthanc that
+      refuses the credentials (HTTP 401 or 403) fails the module, saying that it answered and refused
+      them. See M(pacs.orthanc.orthanc_probe).
+  type: str
+  returned: always
+orthanc_http_status:
+  description: The HTTP status of that answer, or null when nothing answered.
+  type: int
+  returned: always
+rest_error:
+  description: Why the REST API gave no usable answer, or null.
+  type: str
   returned: always
 version:
   description: Orthanc's version, from the REST API or the program.
@@ -151,8 +166,8 @@ import urllib.error
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _rest, _sqlite
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_command, run_module
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _probe, _rest, _sqlite
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_command, run_module
 
 
 def describe_host(module):
@@ -165,17 +180,24 @@ def describe_host(module):
         info["config_found"] = True
     info.update({"running": False, "version": None, "database_version": None, "statistics": {},
                  "system": {}, "index_lock_holder": None, "rest_error": None})
-    try:
-        system = _rest.get(p["url"], "/system", p["username"], p["password"], p["timeout"])
-        info["statistics"] = _rest.get(p["url"], "/statistics", p["username"], p["password"], p["timeout"])
-        info.update({"running": True, "system": system, "version": system.get("Version"),
-                     "database_version": str(system.get("DatabaseVersion"))})
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            raise PacsError("ask Orthanc's REST API", f"{p['url']} refused the credentials (HTTP 401)")
-        info["rest_error"] = f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        info["rest_error"] = str(getattr(exc, "reason", exc))
+    answer = _probe.ask(p["url"], p["username"], p["password"], p["timeout"])
+    info.update({"orthanc_state": answer["state"], "orthanc_http_status": answer["http_status"]})
+    if answer["state"] == _probe.REFUSED:
+        raise _probe.refused_error(answer)
+    if answer["state"] == _probe.ANSWERING:
+        system = answer["system"]
+        try:
+            info["statistics"] = _rest.get(p["url"], "/statistics", p["username"], p["password"], p["timeout"])
+            info.update({"running": True, "system": system, "version": system.get("Version"),
+                         "database_version": str(system.get("DatabaseVersion"))})
+        except urllib.error.HTTPError as exc:
+            info["rest_error"] = f"Orthanc answered HTTP {exc.code} to GET /statistics"
+        except (OSError, ValueError) as exc:
+            info["rest_error"] = f"GET /statistics: {getattr(exc, 'reason', exc)}"
+    elif answer["state"] == _probe.HTTP_ERROR:
+        info["rest_error"] = _probe.sentence(answer)
+    else:
+        info["rest_error"] = f"nothing answers at {p['url']} ({answer['reason']})"
     if info["backend"] == "sqlite" and os.path.exists(info["index_file"]):
         info["index_lock_holder"] = _sqlite.lock_holder(info["index_file"])
         if info["database_version"] is None and info["index_lock_holder"] is None:

@@ -188,6 +188,8 @@ def _capture_window(module):
             try:
                 started = controller.start(p["start_timeout"], grace=3 if failure else 0)
                 result["running_after"] = True
+                if controller.refused() is not None:  # it runs again; its configuration may have changed
+                    module.warn(f"Orthanc was started again and runs, but {controller.refused().cause}")
                 phases["start"] = started["seconds"]
                 if stopped is not None:
                     result.update({"stopped_at": stopped["began_at"], "restarted_at": started["ended_at"],
