@@ -9,7 +9,7 @@ import os
 import pytest
 
 from ansible_collections.pacs.orthanc.plugins.filter import backup_summary
-from ansible_collections.pacs.orthanc.plugins.module_utils import _ship, _status
+from ansible_collections.pacs.orthanc.plugins.module_utils import _lock, _ship, _status
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
 
 
@@ -155,7 +155,7 @@ def test_server_prepare_removes_leftovers_and_discard_never_touches_complete(tmp
 def test_a_second_run_on_the_same_folder_is_refused_while_one_acts(tmp_path):
     folder = tmp_path / "host"
     folder.mkdir()
-    with _ship.ServerLock(str(folder), "x"):
+    with _lock.FolderLock(str(folder), "x"):
         with pytest.raises(PacsError, match="another run is working"):
             _ship.prepare(str(folder), "20261129T000000Z")
     assert _ship.prepare(str(folder), "20261129T000000Z")["changed"]  # released with the holder
