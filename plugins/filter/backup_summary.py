@@ -113,12 +113,16 @@ def backup_result(pair):
             f"{human_bytes(storage.get('bytes'))} in {storage.get('files', 0)} files "
             f"({storage.get('new_files', 0)} new, {human_bytes(storage.get('new_bytes'))}; "
             f"{storage.get('linked_files', 0)} linked), {stopped} ({strategy}), {result.get('path')}{warning}")
+    taken = result.get("lock_taken_over") if isinstance(result.get("lock_taken_over"), dict) else None
+    if taken:
+        line += (f"; took over the lock of the run {taken.get('name')} ({taken.get('host')}, started "
+                 f"{taken.get('started')}): {taken.get('reason')}")
     record = {"host": host, "result": "ok", "backend": result.get("backend"), "path": result.get("path"),
               "instances": counts.get("instances", 0), "files": storage.get("files", 0),
               "bytes": storage.get("bytes", 0), "new_files": storage.get("new_files", 0),
               "new_bytes": storage.get("new_bytes", 0), "linked_files": storage.get("linked_files", 0),
               "downtime_seconds": downtime, "strategy": strategy, "dump_bytes": result.get("dump_bytes"),
-              "lost_in_live_storage": len(lost)}
+              "lost_in_live_storage": len(lost), "lock_taken_over": taken}
     ship_text, ship_fields, ship_ok = ship_part(ship)
     record.update(ship_fields)
     record["ok"] = ship_ok

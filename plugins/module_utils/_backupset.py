@@ -16,7 +16,7 @@ import re
 import shutil
 import threading
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage, _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils import _lock, _sqlite, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, copy_tree_as_is, fsync_dir, iso, os_error_cause, owner_of, sha256_file, utc_now, write_json_atomic)
 
@@ -33,19 +33,24 @@ MISSING = ".missing"  # beside the state file: files the dump lists that Orthanc
 
 
 HEARTBEAT_SECONDS = 60
+LOCK_RECORD = "lock_taken_over.json"  # in .work/: the dead run's lock this run took over, for the manifest
 
 
 class Heartbeat:
-    """While a long step of a backup runs (a hot pass, a dump, a verification), the run's lock
-    is touched every HEARTBEAT_SECONDS, so a lock that nobody touched for stale_lock_seconds
-    belongs to a run that was interrupted and can be taken over. ``path`` is anything inside
-    ``<root>/<name>.incomplete``; outside a backup folder this does nothing."""
+    """While a step of a backup runs (a hot pass, a dump, a verification), it is registered with
+    the run's lock keeper (should this process die without finishing, the keeper takes the run for
+    gone and ends, so the next run takes the lock over at once), and the lock is touched every
+    HEARTBEAT_SECONDS (a lock from another host is taken over once nobody touched it for
+    stale_lock_seconds). ``path`` is anything inside ``<root>/<name>.incomplete``; outside a backup
+    folder this does nothing."""
 
     def __init__(self, path: str, interval: float = HEARTBEAT_SECONDS):
         self.lock_path = None
+        self.name = None
         self.interval = interval
         self._stop = threading.Event()
         self._thread = None
+        self._step = None
         current = os.path.abspath(path or "/")
         while current != os.path.dirname(current):
             base = os.path.basename(current)
@@ -53,6 +58,7 @@ class Heartbeat:
                 lock = os.path.join(os.path.dirname(current), LOCK)
                 if _read_lock(lock).get("name") == base[:-len(INCOMPLETE)]:
                     self.lock_path = lock
+                    self.name = base[:-len(INCOMPLETE)]
                 break
             current = os.path.dirname(current)
 
@@ -68,6 +74,7 @@ class Heartbeat:
 
     def __enter__(self):
         if self.lock_path:
+            self._step = _lock.register_step(self.lock_path, self.name)
             self.beat()
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -78,6 +85,7 @@ class Heartbeat:
             self._stop.set()
             self._thread.join()
             self.beat()
+            _lock.unregister_step(self._step)
         return False
 
 
@@ -105,11 +113,7 @@ def latest_backup(root: str):
 
 
 def _read_lock(path: str):
-    try:
-        with open(path, "r", encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return {}
+    return _lock.read_record(path)
 
 
 def _free_bytes(path: str) -> int:
@@ -128,6 +132,7 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
     name = now.strftime("%Y%m%dT%H%M%SZ")
     path = os.path.join(root, name + INCOMPLETE)
     result = {"name": name, "root": root, "started_at": iso(now), "removed_incomplete": [], "path": path,
+              "lock_taken_over": None,
               "previous": None, "state_file": os.path.join(path, WORK, STATE_FILE),
               "storage_path": os.path.join(path, "storage"), "index_path": os.path.join(path, "index")}
     if not os.path.isdir(root):
@@ -142,17 +147,13 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         raise PacsError(step, f"the backup root {root} is not writable")
 
     lock_path = os.path.join(root, LOCK)
-    held = _read_lock(lock_path) if os.path.exists(lock_path) else None
-    if held is not None:
-        try:
-            age = now.timestamp() - os.stat(lock_path).st_mtime
-        except FileNotFoundError:
-            age = 0
-        if age < stale_lock_seconds:
-            raise PacsError(step, f"another backup ({held.get('name', '?')}, started {held.get('started_at', '?')}) "
-                            f"holds the lock {lock_path}, last touched {int(age)} s ago: wait for it to end. A run "
-                            f"that was interrupted is taken over once its lock is {stale_lock_seconds} s old "
-                            "(a running backup touches it every minute); or remove that file if no backup runs")
+    # a live holder is refused before anything else is looked at; a dead one is taken over below
+    verdict = _lock.judge(lock_path, stale_lock_seconds)
+    if verdict is not None:
+        verdict.close()
+        if verdict.alive:
+            raise PacsError(step, _lock.refusal(lock_path, verdict, stale_lock_seconds))
+        result["lock_taken_over"] = verdict.taken_over()
     previous = latest_backup(root)
     index_bytes = 0
     if index_dir and os.path.isdir(index_dir):
@@ -177,22 +178,10 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         result["changed"] = True
         return result
     try:
-        if held is not None:
-            os.unlink(lock_path)  # stale: its run is gone
-        # The lock is created atomically (a hard link fails when the name exists), so two runs
-        # that both found no lock cannot both take it.
-        fresh = f"{lock_path}.{os.getpid()}"
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"name": name, "started_at": iso(now), "pid": os.getpid()}, handle)
-        try:
-            os.link(fresh, lock_path)
-        except FileExistsError:
-            raise PacsError(step, f"another backup took the lock {lock_path} at the same moment; wait for it to end")
-        finally:
-            os.unlink(fresh)
+        taken = _lock.acquire(lock_path, name, iso(now), stale_lock_seconds, step)
     except OSError as exc:
         raise PacsError(step, os_error_cause(exc))
+    result["lock_taken_over"] = taken
     try:
         for leftover in sorted(os.listdir(root)):
             if leftover.endswith(INCOMPLETE) and leftover != name + INCOMPLETE:
@@ -202,6 +191,8 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
             raise PacsError(step, f"a backup named {name} exists already; try again in a second")
         os.makedirs(os.path.join(path, WORK), mode=0o700)
         os.chmod(path, 0o700)
+        if taken:
+            write_json_atomic(os.path.join(path, WORK, LOCK_RECORD), taken)
         result["config_files"] = copy_tree_as_is(config_path, os.path.join(path, "config"))
     except (OSError, PacsError) as exc:
         # nothing of this run may stay behind: its folder goes, its lock is released
@@ -215,9 +206,8 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
 
 
 def _release_lock(root: str, name: str) -> None:
-    lock_path = os.path.join(root, LOCK)
-    if _read_lock(lock_path).get("name") == name:
-        os.unlink(lock_path)
+    """Release this run's lock (never another run's): its keeper ends."""
+    _lock.release(os.path.join(root, LOCK), name)
 
 
 def discard_backup(root: str, name: str, check_mode: bool = False) -> dict:
@@ -270,6 +260,7 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
     new_files = {u for u, (_s, origin) in state.items() if origin != _storage.ORIGIN_PREVIOUS}
     deleted_during_capture = _read_missing(os.path.join(path, WORK, STATE_FILE + MISSING))
     lost_in_live_storage = _read_missing(os.path.join(path, WORK, STATE_FILE + ".lost"))
+    lock_taken_over = _lock.read_record(os.path.join(path, WORK, LOCK_RECORD)) or None
     with Heartbeat(path):
         report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=lambda u: u in new_files,
                                        known_missing=set(deleted_during_capture))
@@ -313,6 +304,7 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
         "downtime_phases": facts.get("downtime_phases"),
         "storage_in_database": bool(report.get("storage_in_database", False)),
         "dump": _dump_record(facts.get("dump"), path),
+        "lock_taken_over": lock_taken_over,
         "counts": report["counts"],
         "storage": {"files": storage_totals["files"], "bytes": storage_totals["bytes"],
                     "new_files": storage_totals["new_files"], "new_bytes": storage_totals["new_bytes"],

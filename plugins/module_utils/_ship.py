@@ -15,14 +15,13 @@ side runs wherever Ansible can reach with Python 3."""
 from __future__ import annotations
 
 import datetime
-import fcntl
 import json
 import os
 import re
 import shlex
 import shutil
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _storage, _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _lock, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, fsync_dir, os_error_cause, run_command)
 
@@ -30,7 +29,6 @@ __metaclass__ = type
 
 INCOMPLETE = _backupset.INCOMPLETE
 DELETING = ".deleting" + INCOMPLETE
-LOCK = ".lock"
 _STAT = re.compile(r"^(Total bytes sent|Total bytes received|Literal data|Matched data|Total file size|"
                    r"Total transferred file size|Number of regular files transferred|Number of files)"
                    r":\s*([\d,.]+)", re.M)
@@ -77,32 +75,6 @@ def select_kept(names: list, last: int, daily: int, weekly: int, monthly: int) -
 
 # -- server side -----------------------------------------------------------------------------
 
-class ServerLock:
-    """An advisory lock on a host's folder on the server, held while one step acts there.
-
-    It is an ``flock``: released by the kernel when the process ends, so a killed run never
-    leaves a lock that blocks the next one."""
-
-    def __init__(self, folder: str, step: str):
-        self.path = os.path.join(folder, LOCK)
-        self.step = step
-        self.fd = None
-
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise PacsError(self.step, f"another run is working in {os.path.dirname(self.path)} right now; "
-                            "try again when it has ended")
-        return self
-
-    def __exit__(self, *_exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-
-
 def _remove_tree(folder: str, name: str) -> None:
     """Rename first, so that a half-removed backup never looks complete, then remove."""
     trash = os.path.join(folder, name + DELETING)
@@ -144,7 +116,7 @@ def prepare(folder: str, name: str, check_mode: bool = False) -> dict:
         result["changed"] = True
         return result
     try:
-        with ServerLock(folder, step):
+        with _lock.FolderLock(folder, step):
             for leftover in sorted(os.listdir(folder)):
                 if leftover.endswith(INCOMPLETE):
                     shutil.rmtree(os.path.join(folder, leftover), ignore_errors=True)
@@ -189,7 +161,7 @@ def complete(folder: str, name: str, host: str, keep_last: int, keep_daily: int,
                 "verification": None}
     if not os.path.isdir(path):
         raise PacsError(step, f"there is no transferred copy at {path}")
-    with ServerLock(folder, step):
+    with _lock.FolderLock(folder, step):
         try:
             with open(os.path.join(path, "manifest.json"), encoding="utf-8") as handle:
                 manifest = json.load(handle)
@@ -233,7 +205,7 @@ def discard(folder: str, name: str, check_mode: bool = False) -> dict:
     path = os.path.join(folder, name + INCOMPLETE)
     existed = os.path.isdir(path)
     if existed and not check_mode:
-        with ServerLock(folder, "remove the incomplete copy on the server"):
+        with _lock.FolderLock(folder, "remove the incomplete copy on the server"):
             shutil.rmtree(path, ignore_errors=True)
     return {"changed": existed, "removed": path if existed else None}
 
@@ -321,7 +293,7 @@ def transfer(source: str, server: str, dest: str, previous: str | None, port: in
             "remote": remote, "previous": previous}
 
 
-def remove_local(root: str, name: str, check_mode: bool = False) -> dict:
+def remove_local(root: str, name: str, check_mode: bool = False, stale_lock_seconds: int = 900) -> dict:
     """Remove a local complete backup once it is on the server (``orthanc_backup_keep: 0``).
 
     Not while another backup of this root runs (it may be linking from this one). ``latest``
@@ -331,7 +303,7 @@ def remove_local(root: str, name: str, check_mode: bool = False) -> dict:
     if not os.path.isdir(path):
         return {"changed": False, "removed": None}
     lock = os.path.join(root, _backupset.LOCK)
-    if os.path.exists(lock):
+    if not _lock.holder_is_dead(lock, stale_lock_seconds):
         raise PacsError(step, f"another backup of {root} is running ({lock}); the local copy {path} is kept")
     if check_mode:
         return {"changed": True, "removed": path}

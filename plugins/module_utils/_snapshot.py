@@ -22,13 +22,12 @@ than shipped untested."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import threading
 import time
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _rest, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _lock, _rest, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, iso, os_error_cause, run_command, utc_now)
 
@@ -258,22 +257,17 @@ class BtrfsSnapshot:
         a leftover when it can take the lock. Two captures of one subvolume at once are refused."""
         path = os.path.join(self.volume, LOCK_NAME)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = _lock.try_flock(path)
         except OSError as exc:
             raise precondition(f"cannot create the snapshot lock: {os_error_cause(exc)}")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if fd is None:
             raise precondition(f"another snapshot backup of {self.volume} is running (it holds {path}); "
                                "wait for it to end")
         self.lock_fd = fd
 
     def unlock(self) -> None:
-        if self.lock_fd is not None:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
-            os.close(self.lock_fd)
-            self.lock_fd = None
+        _lock.unflock(self.lock_fd)
+        self.lock_fd = None
 
     # -- the snapshot ------------------------------------------------------------------------
 

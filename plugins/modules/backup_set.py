@@ -10,7 +10,7 @@ module: backup_set
 short_description: Open, complete or discard one backup folder of an Orthanc host
 version_added: 0.1.0
 description:
-  - C(open) takes the backup root's lock, removes folders that an interrupted run left
+  - C(open) takes the backup root's lock C(<root>/.lock), removes folders that an interrupted run left
     incomplete, checks that the root is writable and has room, creates
     C(<root>/<UTC timestamp>.incomplete/) and copies the Orthanc configuration (file or whole
     folder) into its C(config/).
@@ -20,6 +20,17 @@ description:
     final name, points C(latest) at it, applies retention and releases the lock. When a check
     fails the folder stays incomplete and the module fails.
   - C(discard) removes an incomplete backup (never a complete one) and releases the lock.
+  - The lock is held by a small detached process, the keeper (C(pacs-orthanc-lock-keeper) in
+    C(ps)), which holds an C(flock) on the lock file for the life of the run; the file records
+    the host, its boot id, the keeper's PID and start time. A lock of this host whose holder is
+    provably gone (the C(flock) is free, and the PID is gone or now another program, or the lock
+    is older than the host's last boot) is taken over at once, and the result
+    (C(lock_taken_over)) and the manifest say so. A live keeper is refused, naming it. A lock
+    written on another host (a shared backup root) is taken over once nobody touched it for
+    O(stale_lock_seconds).
+  - The keeper ends when the lock is released (C(close), C(discard)) or replaced, when a step of
+    the run that it watches dies without finishing (a killed module), or when, between steps,
+    nobody touched the lock for O(stale_lock_seconds).
 options:
   state:
     description: What to do.
@@ -60,8 +71,11 @@ options:
     default: true
   stale_lock_seconds:
     description:
-      - A lock not touched for this long is taken to belong to an interrupted run and is taken over.
-        The collection's long steps touch the lock every minute while they run.
+      - A lock written on another host (or by an older version of the collection) that nobody
+        touched for this long is taken to belong to an interrupted run and is taken over. The
+        collection's long steps touch the lock every minute while they run.
+      - On this host a dead run's lock is taken over at once; a run's keeper ends by itself
+        when, between two steps, nobody touched the lock for this long.
     type: int
     default: 900
   host:
@@ -137,6 +151,16 @@ removed_incomplete:
   type: list
   elements: str
   returned: open
+lock_taken_over:
+  description:
+    - The lock of an earlier run that C(open) took over (null when the lock was free), with
+      C(host), C(pid) (its keeper), C(started), C(name) (its backup), C(age_seconds), C(reason),
+      and C(provable) (true when the holder was seen to be gone on this host, false when another
+      host's lock was taken over for being stale). C(close) records it in the manifest.
+  type: dict
+  returned: open
+  sample: {host: pacs-1, pid: 4711, started: "2026-11-29T07:00:00.000000Z", name: 20261129T070000Z,
+           age_seconds: 12, provable: true, reason: "its keeper process 4711 on pacs-1 is gone"}
 manifest:
   description: The manifest written by C(close).
   type: dict

@@ -20,7 +20,7 @@ import pytest
 from tests.support import checks, procs
 from tests.support.playbook import local_host, run_playbook, write_inventory
 from tests.integration.test_backup_failures import assert_failed_cleanly, earlier_backups, fingerprint, good_backup
-from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils import _lock, _verify
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -60,10 +60,12 @@ def interrupt_during_downtime(inventory, server, how):
         proc.send_signal(signal.SIGINT)
     else:
         # everything of the run dies at once, the module that stopped Orthanc included (Ansible's
-        # workers have sessions of their own, so this goes by process tree); only the guardian,
-        # which the module detached for this very case, is spared
+        # workers have sessions of their own, so this goes by process tree, which includes the
+        # play's process group); only the guardian and the lock's keeper, which the modules
+        # detached for this very case, are spared
         victims = [pid for pid in procs.descendants(proc.pid)
-                   if "pacs-orthanc-guardian" not in procs.cmdline(pid)] + [proc.pid]
+                   if "pacs-orthanc-guardian" not in procs.cmdline(pid)
+                   and _lock.KEEPER_TAG not in procs.cmdline(pid)] + [proc.pid]
         assert any("AnsiballZ_stopped_capture" in procs.cmdline(pid) for pid in victims)
         for pid in victims:
             try:
@@ -77,11 +79,18 @@ def interrupt_during_downtime(inventory, server, how):
 
 @pytest.mark.parametrize("how", ["sigint", "kill"])
 def test_play_interrupted_while_orthanc_is_stopped(servers, tmp_path, how):
-    server, root, inventory = one_host(servers, tmp_path, orthanc_backup_stale_lock_seconds=3)
+    # sigint: the stop-window module finishes, then the play stops between two tasks: the run's
+    # keeper waits orthanc_backup_stale_lock_seconds (3 s here) for a next step, then takes the run
+    # for gone. kill: the default (15 minutes) holds, yet the next run goes at once: the keeper
+    # saw the step it watched die
+    extra = {"orthanc_backup_stale_lock_seconds": 3} if how == "sigint" else {}
+    server, root, inventory = one_host(servers, tmp_path, **extra)
     good_backup(inventory)
     earlier = earlier_backups(root)
     checks.store_studies(server, tmp_path, patients=1, via="rest")
     output = interrupt_during_downtime(inventory, server, how)
+    dead = _lock.read_record(str(root / ".lock"))
+    assert dead["name"] and dead["host"] == os.uname().nodename, output
     # Orthanc comes back by itself: the module finishes its window (SIGINT), or the guardian
     # starts Orthanc once the module is gone (SIGKILL)
     assert wait_for(server.answers, timeout=60), output
@@ -91,18 +100,70 @@ def test_play_interrupted_while_orthanc_is_stopped(servers, tmp_path, how):
         report = _control.guardian_marker(server.url) + ".guardian"
         assert wait_for(lambda: os.path.exists(report), timeout=60)
         assert json.loads(open(report, encoding="utf-8").read())["result"] == "Orthanc answers"
+    # the keeper of the interrupted run (never killed by the test) ended by itself
+    assert wait_for(lambda: _lock.process_start(dead["pid"]) is None, timeout=30)
     # nothing looks complete; the earlier backup is untouched
     assert checks.complete_backups(root) == sorted(earlier)
     for name, files in earlier.items():
         assert fingerprint(root / name) == files
-    # the lock of the interrupted run is no longer touched: the next run takes it over, removes
-    # the incomplete folder and makes a complete backup
-    time.sleep(4)
+    # the next run takes the dead run's lock over at once, removes the incomplete folder, makes a
+    # complete backup and says what it took over
     result = run_playbook(inventory)
     assert result.returncode == 0, result.stdout
     assert not [p for p in root.iterdir() if p.name.endswith(".incomplete")]
     assert len(checks.complete_backups(root)) == 2
-    assert _verify.verify_backup(str((root / "latest").resolve()))["ok"]
+    latest = (root / "latest").resolve()
+    assert _verify.verify_backup(str(latest))["ok"]
+    taken = checks.read_manifest(latest)["lock_taken_over"]
+    assert taken["name"] == dead["name"] and taken["pid"] == dead["pid"] and taken["provable"], taken
+    assert taken["host"] == dead["host"] and taken["started"] == dead["started_at"]
+    assert f"its keeper process {dead['pid']} on {dead['host']} is gone" in taken["reason"]
+    if how == "kill":
+        assert "stopped_capture" in taken["reason"] and "died without finishing" in taken["reason"], taken
+    assert f"took over the lock of the run {dead['name']}" in result.stdout, result.stdout
+    assert not (root / ".lock").exists() and not (root / ".lock.step").exists()
+
+
+def test_a_live_run_is_never_taken_over(servers, tmp_path):
+    """A run that is alive but paused (SIGSTOP) keeps its lock: the second run is refused with a
+    message naming the keeper; the first then completes."""
+    server, root, inventory = one_host(servers, tmp_path)
+    good_backup(inventory)
+    first = run_playbook(inventory, popen=True)
+    lock = root / ".lock"
+    assert wait_for(lambda: _lock.read_record(str(lock)).get("pid"), timeout=120, step=0.005)
+    paused = []
+    for _round in range(3):  # the play first, then whatever it started meanwhile
+        for pid in [first.pid] + sorted(procs.descendants(first.pid)):
+            if pid not in paused and "pacs-orthanc-guardian" not in procs.cmdline(pid) \
+                    and _lock.KEEPER_TAG not in procs.cmdline(pid):
+                os.kill(pid, signal.SIGSTOP)
+                paused.append(pid)
+    try:
+        record = _lock.read_record(str(lock))
+        keeper = record["pid"]
+        assert _lock.KEEPER_TAG in procs.cmdline(keeper) and keeper not in paused
+        second = run_playbook(inventory)
+        assert second.returncode != 0, second.stdout
+        match = re.search(r"Backup of pacs failed at step '([^']*)': (.*)", second.stdout)
+        assert match and "Prepare the backup folder" in match.group(1), second.stdout
+        assert re.search(rf"another backup \({record['name']}, started .*\) holds the lock {re.escape(str(lock))}: "
+                         rf"its keeper process {keeper} on {os.uname().nodename} holds it", match.group(2)), match.group(0)
+        assert f"kill {keeper}" in match.group(2)
+        assert _lock.read_record(str(lock)) == record and _lock.process_start(keeper) == record["pid_start"]
+        assert server.answers()
+    finally:
+        for pid in paused:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, output
+    latest = (root / "latest").resolve()
+    assert latest.name == record["name"] and checks.read_manifest(latest)["lock_taken_over"] is None
+    assert "took over" not in output
+    assert not lock.exists() and wait_for(lambda: _lock.process_start(keeper) is None, timeout=10)
 
 
 def test_orthanc_refusing_to_start_again(servers, tmp_path):

@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import signal
 import sqlite3
 import time
 
 import pytest
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _lock, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
 
 
@@ -93,16 +95,56 @@ def test_a_second_backup_is_refused_while_one_runs_and_leftovers_are_removed(tmp
     config, storage, index_dir = make_orthanc(tmp_path)
     root = tmp_path / "backups"
     first = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
-    with pytest.raises(PacsError, match=r"another backup .* holds the lock .*\.lock"):
+    assert first["lock_taken_over"] is None
+    keeper = json.loads((root / ".lock").read_text())["pid"]
+    with pytest.raises(PacsError, match=rf"another backup .* holds the lock .*\.lock: its keeper process {keeper} "):
         _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
-    # the first run dies; once its lock is stale the next run takes over and removes its folder
-    old = time.time() - 100
-    os.utime(root / ".lock", (old, old))
-    time.sleep(1.1)
-    second = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage), stale_lock_seconds=50)
+    # the first run dies with its keeper (kill -9): the next run takes over at once, without
+    # waiting for the lock to grow stale, removes its folder and records the takeover
+    os.kill(keeper, signal.SIGKILL)
+    assert wait_for(lambda: _lock.process_start(keeper) is None)
+    time.sleep(1.1)  # backups are named by the second
+    second = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
     assert second["removed_incomplete"] == [first["name"] + ".incomplete"]
-    _backupset.discard_backup(str(root), second["name"])
-    assert os.listdir(root) == []
+    taken = second["lock_taken_over"]
+    assert taken["pid"] == keeper and taken["name"] == first["name"] and taken["provable"]
+    assert taken["started"] == first["started_at"] and taken["host"] == os.uname().nodename
+    assert "is gone" in taken["reason"]
+    _storage.hot_pass(str(storage), second["storage_path"], second["state_file"], link_mode="copy", settle=0)
+    os.makedirs(second["index_path"])
+    shutil.copy(index_dir / "index", second["index_path"])
+    closed = _backupset.close_backup(str(root), second["name"], "unit-host", {"backend": "sqlite"}, 7)
+    assert closed["manifest"]["lock_taken_over"] == taken
+    assert json.loads((root / second["name"] / "manifest.json").read_text())["lock_taken_over"] == taken
+    assert sorted(os.listdir(root)) == [second["name"], "latest"]
+    # a backup that took over nothing says so too
+    time.sleep(1.1)
+    _opened, closed = take_backup(tmp_path, root, config, storage, index_dir)
+    assert closed["manifest"]["lock_taken_over"] is None
+
+
+def test_discard_and_close_end_the_keeper(tmp_path):
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    keeper = json.loads((root / ".lock").read_text())["pid"]
+    assert _lock.KEEPER_TAG in _lock.process_command(keeper)
+    _backupset.discard_backup(str(root), opened["name"])
+    assert _lock.process_start(keeper) is None and os.listdir(root) == []
+    time.sleep(1.1)
+    opened, _closed = take_backup(tmp_path, root, config, storage, index_dir)
+    assert not (root / ".lock").exists() and not (root / ".lock.step").exists()
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit()
+                and _lock.KEEPER_TAG in _lock.process_command(pid) and str(root) in _lock.process_command(pid)]
+
+
+def wait_for(predicate, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_retention_keeps_the_newest_and_links_unchanged_files(tmp_path):
@@ -152,6 +194,9 @@ def test_a_running_step_keeps_its_lock_fresh(tmp_path):
         os.utime(root / ".lock", (old, old))
         time.sleep(0.3)
         assert time.time() - os.stat(root / ".lock").st_mtime < 5
+        # ...and registers itself with the keeper, which then knows the run is alive
+        assert json.loads((root / ".lock.step").read_text())["pid"] == os.getpid()
+    assert not (root / ".lock.step").exists()
     # ...so a second run started meanwhile still finds it held, even with a short staleness
     with pytest.raises(PacsError, match="holds the lock"):
         _backupset.open_backup(str(root), str(config), str(index_dir), str(storage), stale_lock_seconds=60)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 
 import pytest
 
 from ansible_collections.pacs.orthanc.plugins.filter import backup_summary
-from ansible_collections.pacs.orthanc.plugins.module_utils import _ship, _status
+from ansible_collections.pacs.orthanc.plugins.module_utils import _lock, _ship, _status
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
 
 
@@ -155,7 +156,7 @@ def test_server_prepare_removes_leftovers_and_discard_never_touches_complete(tmp
 def test_a_second_run_on_the_same_folder_is_refused_while_one_acts(tmp_path):
     folder = tmp_path / "host"
     folder.mkdir()
-    with _ship.ServerLock(str(folder), "x"):
+    with _lock.FolderLock(str(folder), "x"):
         with pytest.raises(PacsError, match="another run is working"):
             _ship.prepare(str(folder), "20261129T000000Z")
     assert _ship.prepare(str(folder), "20261129T000000Z")["changed"]  # released with the holder
@@ -227,3 +228,21 @@ def test_summary_with_shipping():
     assert totals["shipped"] == 1 and totals["ship_failed"] == 2 and totals["shipped_bytes"] == 2048
     assert totals["all_ok"] is False and totals["max_downtime_seconds"] == 2.0
     assert totals["line"].startswith("4 of 6 hosts backed up (1 failed, 1 not run)")
+
+
+def test_the_local_copy_stays_while_a_live_backup_holds_the_root(tmp_path):
+    root = tmp_path / "backups"
+    (root / "20261129T000000Z").mkdir(parents=True)
+    (root / "20261129T000000Z" / "manifest.json").write_text("{}")
+    lock = str(root / ".lock")
+    _lock.acquire(lock, "20261130T000000Z", "now", 900, "x")
+    with pytest.raises(PacsError, match=r"another backup of .* is running .*the local copy .* is kept"):
+        _ship.remove_local(str(root), "20261129T000000Z")
+    # its run dies (kill -9 of its keeper): nothing can be linking from that copy any more
+    keeper = _lock.read_record(lock)["pid"]
+    os.kill(keeper, 9)
+    deadline = time.monotonic() + 10
+    while _lock.process_start(keeper) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _ship.remove_local(str(root), "20261129T000000Z")["removed"]
+    assert not (root / "20261129T000000Z").exists()

@@ -27,3 +27,14 @@ def test_files_lost_live_are_a_warning_on_the_line():
     assert line["line"].endswith("WARNING: 2 files the index lists are gone from the live storage "
                                  "(kept in this backup from the previous one)")
     assert line["record"]["lost_in_live_storage"] == 2
+
+
+def test_a_dead_runs_lock_taken_over_is_on_the_line():
+    taken = {"host": "pacs-1", "pid": 4711, "started": "2026-11-29T07:00:00.000000Z", "name": "20261129T070000Z",
+             "age_seconds": 12, "provable": True, "reason": "its keeper process 4711 on pacs-1 is gone"}
+    line = backup_result([ok(strategy="stop", downtime_seconds=2, lock_taken_over=taken), "a", None])
+    assert line["line"].endswith("; took over the lock of the run 20261129T070000Z (pacs-1, started "
+                                 "2026-11-29T07:00:00.000000Z): its keeper process 4711 on pacs-1 is gone")
+    assert line["record"]["lock_taken_over"] == taken and line["ok"]
+    plain = backup_result([ok(strategy="stop", downtime_seconds=2, lock_taken_over=None), "a", None])
+    assert "took over" not in plain["line"] and plain["record"]["lock_taken_over"] is None
