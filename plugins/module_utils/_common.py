@@ -15,6 +15,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import traceback
 
 __metaclass__ = type
 
@@ -203,16 +204,19 @@ def copy_tree_as_is(src: str, dest: str) -> list:
 def run_module(module, action) -> None:
     """Call ``action(module)`` and turn its outcome into exit_json/fail_json.
 
-    PacsError becomes a clear message with its step and cause; an OSError becomes one too
-    (the step is then the module's name), so that no traceback reaches the user."""
+    PacsError becomes a clear message with its step and cause. An OSError or any unexpected
+    exception becomes one too (the step is then the module's name): the message stays one
+    clean line, and the traceback goes into the result's ``exception`` key, which Ansible
+    shows only at -vvv, so that the place an unexpected error came from can still be found."""
     try:
         result = action(module)
     except PacsError as exc:
         module.fail_json(**exc.as_result())
     except OSError as exc:
         module.fail_json(msg=f"{module._name}: {os_error_cause(exc)}", step=module._name,
-                         cause=os_error_cause(exc))
-    except Exception as exc:  # pylint: disable=broad-except  # a message, never a traceback
+                         cause=os_error_cause(exc), exception=traceback.format_exc())
+    except Exception as exc:  # pylint: disable=broad-except  # one clean message; the traceback for -vvv
         cause = f"unexpected {type(exc).__name__}: {exc}"
-        module.fail_json(msg=f"{module._name}: {cause}", step=module._name, cause=cause)
+        module.fail_json(msg=f"{module._name}: {cause}", step=module._name, cause=cause,
+                         exception=traceback.format_exc())
     module.exit_json(**result)

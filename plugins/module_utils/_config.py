@@ -191,12 +191,17 @@ def describe(config_path: str, environ: dict | None = None, base_dir: str | None
     for name in conf["missing_variables"]:
         warnings.append(f"environment variable {name} is not set; it was replaced by an empty string")
 
+    # an empty path is most often a ${VAR} that the service's environment sets and ours does not
+    unset = ""
+    if conf["missing_variables"]:
+        unset = (f" (not set for this module: {', '.join(conf['missing_variables'])}; give the values "
+                 "that Orthanc's service sees in orthanc_config_environment)")
     storage_value = values.get("StorageDirectory", "OrthancStorage")
     if not isinstance(storage_value, str) or not storage_value:
-        raise PacsError(STEP, "'StorageDirectory' must be a non-empty string")
+        raise PacsError(STEP, f"'StorageDirectory' must be a non-empty string{unset}")
     index_value = values.get("IndexDirectory", storage_value)
     if not isinstance(index_value, str) or not index_value:
-        raise PacsError(STEP, "'IndexDirectory' must be a non-empty string")
+        raise PacsError(STEP, f"'IndexDirectory' must be a non-empty string{unset}")
     storage_dir = resolve_path(base_dir, storage_value)
     index_dir = resolve_path(base_dir, index_value)
 

@@ -50,9 +50,11 @@ def _nested(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def plan(backup: str, config_path: str, orthanc_version, database_version, force: bool) -> dict:
+def plan(backup: str, config_path: str, orthanc_version, database_version, force: bool,
+         environ: dict | None = None) -> dict:
     """Where the backup's configuration, index and storage go on this host, and whether the
-    host's Orthanc can open the backup's index."""
+    host's Orthanc can open the backup's index. ``environ`` is the environment Orthanc's service
+    sees, for ${VAR} in the configuration (default: this process's)."""
     backup = os.path.realpath(backup)
     manifest = read_manifest(backup)
     source = manifest.get("source", {})
@@ -69,7 +71,7 @@ def plan(backup: str, config_path: str, orthanc_version, database_version, force
             raise PacsError("plan restore", f"the backup holds {len(names)} configuration files but {config_path} is one file")
         target_config, target_base = config_path, os.path.dirname(config_path)
         read_from = os.path.join(config_copy, names[0])
-    described = _config.describe(read_from, base_dir=target_base)
+    described = _config.describe(read_from, environ, base_dir=target_base)
     refusals = []
     backup_version = manifest.get("orthanc", {}).get("version")
     backup_schema = manifest.get("database_schema_version")

@@ -66,6 +66,13 @@ options:
     description: Parallel copies.
     type: int
     default: 4
+  environment:
+    description:
+      - Variables that Orthanc's service sees, used for C(${VAR}) substitution when the backup's
+        configuration is read to learn where the index and storage go. Without it, the module's
+        own environment is used.
+    type: dict
+    version_added: 0.2.0
 attributes:
   check_mode:
     support: full
@@ -157,7 +164,8 @@ def act(module):
         return _restore.rollback(journal)
     if not p["backup"]:
         raise PacsError("plan restore", f"state={p['state']} needs 'backup'")
-    planned = _restore.plan(p["backup"], p["config_path"], p["orthanc_version"], p["database_version"], p["force"])
+    planned = _restore.plan(p["backup"], p["config_path"], p["orthanc_version"], p["database_version"], p["force"],
+                            p["environment"])
     result = {"changed": False, "backup": planned["backup"], "targets": planned["targets"],
               "counts": planned["counts"], "refusals_overridden": planned["refusals_overridden"],
               "backup_orthanc_version": planned["manifest"].get("orthanc", {}).get("version"),
@@ -188,6 +196,7 @@ def main():
             owner=dict(type="str"),
             group=dict(type="str"),
             workers=dict(type="int", default=4),
+            environment=dict(type="dict"),
         ),
         supports_check_mode=True,
     )

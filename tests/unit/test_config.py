@@ -34,6 +34,22 @@ def test_variables_with_and_without_default(tmp_path):
     assert conf["missing_variables"] == ["UNSET"]
 
 
+def test_unset_variable_is_a_warning_and_an_empty_path_names_it(tmp_path):
+    # Orthanc 1.10.1 replaces an unset ${VAR} without default by "" and says nothing: so do we,
+    # with a warning; a path left empty by it is refused, naming the variable and the fix
+    (tmp_path / "o.json").write_text('{"Name": "${PACS_T_NAME}", "StorageDirectory": "${PACS_T_DATA}"}')
+    with pytest.raises(PacsError) as err:
+        _config.describe(str(tmp_path / "o.json"), {})
+    assert str(err.value) == ("read Orthanc configuration: 'StorageDirectory' must be a non-empty string "
+                              "(not set for this module: PACS_T_DATA, PACS_T_NAME; give the values that "
+                              "Orthanc's service sees in orthanc_config_environment)")
+    described = _config.describe(str(tmp_path / "o.json"), {"PACS_T_DATA": str(tmp_path / "data")})
+    assert described["storage_directory"] == str(tmp_path / "data")
+    assert described["name"] == ""
+    assert described["warnings"] == ["environment variable PACS_T_NAME is not set; it was replaced by an empty string"]
+    assert described["unsupported"] == []
+
+
 def test_folder_loads_every_json_file_but_not_subfolders(tmp_path):
     (tmp_path / "a.json").write_text('{"Name": "n"}')
     (tmp_path / "b.json").write_text('{"HttpPort": 8043}')
