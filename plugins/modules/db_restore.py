@@ -125,6 +125,7 @@ dump:
 """
 
 import os
+import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -154,6 +155,10 @@ def run(module):
     admin = dict(conn)
     if p["admin_username"]:
         admin.update({"username": p["admin_username"], "password": p["admin_password"]})
+    elif p["admin_unix_socket"] and conn["engine"] == "mysql":
+        # the socket alone: the account this module runs as (root with become), which MariaDB
+        # authenticates by the socket (unix_socket), without a password
+        admin.update({"username": pwd.getpwuid(os.geteuid()).pw_name, "password": None})
     for key in ("host", "port"):
         if p[f"admin_{key}"]:
             admin[key] = p[f"admin_{key}"]
