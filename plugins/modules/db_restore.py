@@ -153,17 +153,17 @@ import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _database
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import connection as db_connection, dump as db_dump, restore as db_restore
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
 def locate(path: str):
     if os.path.isdir(path) and not path.rstrip("/").endswith(".pgdir"):
-        found = _database.find_dump(path)
+        found = db_dump.find_dump(path)
         if not found:
             raise PacsError("find the dump", f"{path} holds no database dump (database/orthanc.pgdump, .pgdir or .sql)")
         return found
-    for fmt, name in _database.DUMP_NAMES.items():
+    for fmt, name in db_dump.DUMP_NAMES.items():
         if path.rstrip("/").endswith(os.path.splitext(name)[1]):
             return ("mysql" if fmt == "sql" else "postgresql"), fmt, path
     raise PacsError("find the dump", f"{path}: not a .pgdump, .pgdir or .sql dump")
@@ -172,8 +172,8 @@ def locate(path: str):
 def run(module):
     p = module.params
     dump_engine, fmt, path = locate(p["dump"])
-    conn = _database.from_config(p["config_path"], p["environment"], p["engine"] or dump_engine,
-                                 {k: p[k] for k in _database.CONNECTION_KEYS}, step="read the target database")
+    conn = db_connection.from_config(p["config_path"], p["environment"], p["engine"] or dump_engine,
+                                 {k: p[k] for k in db_connection.CONNECTION_KEYS}, step="read the target database")
     if conn["engine"] != dump_engine:
         raise PacsError("read the target database", f"the dump is a {dump_engine} dump but the target is {conn['engine']}")
     admin = dict(conn)
@@ -189,7 +189,7 @@ def run(module):
     if p["admin_unix_socket"]:
         admin.update({"unix_socket": p["admin_unix_socket"], "host": "localhost"})
     admin["maintenance_db"] = p["maintenance_db"]
-    result = _database.restore(conn, admin, path, fmt, owner=p["owner"], replace=p["replace"], jobs=p["jobs"],
+    result = db_restore.restore(conn, admin, path, fmt, owner=p["owner"], replace=p["replace"], jobs=p["jobs"],
                                bin_dir=p["bin_dir"], check_mode=module.check_mode, timeout=p["timeout"])
     result["dump"] = path
     return result
@@ -198,7 +198,7 @@ def run(module):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            **_database.CONNECTION_SPEC,
+            **db_connection.CONNECTION_SPEC,
             dump=dict(type="path", required=True),
             owner=dict(type="str"),
             admin_username=dict(type="str"),
