@@ -134,7 +134,7 @@ from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_mo
 def run(module):
     p = module.params
     conn = db_connection.from_config(p["config_path"], p["environment"], p["engine"],
-                                 {k: p[k] for k in db_connection.CONNECTION_KEYS})
+                                     {k: p[k] for k in db_connection.CONNECTION_KEYS})
     if module.check_mode:
         with db_client.Client(conn, p["bin_dir"], "dump the database") as client:
             client.tool("pg_dump" if conn["engine"] == "postgresql" else "mysqldump")

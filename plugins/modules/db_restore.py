@@ -173,7 +173,7 @@ def run(module):
     p = module.params
     dump_engine, fmt, path = locate(p["dump"])
     conn = db_connection.from_config(p["config_path"], p["environment"], p["engine"] or dump_engine,
-                                 {k: p[k] for k in db_connection.CONNECTION_KEYS}, step="read the target database")
+                                     {k: p[k] for k in db_connection.CONNECTION_KEYS}, step="read the target database")
     if conn["engine"] != dump_engine:
         raise PacsError("read the target database", f"the dump is a {dump_engine} dump but the target is {conn['engine']}")
     admin = dict(conn)
@@ -190,7 +190,7 @@ def run(module):
         admin.update({"unix_socket": p["admin_unix_socket"], "host": "localhost"})
     admin["maintenance_db"] = p["maintenance_db"]
     result = db_restore.restore(conn, admin, path, fmt, owner=p["owner"], replace=p["replace"], jobs=p["jobs"],
-                               bin_dir=p["bin_dir"], check_mode=module.check_mode, timeout=p["timeout"])
+                                bin_dir=p["bin_dir"], check_mode=module.check_mode, timeout=p["timeout"])
     result["dump"] = path
     return result
 

@@ -119,6 +119,7 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
         client.tool(tool_name)  # a clear message when it is missing, before anything else
         if engine == "postgresql":
             client.tool("pg_restore")
+
         def ask_versions():
             try:
                 return client.server_version(), client.tool_version(tool_name)

@@ -211,7 +211,7 @@ def _mysql_plan(admin: Client, conn: dict, owner: str, state: dict, path: str) -
     rows = admin.query("SELECT CURRENT_USER(), @@log_bin, @@log_bin_trust_function_creators, VERSION()",
                        database="information_schema", step=step)
     current, log_bin, trust, version = rows[0]
-    user, _, host = current.rpartition("@")
+    user, _at, host = current.rpartition("@")
     grantees = [f"'{user}'@'{host}'"]
     grantees += [f"'{r[0]}'" for r in admin.query("SELECT ROLE_NAME FROM information_schema.ENABLED_ROLES",
                                                   database="information_schema", step=step) if r[0] != "NULL"]
