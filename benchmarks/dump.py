@@ -10,7 +10,7 @@ servers that scripts/databases.sh starts):
    - raw: ``pg_dump -Fc -f FILE`` (password in PGPASSWORD) or ``mysqldump --single-transaction
      --routines --triggers --hex-blob DB > FILE`` (password in a defaults file), nothing else;
      and the same followed by an fsync of the file (data on disk, as a backup needs);
-   - module code: ``_database.dump()``, what the module runs on the host: version query, dump
+   - module code: ``db_dump.dump()``, what the module runs on the host: version query, dump
      streamed through a SHA-256, fsync, read-back check (``pg_restore --list`` / trailer), rename;
    - module: ``ansible localhost -m pacs.orthanc.db_dump`` (Ansible's start-up included);
 3. prints the median of each and its ratio to the raw tool.
@@ -40,7 +40,7 @@ from _archive import store_generated
 from tests.support import databases  # noqa: E402
 from tests.support.orthanc_server import OrthancServer  # noqa: E402
 from tests.support.playbook import run_module  # noqa: E402
-from ansible_collections.pacs.orthanc.plugins.module_utils import _database  # noqa: E402
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import connection as db_connection, dump as db_dump  # noqa: E402
 
 
 def raw_dump(db: databases.Database, out: Path, work: Path) -> None:
@@ -82,7 +82,7 @@ def main() -> int:
                 size, seconds = store_generated(server, work / f"dicom-{engine}", count, (400_000, 600_000), seed=3)
                 print(f"{engine}: stored {count} files ({size / 1e6:.0f} MB) in {seconds:.1f} s", flush=True)
                 section = "PostgreSQL" if engine == "postgresql" else "MySQL"
-                conn = _database.connection(engine, db.orthanc_config(True)[section])
+                conn = db_connection.connection(engine, db.orthanc_config(True)[section])
                 times = {"raw": [], "raw + fsync": [], "module code": [], "module (ansible)": []}
                 size = 0
                 for round_ in range(args.repeat):
@@ -95,7 +95,7 @@ def main() -> int:
                                 with open(out, "rb") as handle:
                                     os.fsync(handle.fileno())
                         elif label == "module code":
-                            _database.dump(conn, str(out))
+                            db_dump.dump(conn, str(out))
                         else:
                             result = run_module("db_dump", {"config_path": str(server.config_path), "dest": str(out)})
                             if result.get("failed"):

@@ -50,6 +50,10 @@ options:
 notes:
   - Passwords reach the engine's tools only through a private 0600 file in a 0700 folder (C(PGPASSFILE), or
     MySQL's C(--defaults-extra-file)), removed afterwards; never a command line, a result or a log.
+  - The privileges that a restore needs (PostgreSQL C(CREATEDB), membership, C(CONNECT)/C(CREATE);
+    MySQL/MariaDB the database's privileges, C(SET USER), C(SUPER) with binary logging) are listed in
+    M(pacs.orthanc.db_restore)'s O(pacs.orthanc.db_restore#module:admin_username) and checked before
+    anything changes. A dump needs only to read the database, as the user Orthanc connects as.
   - Needs C(postgresql-client) (C(pg_dump), C(pg_restore), C(psql)) or C(mariadb-client) (C(mysqldump),
     C(mysql)) on the managed host.
 """

@@ -6,6 +6,7 @@ hashing and atomic writes. Runs on the managed host: standard library only."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import grp
 import hashlib
@@ -48,39 +49,129 @@ def os_error_cause(exc: OSError) -> str:
     return text
 
 
+# for the stdin/stdout arguments of Program and run_command, so that callers need not import subprocess
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+
+
+class Program:
+    """One external program, started the one way every program is started here: an argument
+    list (no shell), LC_ALL=C, secrets through standard input or the environment (never argv), its
+    error output in a temporary file (a pipe could fill up, or be held open by a daemon it leaves
+    behind). ``stdin`` and ``stdout`` are open files, DEVNULL (the default) or PIPE; ``data=True``
+    gives a pipe to standard input for ``communicate``. ``detach`` starts it in its own session
+    (a server that may outlive this module), with ``stderr`` a file of its own.
+
+    As a context manager: a program still running at the end is killed (unless detached)."""
+
+    def __init__(self, argv: list, step: str, env: dict | None = None, stdin=None, stdout=None, stderr=None,
+                 data: bool = False, cwd: str | None = None, detach: bool = False):
+        self.argv = list(argv)
+        self.step = step
+        self.name = os.path.basename(str(argv[0]))
+        self.detach = detach
+        full_env = dict(os.environ)
+        full_env.update({"LC_ALL": "C", "LANG": "C"})
+        if env:
+            full_env.update(env)
+        self.err_file = tempfile.TemporaryFile() if stderr is None else None
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=PIPE if data else (DEVNULL if stdin is None else stdin),
+                stdout=DEVNULL if stdout is None else stdout,
+                stderr=self.err_file if stderr is None else stderr,
+                env=full_env, cwd=cwd, start_new_session=detach, close_fds=True)
+        except FileNotFoundError:
+            self.close()
+            raise PacsError(step, f"program not found: {argv[0]}")
+        except OSError as exc:
+            self.close()
+            raise PacsError(step, f"cannot run {argv[0]}: {os_error_cause(exc)}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def stdout(self):
+        return self.proc.stdout
+
+    def poll(self):
+        return self.proc.poll()
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        """Kill it (if it still runs) and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def wait(self, timeout: float | None = None, data: bytes | None = None, hint: str = "") -> int:
+        """Its exit status (negative: the signal that ended it); past ``timeout`` it is killed and
+        PacsError says so (``hint`` added: what the caller left behind)."""
+        try:
+            if data is not None:
+                self.proc.communicate(input=data, timeout=timeout)
+            else:
+                self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise PacsError(self.step, f"{self.name} did not finish within {timeout} s{hint}")
+        return self.proc.returncode
+
+    def errors(self) -> str:
+        """What it wrote to its standard error."""
+        if self.err_file is None:
+            return ""
+        self.err_file.seek(0)
+        return self.err_file.read().decode("utf-8", "replace")
+
+    def close(self) -> None:
+        proc = getattr(self, "proc", None)
+        if proc is not None and not self.detach and proc.poll() is None:
+            self.kill()
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
+        if self.err_file is not None:
+            self.err_file.close()
+            self.err_file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
 def run_command(argv: list, step: str, data: bytes | None = None, env: dict | None = None,
-                check: bool = True, timeout: float | None = None):
-    """The one place that runs external programs: an argument list (no shell), LC_ALL=C,
-    secrets passed through ``data`` (standard input) or ``env``, never through argv.
+                check: bool = True, timeout: float | None = None, stdin=None, stdout=None,
+                timeout_hint: str = ""):
+    """Run a program to its end (through Program: an argument list, LC_ALL=C, secrets through
+    ``data`` (standard input) or ``env``, never through argv). ``stdin``: an open file it reads
+    instead of ``data``; ``stdout``: an open file (or DEVNULL) it writes to, then the returned
+    stdout is empty.
 
     Returns (rc, stdout, stderr) as text. With ``check`` a non-zero exit raises PacsError
     naming the program and the last lines of its error output."""
-    full_env = dict(os.environ)
-    full_env.update({"LC_ALL": "C", "LANG": "C"})
-    if env:
-        full_env.update(env)
     # Output goes to temporary files, not pipes: a start command that leaves a daemon behind
     # (holding our standard output) must not make us wait for that daemon to exit.
-    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
-                                    stdout=out_file, stderr=err_file, env=full_env)
-        except FileNotFoundError:
-            raise PacsError(step, f"program not found: {argv[0]}")
-        try:
-            proc.communicate(input=data, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise PacsError(step, f"{os.path.basename(argv[0])} did not finish within {timeout} s")
-        out_file.seek(0)
-        err_file.seek(0)
-        out = out_file.read().decode("utf-8", "replace")
-        err = err_file.read().decode("utf-8", "replace")
-    if check and proc.returncode != 0:
+    with contextlib.ExitStack() as stack:
+        out_file = stack.enter_context(tempfile.TemporaryFile()) if stdout is None else None
+        program = stack.enter_context(Program(argv, step, env=env, stdin=stdin, data=data is not None,
+                                              stdout=out_file if stdout is None else stdout))
+        returncode = program.wait(timeout=timeout, data=data, hint=timeout_hint)
+        out = ""
+        if out_file is not None:
+            out_file.seek(0)
+            out = out_file.read().decode("utf-8", "replace")
+        err = program.errors()
+    if check and returncode != 0:
         tail = " ".join(err.strip().splitlines()[-3:]) or out.strip()[-300:]
-        raise PacsError(step, f"{os.path.basename(argv[0])} exited with {proc.returncode}: {tail}")
-    return proc.returncode, out, err
+        raise PacsError(step, f"{os.path.basename(argv[0])} exited with {returncode}: {tail}")
+    return returncode, out, err
 
 
 def safe_relative(name) -> bool:

@@ -205,6 +205,10 @@ class Guardian:
                 os.unlink(stale)
         argv = [sys.executable, "-c", _GUARDIAN, GUARDIAN_TAG, str(os.getpid()), self.marker, self.controller.url,
                 json.dumps(self.controller._argv("start")), str(self.timeout)]
+        # Popen, not _common.Program: the guardian is a separate Python program that must outlive
+        # this module (it starts Orthanc again if the module is killed), in its own session, and
+        # nothing here waits for it or reads its output; its own start command runs in _GUARDIAN,
+        # which cannot import this collection.
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         return self

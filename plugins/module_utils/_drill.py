@@ -15,11 +15,10 @@ import shutil
 import signal
 import socket
 import sqlite3
-import subprocess
 import time
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _rest, _storage
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, os_error_cause
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, Program, os_error_cause
 
 __metaclass__ = type
 
@@ -131,11 +130,10 @@ def run_drill(backup: str, workdir: str, orthanc_binary: str, sample: int, keep:
             raise PacsError("prepare scratch Orthanc", os_error_cause(exc))
         log = open(os.path.join(scratch, "log", "stdout.log"), "ab")
         try:
-            process = subprocess.Popen([orthanc_binary, f"--logdir={os.path.join(scratch, 'log')}",
-                                        os.path.join(scratch, "config")], stdin=subprocess.DEVNULL,
-                                       stdout=log, stderr=log, start_new_session=True, cwd=scratch)
-        except OSError as exc:
-            raise PacsError("start scratch Orthanc", os_error_cause(exc))
+            # detached: with keep, the scratch Orthanc outlives this module
+            process = Program([orthanc_binary, f"--logdir={os.path.join(scratch, 'log')}",
+                               os.path.join(scratch, "config")], "start scratch Orthanc", stdout=log, stderr=log,
+                              cwd=scratch, detach=True)
         finally:
             log.close()
         result["pid"] = process.pid
@@ -176,9 +174,8 @@ def run_drill(backup: str, workdir: str, orthanc_binary: str, sample: int, keep:
                 process.send_signal(signal.SIGTERM)
                 try:
                     process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                except PacsError:
+                    pass  # killed after 60 s
             shutil.rmtree(scratch, ignore_errors=True)
             result["removed"] = True
 

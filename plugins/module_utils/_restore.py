@@ -12,7 +12,8 @@ import os
 import re
 import shutil
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _database, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, copy_tree_as_is, os_error_cause, resolve_ids, safe_relative)
 
@@ -84,7 +85,7 @@ def plan(backup: str, config_path: str, orthanc_version, database_version, force
         refusals.append(f"the backup's index has schema {backup_schema}, this host's Orthanc expects {database_version}")
     database = None
     if described["backend"] != "sqlite":
-        found = _database.find_dump(backup)
+        found = db_dump.find_dump(backup)
         if not found:
             raise PacsError("plan restore", f"the configuration in the backup uses a {described['backend']} index "
                             "but the backup holds no database dump")

@@ -12,7 +12,8 @@ import concurrent.futures
 import json
 import os
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _database, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, md5_file, safe_relative, sha256_file
 
 __metaclass__ = type
@@ -146,8 +147,8 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
     holds, whether the files are in the dump (large objects, LONGBLOBs) or in storage/."""
     engine, fmt, path = found
     try:
-        _database.check_dump(engine, path, fmt)
-        listing = _database.read_dump(engine, path, with_contents=True)
+        db_dump.check_dump(engine, path, fmt)
+        listing = db_listing.read_dump(engine, path, with_contents=True)
     except PacsError as exc:
         report.add("unreadable database dump", exc.cause)
         return report.as_dict()
@@ -184,7 +185,7 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
     ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped."""
     report = Report()
     manifest = _read_manifest(backup, report)
-    found = _database.find_dump(backup)
+    found = db_dump.find_dump(backup)
     if found:
         return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing)
     index_file = os.path.join(backup, "index", "index")

@@ -126,22 +126,23 @@ files:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _database
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import client as db_client, connection as db_connection, dump as db_dump
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
 
 
 def run(module):
     p = module.params
-    conn = _database.from_config(p["config_path"], p["environment"], p["engine"],
-                                 {k: p[k] for k in _database.CONNECTION_KEYS})
+    conn = db_connection.from_config(p["config_path"], p["environment"], p["engine"],
+                                     {k: p[k] for k in db_connection.CONNECTION_KEYS})
     if module.check_mode:
-        with _database.Client(conn, p["bin_dir"], "dump the database") as client:
+        with db_client.Client(conn, p["bin_dir"], "dump the database") as client:
             client.tool("pg_dump" if conn["engine"] == "postgresql" else "mysqldump")
             version = client.server_version()
         return {"changed": True, "engine": conn["engine"], "server_version": version,
-                "connection": _database.public(conn)}
+                "connection": db_connection.public(conn)}
     with _backupset.Heartbeat(p["dest"]):
-        result = _database.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"])
+        result = db_dump.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"])
     result["changed"] = True
     return result
 
@@ -149,7 +150,7 @@ def run(module):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            **_database.CONNECTION_SPEC,
+            **db_connection.CONNECTION_SPEC,
             dest=dict(type="path", required=True),
             format=dict(type="str", choices=["custom", "directory"], default="custom"),
             jobs=dict(type="int", default=1),

@@ -31,9 +31,21 @@ options:
     type: str
   admin_username:
     description:
-      - User that creates, drops and fills the database (PostgreSQL C(CREATEDB) or superuser; MySQL
-        with C(CREATE), C(DROP), C(GRANT OPTION) and, when binary logging is on, C(SUPER) for triggers).
-        Default, the connection's user.
+      - User that creates, drops and fills the database. Default, the connection's user; with
+        O(admin_unix_socket) alone (MySQL), the account this module runs as.
+      - "PostgreSQL: C(CREATEDB) for a missing database. A member of O(owner)'s role (or a superuser)
+        creates it C(OWNER) O(owner) and restores with C(--role); a C(CREATEDB) role that is not a member
+        creates it as its own, grants it to O(owner) (C(ALL ON DATABASE), C(ALL ON SCHEMA public)), and
+        O(owner) restores the dump itself with the connection's credentials, so every object is the
+        owner's. Dropping (O(replace)) needs membership in the database owner's role. An existing empty
+        database needs C(CONNECT, CREATE) on it and C(USAGE, CREATE) on C(public) for O(owner)."
+      - "MySQL/MariaDB: on the database C(SELECT, INSERT, CREATE, DROP, ALTER, INDEX, REFERENCES,
+        LOCK TABLES, TRIGGER, CREATE ROUTINE, ALTER ROUTINE, EXECUTE); when it is not O(owner), all of the
+        database's privileges C(WITH GRANT OPTION) and C(SELECT) on C(mysql.user); C(SET USER) (or C(SUPER))
+        when the dump's triggers and procedures have another definer; C(SUPER) when binary logging is on
+        and C(log_bin_trust_function_creators) is off."
+      - Every one of these is checked first, in check mode too; a missing one fails before anything
+        changes, with the C(GRANT) or C(ALTER) statement to run.
     type: str
   admin_password:
     description: Password of O(admin_username). Never logged nor returned.
@@ -45,7 +57,10 @@ options:
     description: Port for the admin connection. Default, the connection's.
     type: int
   admin_unix_socket:
-    description: MySQL only, socket for the admin connection (C(root) through the socket needs no password on Debian).
+    description:
+      - MySQL only, socket for the admin connection.
+      - Without O(admin_username), the admin is the account this module runs as (C(root) with C(become)),
+        authenticated by the socket (C(unix_socket), Debian's default for C(root)), without a password.
     type: str
   maintenance_db:
     description: PostgreSQL database to connect to for creating and dropping the target.
@@ -62,7 +77,8 @@ options:
 attributes:
   check_mode:
     support: full
-    description: Connects and says whether the target exists and is empty; changes nothing.
+    description: Connects, says whether the target exists and is empty, and checks every privilege the restore needs
+      (see O(admin_username)); changes nothing. The restore role runs it before stopping Orthanc.
 extends_documentation_fragment:
   - pacs.orthanc.database
 author:
@@ -77,11 +93,11 @@ EXAMPLES = r"""
     admin_username: postgres
     admin_password: "{{ vault_postgres_password }}"
 
-- name: Into a fresh MariaDB database, as root through the socket
+- name: Into a fresh MariaDB database, as root through the socket (the module runs as root)
+  become: true
   pacs.orthanc.db_restore:
     dump: /var/backups/orthanc/20261129T080000Z/database/orthanc.sql
     config_path: /etc/orthanc
-    admin_username: root
     admin_unix_socket: /run/mysqld/mysqld.sock
 """
 
@@ -106,6 +122,14 @@ replaced:
   description: Whether a non-empty database was dropped first.
   type: bool
   returned: always
+plan:
+  description:
+    - Who does what, decided before anything changes. C(admin) (the admin's name as the server says it),
+      C(create), C(drop) (PostgreSQL), C(grant_to_owner), C(database_owner), C(filled_by) and C(role)
+      (PostgreSQL, who runs C(pg_restore) and its C(--role)), C(extensions) the dump creates (PostgreSQL),
+      C(definers) of the dump's triggers and procedures and C(owner_hosts) (MySQL).
+  type: dict
+  returned: always
 counts:
   description: Patients, studies, series and instances in the restored database.
   type: dict
@@ -125,20 +149,21 @@ dump:
 """
 
 import os
+import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _database
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import connection as db_connection, dump as db_dump, restore as db_restore
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
 def locate(path: str):
     if os.path.isdir(path) and not path.rstrip("/").endswith(".pgdir"):
-        found = _database.find_dump(path)
+        found = db_dump.find_dump(path)
         if not found:
             raise PacsError("find the dump", f"{path} holds no database dump (database/orthanc.pgdump, .pgdir or .sql)")
         return found
-    for fmt, name in _database.DUMP_NAMES.items():
+    for fmt, name in db_dump.DUMP_NAMES.items():
         if path.rstrip("/").endswith(os.path.splitext(name)[1]):
             return ("mysql" if fmt == "sql" else "postgresql"), fmt, path
     raise PacsError("find the dump", f"{path}: not a .pgdump, .pgdir or .sql dump")
@@ -147,21 +172,25 @@ def locate(path: str):
 def run(module):
     p = module.params
     dump_engine, fmt, path = locate(p["dump"])
-    conn = _database.from_config(p["config_path"], p["environment"], p["engine"] or dump_engine,
-                                 {k: p[k] for k in _database.CONNECTION_KEYS}, step="read the target database")
+    conn = db_connection.from_config(p["config_path"], p["environment"], p["engine"] or dump_engine,
+                                     {k: p[k] for k in db_connection.CONNECTION_KEYS}, step="read the target database")
     if conn["engine"] != dump_engine:
         raise PacsError("read the target database", f"the dump is a {dump_engine} dump but the target is {conn['engine']}")
     admin = dict(conn)
     if p["admin_username"]:
         admin.update({"username": p["admin_username"], "password": p["admin_password"]})
+    elif p["admin_unix_socket"] and conn["engine"] == "mysql":
+        # the socket alone: the account this module runs as (root with become), which MariaDB
+        # authenticates by the socket (unix_socket), without a password
+        admin.update({"username": pwd.getpwuid(os.geteuid()).pw_name, "password": None})
     for key in ("host", "port"):
         if p[f"admin_{key}"]:
             admin[key] = p[f"admin_{key}"]
     if p["admin_unix_socket"]:
         admin.update({"unix_socket": p["admin_unix_socket"], "host": "localhost"})
     admin["maintenance_db"] = p["maintenance_db"]
-    result = _database.restore(conn, admin, path, fmt, owner=p["owner"], replace=p["replace"], jobs=p["jobs"],
-                               bin_dir=p["bin_dir"], check_mode=module.check_mode, timeout=p["timeout"])
+    result = db_restore.restore(conn, admin, path, fmt, owner=p["owner"], replace=p["replace"], jobs=p["jobs"],
+                                bin_dir=p["bin_dir"], check_mode=module.check_mode, timeout=p["timeout"])
     result["dump"] = path
     return result
 
@@ -169,7 +198,7 @@ def run(module):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            **_database.CONNECTION_SPEC,
+            **db_connection.CONNECTION_SPEC,
             dump=dict(type="path", required=True),
             owner=dict(type="str"),
             admin_username=dict(type="str"),

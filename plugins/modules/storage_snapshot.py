@@ -162,7 +162,8 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _database, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -184,7 +185,7 @@ def _snapshot_phase(module, p, state_file, common):
     else:
         if p["dump"]:
             engine = "mysql" if p["dump"].endswith(".sql") else "postgresql"
-            listing = _database.read_dump(engine, p["dump"], with_contents=False)["attachments"]
+            listing = db_listing.read_dump(engine, p["dump"], with_contents=False)["attachments"]
             wanted = {uuid: size for uuid, (size, _md5) in listing.items()}
         elif p["index"]:
             wanted = {uuid: size for uuid, (size, _md5) in _sqlite.attachments(p["index"]).items()}

@@ -301,7 +301,7 @@ def test_db_restore_refuses_a_database_that_holds_tables(database, servers, tmp_
     assert dumped["sha256"] == hashlib.sha256(dest.read_bytes()).hexdigest()
     assert db.password not in json.dumps(dumped)
     admin = ({"admin_username": db.admin_user, "admin_password": db.admin_password} if engine == "postgresql"
-             else {"admin_username": "root", "admin_unix_socket": databases.MY_SOCKET})
+             else {"admin_unix_socket": databases.MY_SOCKET})
     before = db.count("Resources")
     refused = run_module("db_restore", {"dump": str(dest), "config_path": str(server.config_path), **admin})
     assert refused["failed"] and "is not empty" in refused["msg"], refused
@@ -321,3 +321,128 @@ def test_db_restore_refuses_a_database_that_holds_tables(database, servers, tmp_
                                         f"WHERE ROUTINE_SCHEMA = '{other}'").strip())
         assert routines > 0  # Orthanc's procedures came along
     assert db.password not in json.dumps(restored)
+
+
+def _statement(output: str) -> str:
+    """The statement that the run's final message tells the operator to run (after 'run as ...: ')."""
+    messages = [json.loads(m) for m in re.findall(r'"msg": ("(?:[^"\\]|\\.)*")', output)]
+    assert messages, output
+    match = re.search(r"run as [^:]+: ((?:GRANT|ALTER|REVOKE|SET)[^;]*;)", messages[-1])
+    assert match, messages[-1]
+    return match.group(1)
+
+
+def _refused_before_the_stop(result, server, pid: int, expected: str) -> str:
+    assert result.returncode != 0, result.stdout
+    assert "failed at step 'Check the target database'" in result.stdout, result.stdout
+    assert "Nothing was changed" in result.stdout, result.stdout
+    assert expected in result.stdout, result.stdout
+    assert server.pid() == pid and server.answers()  # Orthanc was never stopped
+    return _statement(result.stdout)
+
+
+@pytest.mark.parametrize("in_db", [True, False], ids=["files-in-db", "files-on-disk"])
+def test_postgresql_restore_with_a_createdb_admin_that_is_no_member(database, servers, tmp_path, in_db):
+    """The admin that the docs describe: CREATEDB, not a superuser, not a member of Orthanc's role.
+    Into a dropped database it creates the database as its own, grants it to Orthanc's role, and
+    Orthanc's role restores the dump itself: every table and large object is Orthanc's."""
+    db, server = db_server(servers, database, "postgresql", in_db)
+    admin, password = f"{db.name}_cdb", "cdb-" + os.urandom(8).hex()
+    databases.pg_sql(f"CREATE ROLE {admin} LOGIN CREATEDB PASSWORD '{password}';")
+    try:
+        checks.store_studies(server, tmp_path, patients=2, via="rest")
+        stored = contents(server)
+        root = tmp_path / "backups"
+        inventory = write_inventory(tmp_path / "inventory.json", {"pacs": local_host(
+            server, root, orthanc_backup_settle_seconds=0, orthanc_restore_db_admin_username=admin,
+            orthanc_restore_db_admin_password=password)})
+        assert run_playbook(inventory).returncode == 0
+        result = destroy_and_restore(server, db, inventory)
+        assert result.returncode == 0, result.stdout
+        assert contents(server) == stored
+        member = databases.pg_sql(f"SELECT pg_has_role('{admin}', '{db.user}', 'MEMBER')").strip()
+        assert member == "f"  # nothing was granted to the admin
+        owners = databases.pg_sql("SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class c JOIN pg_namespace n "
+                                  "ON n.oid = c.relnamespace WHERE n.nspname = 'public' UNION "
+                                  "SELECT DISTINCT pg_get_userbyid(lomowner) FROM pg_largeobject_metadata",
+                                  db.name).split()
+        assert owners == [db.user]
+        new = dicomgen.make_study(tmp_path / "new", "new-study", "New^Patient", series=1, instances_per_series=1)
+        server.store_rest(new[0])
+        assert server.statistics()["CountInstances"] == len(stored) + 1
+        assert password not in result.stdout
+    finally:
+        server.stop()
+        databases.pg_sql(f"DROP DATABASE IF EXISTS {db.name} WITH (FORCE);", check=False)
+        databases.pg_sql(f"DROP ROLE IF EXISTS {admin};", check=False)
+
+
+@pytest.mark.fault
+def test_postgresql_admin_without_privileges_is_refused_before_the_stop(database, servers, tmp_path):
+    """A login role with no privileges, replacing Orthanc's running database: refused before
+    Orthanc is stopped, each time with the one statement that is missing; once they are run, the
+    same restore works."""
+    db, server = db_server(servers, database, "postgresql", in_db=True)
+    admin, password = f"{db.name}_nop", "nop-" + os.urandom(8).hex()
+    databases.pg_sql(f"CREATE ROLE {admin} LOGIN PASSWORD '{password}';")
+    try:
+        checks.store_studies(server, tmp_path, patients=1, via="rest")
+        stored = contents(server)
+        root = tmp_path / "backups"
+        inventory = write_inventory(tmp_path / "inventory.json", {"pacs": local_host(
+            server, root, orthanc_backup_settle_seconds=0, orthanc_restore_db_admin_username=admin,
+            orthanc_restore_db_admin_password=password, orthanc_restore_db_replace=True)})
+        assert run_playbook(inventory).returncode == 0
+        pid = server.pid()
+        statement = _refused_before_the_stop(run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM),
+                                             server, pid, f"cannot drop the database '{db.name}'")
+        assert statement == f'GRANT "{db.user}" TO "{admin}";'
+        databases.pg_sql(statement)
+        statement = _refused_before_the_stop(run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM),
+                                             server, pid, "may not create databases")
+        assert statement == f'ALTER ROLE "{admin}" CREATEDB;'
+        databases.pg_sql(statement)
+        result = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+        assert result.returncode == 0, result.stdout
+        assert contents(server) == stored
+        assert password not in result.stdout
+    finally:
+        server.stop()
+        databases.pg_sql(f"DROP DATABASE IF EXISTS {db.name} WITH (FORCE);", check=False)
+        databases.pg_sql(f"DROP ROLE IF EXISTS {admin};", check=False)
+
+
+@pytest.mark.fault
+def test_mysql_admin_without_privileges_is_refused_before_the_stop(database, servers, tmp_path):
+    """A MariaDB admin with too few privileges: refused before Orthanc is stopped with the exact
+    GRANT (the database's privileges with GRANT OPTION, then SET USER for the dump's definers);
+    once run, the same restore works."""
+    db, server = db_server(servers, database, "mysql", in_db=False)
+    admin, password = f"{db.name}_adm", "adm-" + os.urandom(8).hex()
+    databases.my_sql(f"CREATE USER '{admin}'@'localhost' IDENTIFIED BY '{password}';"
+                     f"GRANT CREATE, DROP, SELECT ON {db.name}.* TO '{admin}'@'localhost';")
+    try:
+        checks.store_studies(server, tmp_path, patients=1, via="rest")
+        stored = contents(server)
+        root = tmp_path / "backups"
+        inventory = write_inventory(tmp_path / "inventory.json", {"pacs": local_host(
+            server, root, orthanc_backup_settle_seconds=0, orthanc_restore_db_admin_username=admin,
+            orthanc_restore_db_admin_password=password, orthanc_restore_db_replace=True)})
+        assert run_playbook(inventory).returncode == 0
+        pid = server.pid()
+        statement = _refused_before_the_stop(run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM),
+                                             server, pid, "GRANT OPTION")
+        assert statement.startswith("GRANT INSERT, UPDATE, DELETE") and statement.endswith(
+            f"ON `{db.name}`.* TO '{admin}'@'localhost' WITH GRANT OPTION;"), statement
+        databases.my_sql(statement)
+        statement = _refused_before_the_stop(run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM),
+                                             server, pid, f"defined by {db.user}@localhost")
+        assert statement == f"GRANT SET USER ON *.* TO '{admin}'@'localhost';"
+        databases.my_sql(statement + f"GRANT SELECT ON mysql.user TO '{admin}'@'localhost';")
+        result = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+        assert result.returncode == 0, result.stdout
+        assert contents(server) == stored
+        assert password not in result.stdout
+    finally:
+        server.stop()
+        databases.my_sql(f"DROP USER IF EXISTS '{admin}'@'localhost';", check=False)

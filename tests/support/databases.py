@@ -131,4 +131,4 @@ class Database:
         if self.engine == "postgresql":
             return {"orthanc_restore_db_admin_username": self.admin_user,
                     "orthanc_restore_db_admin_password": self.admin_password}
-        return {"orthanc_restore_db_admin_username": "root", "orthanc_restore_db_admin_unix_socket": MY_SOCKET}
+        return {"orthanc_restore_db_admin_unix_socket": MY_SOCKET}  # alone, as docs/database.md says

@@ -1,0 +1,205 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Offline readers of a dump (no database server): what Orthanc's index lists (resource counts,
+attachments with their size and MD5, the schema version) and the size and MD5 of every file kept
+in the database, from ``pg_restore --list`` and the SQL it writes, or from a mysqldump file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PIPE, PacsError, Program, os_error_cause, run_command
+from ansible_collections.pacs.orthanc.plugins.module_utils._db.client import Client
+
+__metaclass__ = type
+
+# Orthanc's resource types in the database plugins' schema (0-based, unlike the SQLite index)
+PLUGIN_RESOURCE_TYPES = {0: "patients", 1: "studies", 2: "series", 3: "instances"}
+SCHEMA_VERSION_PROPERTY = "1"
+
+
+class _Listing:
+    def __init__(self):
+        self.counts = {name: 0 for name in PLUGIN_RESOURCE_TYPES.values()}
+        self.attachments: dict = {}   # uuid -> (compressed size, compressed md5)
+        self.stored: dict = {}        # uuid -> (size, md5) of files kept in the database
+        self.schema_version = None
+
+    def as_dict(self) -> dict:
+        return {"counts": self.counts, "attachments": self.attachments, "stored": self.stored,
+                "schema_version": self.schema_version}
+
+    def resource(self, kind) -> None:
+        name = PLUGIN_RESOURCE_TYPES.get(int(kind))
+        if name:
+            self.counts[name] += 1
+
+    def attachment(self, uuid, size, md5) -> None:
+        self.attachments[uuid] = (int(size) if size is not None else 0, md5 or None)
+
+    def global_property(self, prop, value) -> None:
+        if str(prop) == SCHEMA_VERSION_PROPERTY:
+            self.schema_version = str(value)
+
+
+def _pg_copy_field(value: str):
+    if value == "\\N":
+        return None
+    if "\\" in value:
+        value = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    return value
+
+
+def read_pg_dump(path: str, with_contents: bool = True, bin_dir: str | None = None) -> dict:
+    """What a pg_dump archive holds, read with pg_restore (no server needed): resource counts,
+    attachments, and the size and MD5 of every file stored as a large object."""
+    step = "read the dump"
+    client = Client({"engine": "postgresql"}, bin_dir, step)
+    pg_restore = client.tool("pg_restore")
+    rc, out, err = run_command([pg_restore, "--list", path], step, check=False, timeout=600)
+    if rc != 0:
+        raise PacsError(step, f"pg_restore cannot read {path}: {' '.join(err.strip().splitlines()[-2:])}")
+    wanted = []
+    for line in out.splitlines():
+        if re.search(r" TABLE DATA \S+ (resources|attachedfiles|globalproperties|storagearea) ", line):
+            wanted.append(line)
+        elif with_contents and " BLOBS " in line:
+            wanted.append(line)
+    with tempfile.NamedTemporaryFile("w", prefix="pacs-orthanc-list-", delete=False) as handle:
+        handle.write("\n".join(wanted) + "\n")
+        list_file = handle.name
+    try:
+        with Program([pg_restore, "-L", list_file, "-f", "-", path], step, stdout=PIPE) as program:
+            result = parse_pg_sql(program.stdout, with_contents)
+            if program.wait() != 0:
+                raise PacsError(step, f"pg_restore cannot read {path}: "
+                                f"{' '.join(program.errors().strip().splitlines()[-2:])}")
+    finally:
+        os.unlink(list_file)
+    return result
+
+
+def parse_pg_sql(lines, with_contents: bool = True) -> dict:
+    """What the SQL that pg_restore writes of Orthanc's tables and large objects holds (lines as
+    bytes): the COPY data of resources, attachedfiles, globalproperties and storagearea, and the
+    lo_open / lowrite / lo_close calls of the large objects."""
+    listing = _Listing()
+    blob_of: dict = {}  # oid -> uuid
+    blobs: dict = {}    # oid -> [size, md5]
+    table = None
+    columns: list = []
+    current = None
+    for raw in lines:
+        if table is not None:
+            if raw.startswith(b"\\.\n"):
+                table = None
+                continue
+            fields = [_pg_copy_field(v) for v in raw.rstrip(b"\n").decode("utf-8").split("\t")]
+            row = dict(zip(columns, fields))
+            if table == "resources":
+                listing.resource(row["resourcetype"])
+            elif table == "attachedfiles":
+                listing.attachment(row["uuid"], row.get("compressedsize"), row.get("compressedhash"))
+            elif table == "globalproperties":
+                listing.global_property(row["property"], row["value"])
+            elif table == "storagearea":
+                blob_of[row["content"]] = row["uuid"]
+            continue
+        if raw.startswith(b"COPY "):
+            match = re.match(rb"COPY \S+?\.?(\w+) \(([^)]*)\) FROM stdin;", raw)
+            if match:
+                table = match.group(1).decode()
+                columns = [c.strip().strip('"') for c in match.group(2).decode().split(",")]
+            continue
+        if raw.startswith(b"SELECT pg_catalog.lo_open('"):
+            oid = raw.split(b"'")[1].decode()
+            current = blobs.setdefault(oid, [0, hashlib.md5()])
+        elif raw.startswith(b"SELECT pg_catalog.lowrite(0, '\\x") and current is not None:
+            data = bytes.fromhex(raw[len(b"SELECT pg_catalog.lowrite(0, '\\x"):].split(b"'")[0].decode())
+            current[0] += len(data)
+            current[1].update(data)
+        elif raw.startswith(b"SELECT pg_catalog.lo_close("):
+            current = None
+    for oid, uuid in blob_of.items():
+        if oid in blobs:
+            listing.stored[uuid] = (blobs[oid][0], blobs[oid][1].hexdigest())
+        elif with_contents:
+            listing.stored[uuid] = (None, None)  # listed in StorageArea, its large object is missing
+    return listing.as_dict()
+
+
+_MYSQL_TOKEN = re.compile(rb"'(?:[^'\\]|\\.)*'|0x[0-9A-Fa-f]*|NULL|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|[(),;]")
+_MYSQL_ESCAPES = {b"0": b"\0", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"Z": b"\x1a", b"b": b"\b"}
+
+
+def _mysql_value(token: bytes):
+    if token == b"NULL":
+        return None
+    if token.startswith(b"'"):
+        body = re.sub(rb"\\(.)", lambda m: _MYSQL_ESCAPES.get(m.group(1), m.group(1)), token[1:-1])
+        return body
+    if token.startswith(b"0x"):
+        return bytes.fromhex(token[2:].decode())
+    return token.decode()
+
+
+def read_mysql_dump(path: str, with_contents: bool = True) -> dict:
+    """What a mysqldump file holds, parsed offline: resource counts, attachments, and the size
+    and MD5 of every file stored in the StorageArea table."""
+    step = "read the dump"
+    listing = _Listing()
+    tables = {"Resources", "AttachedFiles", "GlobalProperties"}
+    if with_contents:
+        tables.add("StorageArea")
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise PacsError(step, os_error_cause(exc))
+    with handle:
+        table = None
+        row: list = []
+        depth = 0
+        for line in handle:
+            if table is None:
+                match = re.match(rb"INSERT INTO `(\w+)` VALUES", line)
+                if not match or match.group(1).decode() not in tables:
+                    continue
+                table = match.group(1).decode()
+                line = line[match.end():]
+            for token in _MYSQL_TOKEN.findall(line):
+                if token == b"(":
+                    depth += 1
+                    row = []
+                elif token == b")":
+                    depth -= 1
+                    _mysql_row(listing, table, row)
+                elif token == b";" and depth == 0:
+                    table = None
+                    break
+                elif token != b",":
+                    row.append(_mysql_value(token))
+    return listing.as_dict()
+
+
+def _mysql_row(listing: _Listing, table: str, row: list) -> None:
+    text = [v.decode("utf-8") if isinstance(v, bytes) and table != "StorageArea" else v for v in row]
+    if table == "Resources":
+        listing.resource(text[1])
+    elif table == "AttachedFiles":
+        listing.attachment(text[2], text[3], text[7] if len(text) > 7 else None)
+    elif table == "GlobalProperties":
+        listing.global_property(text[0], text[1])
+    elif table == "StorageArea":
+        uuid = row[0].decode("utf-8") if isinstance(row[0], bytes) else row[0]
+        content = row[1] if isinstance(row[1], bytes) else b""
+        listing.stored[uuid] = (len(content), hashlib.md5(content).hexdigest())
+
+
+def read_dump(engine: str, path: str, with_contents: bool = True, bin_dir: str | None = None) -> dict:
+    if engine == "postgresql":
+        return read_pg_dump(path, with_contents, bin_dir)
+    return read_mysql_dump(path, with_contents)
