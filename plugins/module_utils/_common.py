@@ -292,6 +292,23 @@ def copy_tree_as_is(src: str, dest: str) -> list:
     return sorted(os.path.relpath(os.path.join(d, f), dest) for d, _s, fs in os.walk(dest) for f in fs)
 
 
+# Names of environment variables whose values are secrets (ORTHANC_DB_PASSWORD, PGPASSWORD,
+# RESTIC_PASSWORD, AWS_SECRET_ACCESS_KEY, ...). Matched on the name: masking every value of the
+# option would also mask paths and short values such as "1" wherever they appear in a result.
+SECRET_NAME_PARTS = ("PASS", "PWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL", "AUTH")
+
+
+def hide_secret_environment(module) -> None:
+    """Keep the values of secret-looking variables of a module's ``environment`` option (Orthanc's
+    ``${VAR}`` values, often a database password) out of its result, ``invocation`` included."""
+    environment = module.params.get("environment")
+    if not isinstance(environment, dict):
+        return
+    for name, value in environment.items():
+        if value not in (None, "") and any(part in str(name).upper() for part in SECRET_NAME_PARTS):
+            module.no_log_values.add(str(value))
+
+
 def run_module(module, action) -> None:
     """Call ``action(module)`` and turn its outcome into exit_json/fail_json.
 
@@ -299,6 +316,7 @@ def run_module(module, action) -> None:
     exception becomes one too (the step is then the module's name): the message stays one
     clean line, and the traceback goes into the result's ``exception`` key, which Ansible
     shows only at -vvv, so that the place an unexpected error came from can still be found."""
+    hide_secret_environment(module)
     try:
         result = action(module)
     except PacsError as exc:

@@ -90,3 +90,37 @@ def test_expected_outcomes_carry_no_traceback(tmp_path, kind):
     else:
         assert "exception" not in result
         assert result.get("failed") is not True and result["fine"] is True
+
+
+ENV_CHILD = textwrap.dedent("""
+    from ansible.module_utils.basic import AnsibleModule
+    from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
+
+    def action(module):
+        env = module.params["environment"]
+        return {"changed": False, "seen": "password is " + env["ORTHANC_DB_PASSWORD"],
+                "storage": env["ORTHANC_STORAGE"]}
+
+    module = AnsibleModule(argument_spec=dict(environment=dict(type="dict")))
+    run_module(module, action)
+""")
+
+
+def test_secret_environment_values_never_come_back(tmp_path):
+    """orthanc_config_environment may hold a database password: neither the result nor the
+    module's invocation shows it, while a path given beside it stays readable."""
+    script = tmp_path / "child.py"
+    script.write_text(ENV_CHILD)
+    secret = "s3cr3t-pw-for-orthanc"
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {
+        "environment": {"ORTHANC_DB_PASSWORD": secret, "ORTHANC_STORAGE": "/srv/orthanc/storage"},
+        "_ansible_module_name": "pacs_test"}}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(COLLECTIONS)] + sys.path))
+    proc = subprocess.run([sys.executable, str(script), str(args)], capture_output=True, text=True,
+                          env=env, timeout=60, check=False)
+    assert secret not in proc.stdout + proc.stderr
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["storage"] == "/srv/orthanc/storage"
+    assert result["seen"].startswith("password is ")
+    assert result["invocation"]["module_args"]["environment"]["ORTHANC_STORAGE"] == "/srv/orthanc/storage"
