@@ -26,7 +26,7 @@ description:
     the sizes and the groups allow. A batch may be smaller than its size when only members of groups
     already in it are left; no batch is empty.
   - Within each batch, and for the members of each group, hosts keep their inventory order.
-positional: _input, hostvars, batches
+positional: _input, hostvars, batches, max_fail_percentage
 options:
   _input:
     description: The hosts of the run, in inventory order (C(ansible_play_hosts_all)).
@@ -46,6 +46,13 @@ options:
       - A single number or percentage is taken as a list of one.
     type: raw
     default: [1, "25%"]
+  max_fail_percentage:
+    description:
+      - When more than this percentage of a batch's hosts were not backed up, no later batch starts
+        (C(orthanc_backup_max_fail_percentage)); a number from 0 to 100 (a C(%) sign is allowed).
+        The plan only checks it and hands it on to every host.
+    type: raw
+    default: 50
 """
 
 EXAMPLES = r"""
@@ -70,10 +77,13 @@ _value:
     hosts:
       description: >-
         One entry per host, in the order the play must list them: C(host), C(batch) (its batch's
-        number, from 1), C(batches) (how many batches there are) and C(batch_hosts) (the hosts of
-        its batch).
+        number, from 1), C(batches) (how many batches there are), C(batch_hosts) (the hosts of its
+        batch), and the run's C(serial) and C(max_fail_percentage).
       type: list
       elements: dict
+    max_fail_percentage:
+      description: I(max_fail_percentage), as a number.
+      type: float
 """
 
 try:
@@ -110,6 +120,18 @@ def batch_sizes(batches, total: int) -> list:
     return sizes or [None]
 
 
+def fail_percentage(value) -> float:
+    """orthanc_backup_max_fail_percentage as a number from 0 to 100."""
+    text = "" if isinstance(value, bool) or value is None else str(value).strip()
+    try:
+        number = float(text[:-1] if text.endswith("%") else text)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 100:
+        raise AnsibleFilterError(f"orthanc_backup_max_fail_percentage must be a number from 0 to 100, not {value!r}")
+    return number
+
+
 def _group_of(host: str, hostvars) -> tuple:
     """The key of the host's HA group: its orthanc_ha_group, or the host alone."""
     variables = hostvars[host] if host in hostvars else {}
@@ -144,16 +166,19 @@ def plan_batches(hosts, groups: dict, batches=None) -> list:
     return planned
 
 
-def backup_plan(hosts, hostvars, batches=None) -> dict:
+def backup_plan(hosts, hostvars, batches=None, max_fail_percentage=50) -> dict:
     """The plan of a fleet backup; see DOCUMENTATION."""
     if isinstance(hosts, str) or not isinstance(hosts, (list, tuple)):
         raise AnsibleFilterError(f"backup_plan takes the list of hosts of the run, not {hosts!r}")
     hosts = [str(host) for host in hosts]
     groups = {host: _group_of(host, hostvars) for host in hosts}
+    max_fail = fail_percentage(max_fail_percentage)
     planned = plan_batches(hosts, groups, batches)
-    entries = [{"host": host, "batch": number, "batches": len(planned), "batch_hosts": batch}
+    serial = [len(batch) for batch in planned]
+    entries = [{"host": host, "batch": number, "batches": len(planned), "batch_hosts": batch, "serial": serial,
+                "max_fail_percentage": max_fail}
                for number, batch in enumerate(planned, start=1) for host in batch]
-    return {"batches": planned, "serial": [len(batch) for batch in planned], "hosts": entries}
+    return {"batches": planned, "serial": serial, "hosts": entries, "max_fail_percentage": max_fail}
 
 
 class FilterModule:

@@ -10,7 +10,7 @@ import pytest
 from ansible.errors import AnsibleFilterError
 from ansible.utils.helpers import pct_to_int
 
-from ansible_collections.pacs.orthanc.plugins.filter.backup_plan import backup_plan, batch_sizes
+from ansible_collections.pacs.orthanc.plugins.filter.backup_plan import backup_plan, batch_sizes, fail_percentage
 
 
 def fleet(*spec):
@@ -58,7 +58,8 @@ def check_plan(plan, hosts, hostvars, batches):
         assert batch == sorted(batch, key=position.get)
         for host in batch:
             [entry] = [e for e in plan["hosts"] if e["host"] == host]
-            assert entry == {"host": host, "batch": number + 1, "batches": len(plan["batches"]), "batch_hosts": batch}
+            assert entry == {"host": host, "batch": number + 1, "batches": len(plan["batches"]), "batch_hosts": batch,
+                             "serial": plan["serial"], "max_fail_percentage": plan["max_fail_percentage"]}
     for group in {v.get("orthanc_ha_group") for v in hostvars.values()} - {None, ""}:
         members = [h for h in flat if hostvars[h].get("orthanc_ha_group") == group]
         assert members == sorted(members, key=position.get)  # members go in inventory order
@@ -119,7 +120,7 @@ def test_a_member_as_canary_and_groups_given_as_numbers():
         assert len([h for h in batch if h in ("h1", "h3", "h5")]) <= 1, plan  # 7 and "7" are one group
     assert len(plan["batches"]) == 3
     assert backup_plan(["x"], {"x": {}}, [1, "25%"])["batches"] == [["x"]]
-    assert backup_plan([], {}, [1, "25%"]) == {"batches": [], "serial": [], "hosts": []}
+    assert backup_plan([], {}, [1, "25%"]) == {"batches": [], "serial": [], "hosts": [], "max_fail_percentage": 50}
 
 
 def min_batches(counts: list, canary: int, sizes: list) -> int:
@@ -171,3 +172,12 @@ def test_batch_sizes_as_ansibles_serial_reads_them():
             batch_sizes(wrong, 10)
     with pytest.raises(AnsibleFilterError, match="list of hosts"):
         backup_plan("pacs-1", {})
+
+
+def test_the_failure_threshold_is_checked_before_anything_runs():
+    assert fail_percentage(50) == 50.0 and fail_percentage("100") == 100.0 and fail_percentage("0%") == 0.0
+    assert fail_percentage(12.5) == 12.5
+    assert backup_plan(["a"], {"a": {}}, [1], "30")["hosts"][0]["max_fail_percentage"] == 30.0
+    for wrong in ("half", 101, -1, None, True, "", [50]):
+        with pytest.raises(AnsibleFilterError, match="orthanc_backup_max_fail_percentage must be a number from 0 to 100"):
+            backup_plan(["a"], {"a": {}}, [1], wrong)
