@@ -18,7 +18,7 @@ description:
   - Two members of one HA group (hosts with the same C(orthanc_ha_group)) are never in the same
     batch, whatever the number of members. Hosts without C(orthanc_ha_group) (or with an empty one)
     belong to no group.
-  - The first host (in inventory order) is the canary: it is always in the first batch.
+  - The first host (in inventory order) is the canary, always in the first batch.
   - Each batch holds at most its size (the sizes of I(batches), the last one repeated). Within
     that limit a batch takes one waiting member of each HA group that has the most members still
     waiting, then the hosts of smaller groups and without group, in inventory order; so a large
