@@ -17,7 +17,7 @@ def fleet(*spec):
     """Hosts and hostvars from 'name' or 'name:group' strings."""
     hosts, hostvars = [], {}
     for item in spec:
-        name, _, group = item.partition(":")
+        name, group = (item.split(":", 1) + [""])[:2]
         hosts.append(name)
         hostvars[name] = {"orthanc_ha_group": group} if group else {}
     return hosts, hostvars
@@ -147,9 +147,9 @@ def min_batches(counts: list, canary: int, sizes: list) -> int:
 
 def test_as_few_batches_as_any_plan_could_take():
     rng = random.Random(12)
-    for _ in range(250):
+    for _case in range(250):
         count = rng.randint(1, 9)
-        labels = [rng.choice(["", "", "a", "a", "b", "c"]) for _ in range(count)]
+        labels = [rng.choices(["", "", "a", "a", "b", "c"])[0] for _host in range(count)]
         hosts = [f"h{i}" for i in range(count)]
         hostvars = {h: ({"orthanc_ha_group": g} if g else {}) for h, g in zip(hosts, labels)}
         batches = rng.choice([[1, "25%"], [1, 2], [2], ["50%"], [1, 3, 1], ["100%"], [1, "30%", 2]])
