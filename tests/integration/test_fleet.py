@@ -1,9 +1,10 @@
-"""A fleet run of the backup playbook: HA pairs, a broken host, shipping with a throttle, the
-summary, and the status files; real Orthanc servers, a real backup server over SSH.
+"""Fleet runs of the backup playbook: HA pairs, a broken host, shipping with a throttle, the
+summary, and the status files; an HA group of five members, --check and --limit; an unreachable
+canary. Real Orthanc servers, a real backup server over SSH.
 
-Five private Orthancs: 'broken' (its configuration defines a key twice, as Orthanc itself would
-refuse), and two HA pairs a1/a2 and b1/b2. Every stop and start command is wrapped to append the
-time to a log, so the test sees when each Orthanc was really down."""
+The first test has five private Orthancs: 'broken' (its configuration defines a key twice, as
+Orthanc itself would refuse), and two HA pairs a1/a2 and b1/b2. Every stop and start command is
+wrapped to append the time to a log, so the tests see when each Orthanc was really down."""
 
 from __future__ import annotations
 
