@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.parse
 
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, fsync_dir, os_error_cause, run_command, sha256_file)
 
@@ -49,7 +50,7 @@ CONNECTION_SPEC = dict(
     timeout=dict(type="float"),
 )
 CONNECTION_KEYS = ("host", "port", "database", "username", "password", "unix_socket")
-DUMP_NAMES = {"custom": "orthanc.pgdump", "directory": "orthanc.pgdir", "sql": "orthanc.sql"}
+DUMP_NAMES = _layout.DUMP_NAMES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,14 +619,7 @@ def read_dump(engine: str, path: str, with_contents: bool = True, bin_dir: str |
     return read_mysql_dump(path, with_contents)
 
 
-def find_dump(backup: str):
-    """(engine, format, path) of the dump in a backup folder, or None."""
-    folder = os.path.join(backup, "database")
-    for fmt, name in DUMP_NAMES.items():
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            return ("mysql" if fmt == "sql" else "postgresql"), fmt, path
-    return None
+find_dump = _layout.find_dump
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _database, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _database, _layout, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, copy_tree_as_is, os_error_cause, resolve_ids, safe_relative)
 
@@ -28,16 +28,13 @@ def version_tuple(text) -> tuple:
 
 
 def read_manifest(backup: str) -> dict:
-    path = os.path.join(backup, "manifest.json")
+    path = os.path.join(backup, _layout.MANIFEST)
     try:
-        with open(path, "r", encoding="utf-8") as handle:
-            manifest = json.load(handle)
+        manifest = _layout.read_manifest(backup)
     except FileNotFoundError:
         raise PacsError("read backup", f"{backup} is not a complete backup (no manifest.json)")
-    except (OSError, ValueError) as exc:
-        raise PacsError("read backup", f"cannot read {path}: {exc}")
-    if not isinstance(manifest, dict):
-        raise PacsError("read backup", f"{path} is not a manifest")
+    except _layout.ManifestError as exc:
+        raise PacsError("read backup", str(exc))
     for key in ("files", "config_files"):
         unsafe = [name for name in (manifest.get(key) or {}) if not safe_relative(name)]
         if unsafe:
@@ -127,12 +124,7 @@ def _data_owner(plan_result: dict, owner: str | None, group: str | None) -> tupl
 
 
 def _write_journal(path: str, journal: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(journal, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(tmp, path)
+    _layout.write_json_atomic(path, journal, sync_dir=True)
 
 
 def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, owner: str | None = None,

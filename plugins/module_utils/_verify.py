@@ -12,7 +12,7 @@ import concurrent.futures
 import json
 import os
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _database, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _database, _layout, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, md5_file, safe_relative, sha256_file
 
 __metaclass__ = type
@@ -119,14 +119,12 @@ def _hash_none(_uuid: str) -> bool:
 
 
 def _read_manifest(backup: str, report: Report):
-    manifest_path = os.path.join(backup, "manifest.json")
-    if not os.path.exists(manifest_path):
-        return None
     try:
-        with open(manifest_path, "r", encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except ValueError as exc:
-        report.add("unreadable manifest", str(exc))
+        manifest = _layout.read_manifest(backup)
+    except FileNotFoundError:
+        return None
+    except _layout.ManifestError as exc:
+        report.add("unreadable manifest", str(exc.__cause__ or exc))
         return None
     check_manifest_files(backup, manifest, report)
     return manifest

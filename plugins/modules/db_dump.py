@@ -126,7 +126,7 @@ files:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _database
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _database, _record
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
 
 
@@ -142,6 +142,7 @@ def run(module):
                 "connection": _database.public(conn)}
     with _backupset.Heartbeat(p["dest"]):
         result = _database.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"])
+    _record.record_beside(p["dest"], "dump", result)
     result["changed"] = True
     return result
 

@@ -128,7 +128,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _database
+from ansible_collections.pacs.orthanc.plugins.module_utils import _database, _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -138,9 +138,9 @@ def locate(path: str):
         if not found:
             raise PacsError("find the dump", f"{path} holds no database dump (database/orthanc.pgdump, .pgdir or .sql)")
         return found
-    for fmt, name in _database.DUMP_NAMES.items():
-        if path.rstrip("/").endswith(os.path.splitext(name)[1]):
-            return ("mysql" if fmt == "sql" else "postgresql"), fmt, path
+    kind = _layout.dump_kind(path)
+    if kind:
+        return kind[0], kind[1], path
     raise PacsError("find the dump", f"{path}: not a .pgdump, .pgdir or .sql dump")
 
 
