@@ -104,7 +104,8 @@ def _free_bytes(path: str) -> int:
 def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
                 expected_storage_bytes: int = 0, min_free_bytes: int = 0,
                 stale_lock_seconds: int = 900, space_check: bool = True,
-                check_mode: bool = False, expected_dump_bytes: int = 0, orthanc: dict | None = None) -> dict:
+                check_mode: bool = False, expected_dump_bytes: int = 0, orthanc: dict | None = None,
+                dump_format: str = "custom") -> dict:
     """Take the lock, clean up leftovers, check room, create the incomplete folder, copy the
     configuration, write the records ``orthanc`` (what ``orthanc_info`` found, when given) and
     ``open``. Returns the names and paths the later steps use."""
@@ -115,7 +116,10 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
     result = {"name": name, "root": root, "started_at": iso(now), "removed_incomplete": [], "path": path,
               "previous": None, "previous_storage": None, "state_file": _layout.state_file(path),
               "storage_path": os.path.join(path, _layout.STORAGE), "index_path": os.path.join(path, _layout.INDEX),
-              "database_path": os.path.join(path, _layout.DATABASE)}
+              "dump_path": None}
+    backend = (orthanc or {}).get("backend")
+    if backend in ("postgresql", "mysql"):
+        result["dump_path"] = os.path.join(path, _layout.DATABASE, _layout.dump_name(backend, dump_format))
     if not os.path.isdir(root):
         if check_mode:
             result["changed"] = True
