@@ -136,3 +136,12 @@ def test_manifest_reading_and_dump_names(tmp_path):
     (tmp_path / "database").mkdir()
     (tmp_path / "database" / "orthanc.sql").write_text("-- dump")
     assert _layout.find_dump(str(tmp_path)) == ("mysql", "sql", str(tmp_path / "database" / "orthanc.sql"))
+
+
+def test_a_snapshot_record_gives_the_snapshot_strategy_and_its_details():
+    details = {"kind": "btrfs", "snapshot": {"volume": "/srv"}, "polls": {"polls": 3, "failures": 0}}
+    facts = _record.facts_from({"snapshot": {"downtime_seconds": 0.0, "details": details}})
+    assert facts["strategy"] == "snapshot" and facts["capture"] == details and facts["downtime_seconds"] == 0.0
+    assert facts["stopped_at"] is None and facts["downtime_phases"] == {} and facts["dump"] is None
+    # a failed precondition alone (no fallback ran) says nothing about the strategy
+    assert "strategy" not in _record.facts_from({"snapshot": {"precondition_failed": True, "kind": "btrfs"}})
