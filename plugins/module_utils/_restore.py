@@ -53,7 +53,7 @@ def plan(backup: str, config_path: str, orthanc_version, database_version, force
     backup = os.path.realpath(backup)
     manifest = read_manifest(backup)
     source = manifest.get("source", {})
-    config_copy = os.path.join(backup, "config")
+    config_copy = os.path.join(backup, _layout.CONFIG)
     names = sorted(os.listdir(config_copy))
     is_folder = source.get("config_is_folder")
     if is_folder is None:
@@ -153,7 +153,7 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
             if aside:
                 _move_aside(path, aside, entry, journal, journal_path)
         # configuration, as it was (modes and owners by name)
-        config_copy = os.path.join(backup, "config")
+        config_copy = os.path.join(backup, _layout.CONFIG)
         if plan_result["config_is_folder"]:
             copy_tree_as_is(config_copy, targets["config"])
         else:
@@ -173,14 +173,14 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
                 os.chown(folder, uid, gid)
         if targets.get("index"):
             index_target = os.path.join(targets["index"], "index")
-            shutil.copyfile(os.path.join(backup, "index", "index"), index_target)
+            shutil.copyfile(os.path.join(backup, _layout.INDEX, "index"), index_target)
             os.chmod(index_target, 0o640)
             os.chown(index_target, uid, gid)
         files = 0
         if targets.get("storage"):
-            placer = _storage.Placer(os.path.join(backup, "storage"), targets["storage"], None, link, workers,
+            placer = _storage.Placer(os.path.join(backup, _layout.STORAGE), targets["storage"], None, link, workers,
                                      owner=(uid, gid))
-            for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")):
+            for uuid, _entry in _storage.walk_storage(os.path.join(backup, _layout.STORAGE)):
                 placer.place(uuid, None)
                 files += 1
             if placer.finish("restore storage"):

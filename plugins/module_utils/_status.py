@@ -52,7 +52,7 @@ def backup_facts(backup_path: str) -> dict:
         raise PacsError("write the backup status", f"cannot read the manifest of {backup_path}: {exc}")
     storage = manifest.get("storage", {})
     try:
-        index_bytes = os.path.getsize(os.path.join(backup_path, "index", "index"))
+        index_bytes = os.path.getsize(os.path.join(backup_path, _layout.INDEX, "index"))
     except OSError:
         index_bytes = 0
     started, ended = _parse_iso(manifest.get("started_at")), _parse_iso(manifest.get("ended_at"))

@@ -9,7 +9,6 @@ backup can be checked file by file without any Orthanc running."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _database, _layout, _sqlite, _storage
@@ -68,7 +67,7 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     ``hash_filter(uuid)`` accepts (all when None), its MD5. Returns {uuid: size} of the index.
     ``listed`` ({uuid: (size, md5)}) replaces the index file (a database dump's listing);
     ``known_missing`` are files that the manifest records as deleted while the dump ran."""
-    storage = os.path.join(backup, "storage")
+    storage = os.path.join(backup, _layout.STORAGE)
     if listed is None:
         listed = _sqlite.attachments(index_file)
     to_hash = []
@@ -185,7 +184,7 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
     found = _database.find_dump(backup)
     if found:
         return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing)
-    index_file = os.path.join(backup, "index", "index")
+    index_file = os.path.join(backup, _layout.INDEX, "index")
     if not os.path.isfile(index_file):
         report.add("missing index", "index/index")
         return report.as_dict()
