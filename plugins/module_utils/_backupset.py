@@ -10,30 +10,27 @@ removed by the next run that holds the lock. Retention never deletes the newest 
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import threading
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _lock, _sqlite, _storage, _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _lock, _record, _sqlite, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, copy_tree_as_is, fsync_dir, iso, os_error_cause, owner_of, sha256_file, utc_now, write_json_atomic)
+    PacsError, copy_tree_as_is, iso, os_error_cause, owner_of, sha256_file, utc_now)
 
 __metaclass__ = type
 
-FORMAT = "pacs.orthanc.backup"
-FORMAT_VERSION = 1
-NAME_RE = re.compile(r"^\d{8}T\d{6}(\.\d{1,6})?Z$")
-INCOMPLETE = ".incomplete"
+# the layout's names live in _layout; these stay for the modules that import them from here
+FORMAT = _layout.FORMAT
+FORMAT_VERSION = _layout.FORMAT_VERSION
+NAME_RE = _layout.NAME_RE
+INCOMPLETE = _layout.INCOMPLETE
 LOCK = ".lock"
-WORK = ".work"
-STATE_FILE = "storage.tsv"
-MISSING = ".missing"  # beside the state file: files the dump lists that Orthanc deleted meanwhile
+WORK = _layout.WORK
+STATE_FILE = _layout.STATE_FILE
 
 
 HEARTBEAT_SECONDS = 60
-LOCK_RECORD = "lock_taken_over.json"  # in .work/: the dead run's lock this run took over, for the manifest
 
 
 class Heartbeat:
@@ -89,22 +86,7 @@ class Heartbeat:
         return False
 
 
-def _read_missing(path: str) -> list:
-    try:
-        with open(path, "r", encoding="ascii") as handle:
-            return sorted(line.strip() for line in handle if line.strip())
-    except FileNotFoundError:
-        return []
-
-
-def complete_backups(root: str) -> list:
-    """Names of complete backups (a timestamp folder holding manifest.json), oldest first."""
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if NAME_RE.match(n) and not os.path.islink(os.path.join(root, n))
-                  and os.path.isfile(os.path.join(root, n, "manifest.json")))
+complete_backups = _layout.complete_backups
 
 
 def latest_backup(root: str):
@@ -124,17 +106,23 @@ def _free_bytes(path: str) -> int:
 def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
                 expected_storage_bytes: int = 0, min_free_bytes: int = 0,
                 stale_lock_seconds: int = 900, space_check: bool = True,
-                check_mode: bool = False, expected_dump_bytes: int = 0) -> dict:
+                check_mode: bool = False, expected_dump_bytes: int = 0, orthanc: dict | None = None,
+                dump_format: str = "custom") -> dict:
     """Take the lock, clean up leftovers, check room, create the incomplete folder, copy the
-    configuration. Returns the names and paths the later steps use."""
+    configuration, write the records ``orthanc`` (what ``orthanc_info`` found, when given) and
+    ``open``. Returns the names and paths the later steps use."""
     step = "prepare backup folder"
     now = utc_now()
     name = now.strftime("%Y%m%dT%H%M%SZ")
     path = os.path.join(root, name + INCOMPLETE)
     result = {"name": name, "root": root, "started_at": iso(now), "removed_incomplete": [], "path": path,
               "lock_taken_over": None,
-              "previous": None, "state_file": os.path.join(path, WORK, STATE_FILE),
-              "storage_path": os.path.join(path, "storage"), "index_path": os.path.join(path, "index")}
+              "previous": None, "previous_storage": None, "state_file": _layout.state_file(path),
+              "storage_path": os.path.join(path, _layout.STORAGE), "index_path": os.path.join(path, _layout.INDEX),
+              "dump_path": None}
+    backend = (orthanc or {}).get("backend")
+    if backend in ("postgresql", "mysql"):
+        result["dump_path"] = os.path.join(path, _layout.DATABASE, _layout.dump_name(backend, dump_format))
     if not os.path.isdir(root):
         if check_mode:
             result["changed"] = True
@@ -163,13 +151,13 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         already = 0
         if previous:
             try:
-                with open(os.path.join(previous, "manifest.json"), encoding="utf-8") as handle:
-                    already = int(json.load(handle).get("storage", {}).get("bytes", 0))
-            except (OSError, ValueError, TypeError):
+                already = int(_layout.read_manifest(previous).get("storage", {}).get("bytes", 0))
+            except (OSError, ValueError, TypeError, AttributeError):
                 already = 0
         needed += max(0, expected_storage_bytes - already)
     free = _free_bytes(root)
-    result.update({"previous": previous, "free_bytes": free, "needed_bytes": needed})
+    result.update({"previous": previous, "free_bytes": free, "needed_bytes": needed,
+                   "previous_storage": os.path.join(previous, _layout.STORAGE) if previous else None})
     if space_check and free < needed:
         raise PacsError(step, f"not enough free space in {root}: about {needed} bytes are needed "
                         f"(index {index_bytes}, database dump about {expected_dump_bytes}, new storage files, margin "
@@ -192,8 +180,11 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         os.makedirs(os.path.join(path, WORK), mode=0o700)
         os.chmod(path, 0o700)
         if taken:
-            write_json_atomic(os.path.join(path, WORK, LOCK_RECORD), taken)
-        result["config_files"] = copy_tree_as_is(config_path, os.path.join(path, "config"))
+            _record.write_record(path, "lock", taken)
+        result["config_files"] = copy_tree_as_is(config_path, os.path.join(path, _layout.CONFIG))
+        if orthanc:
+            _record.write_record(path, "orthanc", _record.orthanc_record(orthanc))
+        _record.write_record(path, "open", {"started_at": result["started_at"], "previous": previous})
     except (OSError, PacsError) as exc:
         # nothing of this run may stay behind: its folder goes, its lock is released
         shutil.rmtree(path, ignore_errors=True)
@@ -228,10 +219,7 @@ def retention(root: str, keep: int, protect: str, check_mode: bool = False) -> l
     doomed = [n for n in names[:-keep] if n != protect]
     if not check_mode:
         for name in doomed:
-            # rename first so that a half-deleted backup never looks complete
-            trash = os.path.join(root, name + ".deleting" + INCOMPLETE)
-            os.rename(os.path.join(root, name), trash)
-            shutil.rmtree(trash)
+            _layout.remove_backup(root, name)  # renamed first: a half-deleted backup never looks complete
     return doomed
 
 
@@ -248,19 +236,25 @@ def _dump_record(dump, path: str):
     return record
 
 
-def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: str = "new",
+def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int, md5: str = "new",
                  workers: int = 2, check_mode: bool = False) -> dict:
-    """Check the incomplete backup, write its manifest, rename it complete, point ``latest`` at
+    """Check the incomplete backup, write its manifest (from the records its steps wrote, see
+    _record; ``facts`` only fills what no record says), rename it complete, point ``latest`` at
     it, apply retention and release the lock. Fails, leaving it incomplete, when a check fails."""
     step = "check and complete backup"
     path = os.path.join(root, name + INCOMPLETE)
     if not os.path.isdir(path):
         raise PacsError(step, f"there is no incomplete backup {path}")
-    state = _storage.read_state(os.path.join(path, WORK, STATE_FILE))
+    try:
+        records = _record.read_records(path)
+    except (OSError, ValueError) as exc:
+        raise PacsError(step, f"cannot read the records of {path}: {exc}")
+    facts = dict(facts or {}, **_record.facts_from(records))
+    state = _storage.read_state(_layout.state_file(path))
     new_files = {u for u, (_s, origin) in state.items() if origin != _storage.ORIGIN_PREVIOUS}
-    deleted_during_capture = _read_missing(os.path.join(path, WORK, STATE_FILE + MISSING))
-    lost_in_live_storage = _read_missing(os.path.join(path, WORK, STATE_FILE + ".lost"))
-    lock_taken_over = _lock.read_record(os.path.join(path, WORK, LOCK_RECORD)) or None
+    deleted_during_capture = _record.deleted_during_capture(records)
+    lost_in_live_storage = _record.lost_in_live_storage(records)
+    lock_taken_over = records.get("lock") or None
     with Heartbeat(path):
         report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=lambda u: u in new_files,
                                        known_missing=set(deleted_during_capture))
@@ -273,11 +267,11 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
     files = {}
     for directory, _subdirs, filenames in os.walk(path):
         rel_dir = os.path.relpath(directory, path)
-        if rel_dir == "storage" or rel_dir.startswith("storage" + os.sep) or rel_dir.split(os.sep)[0] == WORK:
+        if rel_dir.split(os.sep)[0] in (_layout.STORAGE, WORK):
             continue
         for filename in filenames:
             rel = os.path.normpath(os.path.join(rel_dir, filename))
-            if rel != "manifest.json":
+            if rel != _layout.MANIFEST:
                 files[rel] = sha256_file(os.path.join(directory, filename))
     manifest = {
         "format": FORMAT,
@@ -323,15 +317,8 @@ def close_backup(root: str, name: str, host: str, facts: dict, keep: int, md5: s
         return result
     try:
         shutil.rmtree(os.path.join(path, WORK))
-        write_json_atomic(os.path.join(path, "manifest.json"), manifest)
-        fsync_dir(path)
-        os.rename(path, final)
-        link_tmp = os.path.join(root, ".latest.new")
-        if os.path.lexists(link_tmp):
-            os.unlink(link_tmp)
-        os.symlink(name, link_tmp)
-        os.rename(link_tmp, os.path.join(root, "latest"))
-        fsync_dir(root)
+        _layout.write_json_atomic(os.path.join(path, _layout.MANIFEST), manifest)
+        _layout.complete_folder(root, name)
         result["deleted_by_retention"] = retention(root, keep, protect=name)
         _release_lock(root, name)
     except OSError as exc:

@@ -10,13 +10,14 @@ import contextlib
 import datetime
 import grp
 import hashlib
-import json
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
 import traceback
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 
 __metaclass__ = type
 
@@ -212,36 +213,10 @@ def iso(moment: datetime.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def write_text_atomic(path: str, text: str, mode: int = 0o600) -> None:
-    """Write text to a temporary file beside ``path``, fsync it, then rename it into place."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_json_atomic(path: str, data, mode: int = 0o600) -> None:
-    """Write JSON atomically (see write_text_atomic)."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# atomic writes live with the layout of the backup folders; these names stay for their callers
+write_text_atomic = _layout.write_text_atomic
+write_json_atomic = _layout.write_json_atomic
+fsync_dir = _layout.fsync_dir
 
 
 def owner_of(path: str) -> dict:

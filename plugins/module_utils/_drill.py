@@ -17,7 +17,7 @@ import socket
 import sqlite3
 import time
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _rest, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _layout, _rest, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, Program, os_error_cause
 
 __metaclass__ = type
@@ -104,8 +104,7 @@ def run_drill(backup: str, workdir: str, orthanc_binary: str, sample: int, keep:
               start_timeout: float = 60, seed=None) -> dict:
     backup = os.path.realpath(backup)
     try:
-        with open(os.path.join(backup, "manifest.json"), encoding="utf-8") as handle:
-            manifest = json.load(handle)
+        manifest = _layout.read_manifest(backup)
     except (OSError, ValueError) as exc:
         raise PacsError("read backup", f"{backup} is not a complete backup: {exc}")
     os.makedirs(workdir, mode=0o700, exist_ok=True)

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _layout, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, copy_tree_as_is, os_error_cause, resolve_ids, safe_relative)
@@ -29,16 +29,13 @@ def version_tuple(text) -> tuple:
 
 
 def read_manifest(backup: str) -> dict:
-    path = os.path.join(backup, "manifest.json")
+    path = os.path.join(backup, _layout.MANIFEST)
     try:
-        with open(path, "r", encoding="utf-8") as handle:
-            manifest = json.load(handle)
+        manifest = _layout.read_manifest(backup)
     except FileNotFoundError:
         raise PacsError("read backup", f"{backup} is not a complete backup (no manifest.json)")
-    except (OSError, ValueError) as exc:
-        raise PacsError("read backup", f"cannot read {path}: {exc}")
-    if not isinstance(manifest, dict):
-        raise PacsError("read backup", f"{path} is not a manifest")
+    except _layout.ManifestError as exc:
+        raise PacsError("read backup", str(exc))
     for key in ("files", "config_files"):
         unsafe = [name for name in (manifest.get(key) or {}) if not safe_relative(name)]
         if unsafe:
@@ -59,7 +56,7 @@ def plan(backup: str, config_path: str, orthanc_version, database_version, force
     backup = os.path.realpath(backup)
     manifest = read_manifest(backup)
     source = manifest.get("source", {})
-    config_copy = os.path.join(backup, "config")
+    config_copy = os.path.join(backup, _layout.CONFIG)
     names = sorted(os.listdir(config_copy))
     is_folder = source.get("config_is_folder")
     if is_folder is None:
@@ -130,12 +127,7 @@ def _data_owner(plan_result: dict, owner: str | None, group: str | None) -> tupl
 
 
 def _write_journal(path: str, journal: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(journal, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(tmp, path)
+    _layout.write_json_atomic(path, journal, sync_dir=True)
 
 
 def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, owner: str | None = None,
@@ -164,7 +156,7 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
             if aside:
                 _move_aside(path, aside, entry, journal, journal_path)
         # configuration, as it was (modes and owners by name)
-        config_copy = os.path.join(backup, "config")
+        config_copy = os.path.join(backup, _layout.CONFIG)
         if plan_result["config_is_folder"]:
             copy_tree_as_is(config_copy, targets["config"])
         else:
@@ -184,14 +176,14 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
                 os.chown(folder, uid, gid)
         if targets.get("index"):
             index_target = os.path.join(targets["index"], "index")
-            shutil.copyfile(os.path.join(backup, "index", "index"), index_target)
+            shutil.copyfile(os.path.join(backup, _layout.INDEX, "index"), index_target)
             os.chmod(index_target, 0o640)
             os.chown(index_target, uid, gid)
         files = 0
         if targets.get("storage"):
-            placer = _storage.Placer(os.path.join(backup, "storage"), targets["storage"], None, link, workers,
+            placer = _storage.Placer(os.path.join(backup, _layout.STORAGE), targets["storage"], None, link, workers,
                                      owner=(uid, gid))
-            for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")):
+            for uuid, _entry in _storage.walk_storage(os.path.join(backup, _layout.STORAGE)):
                 placer.place(uuid, None)
                 files += 1
             if placer.finish("restore storage"):

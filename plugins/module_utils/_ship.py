@@ -15,20 +15,19 @@ side runs wherever Ansible can reach with Python 3."""
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import re
 import shlex
 import shutil
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _lock, _storage, _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _layout, _lock, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, fsync_dir, os_error_cause, run_command)
+    PacsError, os_error_cause, run_command)
 
 __metaclass__ = type
 
-INCOMPLETE = _backupset.INCOMPLETE
-DELETING = ".deleting" + INCOMPLETE
+INCOMPLETE = _layout.INCOMPLETE
+DELETING = _layout.DELETING
 _STAT = re.compile(r"^(Total bytes sent|Total bytes received|Literal data|Matched data|Total file size|"
                    r"Total transferred file size|Number of regular files transferred|Number of files)"
                    r":\s*([\d,.]+)", re.M)
@@ -75,21 +74,6 @@ def select_kept(names: list, last: int, daily: int, weekly: int, monthly: int) -
 
 # -- server side -----------------------------------------------------------------------------
 
-def _remove_tree(folder: str, name: str) -> None:
-    """Rename first, so that a half-removed backup never looks complete, then remove."""
-    trash = os.path.join(folder, name + DELETING)
-    if os.path.lexists(trash):
-        shutil.rmtree(trash, ignore_errors=True)
-    os.rename(os.path.join(folder, name), trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _point_latest(folder: str, name: str) -> None:
-    tmp = os.path.join(folder, ".latest.new")
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(name, tmp)
-    os.rename(tmp, os.path.join(folder, "latest"))
 
 
 def prepare(folder: str, name: str, check_mode: bool = False) -> dict:
@@ -106,7 +90,7 @@ def prepare(folder: str, name: str, check_mode: bool = False) -> dict:
             os.makedirs(folder, mode=0o700)
         except OSError as exc:
             raise PacsError(step, f"cannot create {folder}: {os_error_cause(exc)}")
-    complete = _backupset.complete_backups(folder)
+    complete = _layout.complete_backups(folder)
     if name in complete:
         result.update(already_complete=True, path=os.path.join(folder, name))
         return result
@@ -135,10 +119,10 @@ def prepare(folder: str, name: str, check_mode: bool = False) -> dict:
 def new_storage_files(path: str, previous: str | None) -> set:
     """Storage uuids of ``path`` that are not the same file (inode) as in ``previous``."""
     fresh = set()
-    if not os.path.isdir(os.path.join(path, "storage")):
+    if not os.path.isdir(os.path.join(path, _layout.STORAGE)):
         return fresh  # a database dump that holds the files itself
-    prev_storage = os.path.join(previous, "storage") if previous else None
-    for uuid, entry in _storage.walk_storage(os.path.join(path, "storage")):
+    prev_storage = os.path.join(previous, _layout.STORAGE) if previous else None
+    for uuid, entry in _storage.walk_storage(os.path.join(path, _layout.STORAGE)):
         if prev_storage:
             try:
                 if os.stat(os.path.join(prev_storage, _storage.relpath(uuid))).st_ino == entry.inode():
@@ -156,21 +140,20 @@ def complete(folder: str, name: str, host: str, keep_last: int, keep_daily: int,
     step = "check the copy on the server"
     path = os.path.join(folder, name + INCOMPLETE)
     final = os.path.join(folder, name)
-    if os.path.isfile(os.path.join(final, "manifest.json")) and not os.path.isdir(path):
+    if _layout.is_complete(final) and not os.path.isdir(path):
         return {"changed": False, "path": final, "already_complete": True, "deleted_by_retention": [],
                 "verification": None}
     if not os.path.isdir(path):
         raise PacsError(step, f"there is no transferred copy at {path}")
     with _lock.FolderLock(folder, step):
         try:
-            with open(os.path.join(path, "manifest.json"), encoding="utf-8") as handle:
-                manifest = json.load(handle)
+            manifest = _layout.read_manifest(path)
         except (OSError, ValueError) as exc:
             raise PacsError(step, f"the copy in {path} has no readable manifest.json: {exc}")
         if manifest.get("name") != name or (host and manifest.get("host") != host):
             raise PacsError(step, f"the copy in {path} is the backup {manifest.get('name')} of "
                             f"{manifest.get('host')}, not {name} of {host}")
-        older = [n for n in _backupset.complete_backups(folder) if n < name]
+        older = [n for n in _layout.complete_backups(folder) if n < name]
         previous = os.path.join(folder, older[-1]) if older else None
         fresh = new_storage_files(path, previous) if md5 == "new" else None
         report = _verify.verify_backup(path, md5=md5, workers=workers,
@@ -184,15 +167,12 @@ def complete(folder: str, name: str, host: str, keep_last: int, keep_daily: int,
         if check_mode:
             return result
         try:
-            fsync_dir(path)
-            os.rename(path, final)
-            _point_latest(folder, name)
-            fsync_dir(folder)
-            names = _backupset.complete_backups(folder)
+            _layout.complete_folder(folder, name)
+            names = _layout.complete_backups(folder)
             kept = select_kept(names, keep_last, keep_daily, keep_weekly, keep_monthly)
             for doomed in names:
                 if doomed not in kept and doomed != name:
-                    _remove_tree(folder, doomed)
+                    _layout.remove_backup(folder, doomed, ignore_errors=True)
                     result["deleted_by_retention"].append(doomed)
             result["kept"] = kept
         except OSError as exc:
@@ -273,7 +253,7 @@ def transfer(source: str, server: str, dest: str, previous: str | None, port: in
              bwlimit: int = 0, io_timeout: int = 300, connect_timeout: int = 30, runner=run_command) -> dict:
     """Push the local backup ``source`` into ``dest`` (the ``.incomplete`` folder on the server)."""
     step = "send the backup to the server"
-    if not os.path.isfile(os.path.join(source, "manifest.json")):
+    if not _layout.is_complete(source):
         raise PacsError(step, f"{source} is not a complete backup (no manifest.json)")
     if key and not os.path.isfile(key):
         raise PacsError(step, f"the SSH key {key} does not exist on this host")
@@ -308,11 +288,9 @@ def remove_local(root: str, name: str, check_mode: bool = False, stale_lock_seco
     if check_mode:
         return {"changed": True, "removed": path}
     try:
-        latest = os.path.join(root, "latest")
-        if os.path.islink(latest) and os.readlink(latest) == name:
-            os.unlink(latest)
-        _remove_tree(root, name)
-        fsync_dir(root)
+        _layout.unpoint_latest(root, name)
+        _layout.remove_backup(root, name, ignore_errors=True)
+        _layout.fsync_dir(root)
     except OSError as exc:
         raise PacsError(step, os_error_cause(exc))
     return {"changed": True, "removed": path}

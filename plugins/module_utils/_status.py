@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, iso, os_error_cause, utc_now, write_json_atomic, write_text_atomic)
 
@@ -46,13 +47,12 @@ def read_status(path: str) -> dict:
 def backup_facts(backup_path: str) -> dict:
     """What the status records of a complete backup, read from its manifest."""
     try:
-        with open(os.path.join(backup_path, "manifest.json"), encoding="utf-8") as handle:
-            manifest = json.load(handle)
+        manifest = _layout.read_manifest(backup_path)
     except (OSError, ValueError) as exc:
         raise PacsError("write the backup status", f"cannot read the manifest of {backup_path}: {exc}")
     storage = manifest.get("storage", {})
     try:
-        index_bytes = os.path.getsize(os.path.join(backup_path, "index", "index"))
+        index_bytes = os.path.getsize(os.path.join(backup_path, _layout.INDEX, "index"))
     except OSError:
         index_bytes = 0
     started, ended = _parse_iso(manifest.get("started_at")), _parse_iso(manifest.get("ended_at"))

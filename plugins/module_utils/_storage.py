@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, os_error_cause
 
 __metaclass__ = type
@@ -166,11 +167,9 @@ def read_state(path: str) -> dict:
 
 
 def write_state(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="ascii") as handle:
+    with _layout.atomic_writer(path, encoding="ascii") as handle:
         for uuid, (size, origin) in state.items():
             handle.write(f"{uuid}\t{size}\t{origin}\n")
-    os.rename(tmp, path)
 
 
 def summarize(state: dict) -> dict:

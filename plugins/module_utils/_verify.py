@@ -9,10 +9,9 @@ backup can be checked file by file without any Orthanc running."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, md5_file, safe_relative, sha256_file
 
@@ -69,7 +68,7 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     ``hash_filter(uuid)`` accepts (all when None), its MD5. Returns {uuid: size} of the index.
     ``listed`` ({uuid: (size, md5)}) replaces the index file (a database dump's listing);
     ``known_missing`` are files that the manifest records as deleted while the dump ran."""
-    storage = os.path.join(backup, "storage")
+    storage = os.path.join(backup, _layout.STORAGE)
     if listed is None:
         listed = _sqlite.attachments(index_file)
     to_hash = []
@@ -120,14 +119,12 @@ def _hash_none(_uuid: str) -> bool:
 
 
 def _read_manifest(backup: str, report: Report):
-    manifest_path = os.path.join(backup, "manifest.json")
-    if not os.path.exists(manifest_path):
-        return None
     try:
-        with open(manifest_path, "r", encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except ValueError as exc:
-        report.add("unreadable manifest", str(exc))
+        manifest = _layout.read_manifest(backup)
+    except FileNotFoundError:
+        return None
+    except _layout.ManifestError as exc:
+        report.add("unreadable manifest", str(exc.__cause__ or exc))
         return None
     check_manifest_files(backup, manifest, report)
     return manifest
@@ -188,7 +185,7 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
     found = db_dump.find_dump(backup)
     if found:
         return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing)
-    index_file = os.path.join(backup, "index", "index")
+    index_file = os.path.join(backup, _layout.INDEX, "index")
     if not os.path.isfile(index_file):
         report.add("missing index", "index/index")
         return report.as_dict()

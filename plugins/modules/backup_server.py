@@ -149,13 +149,13 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _ship
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _ship
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
 def act(module):
     p = module.params
-    if not _backupset.NAME_RE.match(p["name"]):
+    if not _layout.NAME_RE.match(p["name"]):
         raise PacsError("backup server", f"'{p['name']}' is not a backup name (a UTC timestamp like 20261129T070000Z)")
     folder = os.path.abspath(p["folder"])
     if p["state"] == "prepare":

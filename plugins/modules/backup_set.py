@@ -81,13 +81,28 @@ options:
   host:
     description: Name of the host, recorded in the manifest.
     type: str
+  orthanc:
+    description:
+      - The result of M(pacs.orthanc.orthanc_info) for this Orthanc. C(open) keeps in the backup what
+        the manifest records of it (version, name, backend, storage, storage_compression,
+        config_path, config_is_folder, storage_owner, storage_directory, index_directory).
+    type: dict
+  dump_format:
+    description:
+      - The format of M(pacs.orthanc.db_dump) for PostgreSQL (C(custom) or C(directory)), so that C(open)
+        returns RV(dump_path), the dump's path inside the backup, when O(orthanc) names a database backend.
+    type: str
+    choices: [custom, directory]
+    default: custom
   facts:
     description:
-      - What the role learnt during the backup, recorded in the manifest, orthanc_version,
-        orthanc_name, backend, storage_compression, config_path, config_is_folder,
-        storage_directory, storage_owner, index_directory, started_at, stopped_at,
-        restarted_at, downtime_seconds, downtime_phases, previous, strategy, capture (details of
-        the strategy), dump (the result of M(pacs.orthanc.db_dump)), storage_in_database.
+      - Kept for compatibility. Each capture step (this module's C(open), M(pacs.orthanc.storage_snapshot),
+        M(pacs.orthanc.stopped_capture), M(pacs.orthanc.snapshot_capture), M(pacs.orthanc.db_dump))
+        writes its own record into the incomplete backup, and C(close) builds the manifest from
+        those records. Keys given here (orthanc_version, orthanc_name, backend,
+        storage_compression, config_path, config_is_folder, storage_directory, storage_owner,
+        index_directory, started_at, stopped_at, restarted_at, downtime_seconds, downtime_phases,
+        previous, strategy, capture, dump) only fill what no record says.
     type: dict
     default: {}
   keep:
@@ -146,6 +161,14 @@ previous:
   description: The newest complete backup before this one, or null.
   type: str
   returned: open
+previous_storage:
+  description: The storage folder of RV(previous) (where unchanged files are linked from), or null.
+  type: str
+  returned: open
+dump_path:
+  description: Where the database dump goes in this backup, or null for a SQLite index (needs O(orthanc)).
+  type: str
+  returned: open
 removed_incomplete:
   description: Folders of interrupted runs that C(open) removed.
   type: list
@@ -190,7 +213,8 @@ def act(module):
                 raise PacsError("prepare backup folder", f"state=open needs '{key}'")
         return _backupset.open_backup(p["root"], p["config_path"], p["index_directory"], p["storage_directory"],
                                       p["expected_storage_bytes"], p["min_free_bytes"], p["stale_lock_seconds"],
-                                      p["space_check"], module.check_mode, p["expected_dump_bytes"])
+                                      p["space_check"], module.check_mode, p["expected_dump_bytes"], p["orthanc"],
+                                      p["dump_format"])
     if not p["name"]:
         raise PacsError("complete backup", f"state={p['state']} needs 'name'")
     if p["state"] == "discard":
@@ -216,6 +240,8 @@ def main():
             stale_lock_seconds=dict(type="int", default=900),
             space_check=dict(type="bool", default=True),
             host=dict(type="str"),
+            orthanc=dict(type="dict"),
+            dump_format=dict(type="str", choices=["custom", "directory"], default="custom"),
             facts=dict(type="dict", default={}),
             keep=dict(type="int", default=7),
             md5=dict(type="str", choices=["new", "all", "none"], default="new"),

@@ -126,7 +126,7 @@ files:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _record
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import client as db_client, connection as db_connection, dump as db_dump
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
 
@@ -143,6 +143,7 @@ def run(module):
                 "connection": db_connection.public(conn)}
     with _backupset.Heartbeat(p["dest"]):
         result = db_dump.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"])
+    _record.record_beside(p["dest"], "dump", result)
     result["changed"] = True
     return result
 

@@ -153,6 +153,7 @@ import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import connection as db_connection, dump as db_dump, restore as db_restore
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
@@ -163,9 +164,9 @@ def locate(path: str):
         if not found:
             raise PacsError("find the dump", f"{path} holds no database dump (database/orthanc.pgdump, .pgdir or .sql)")
         return found
-    for fmt, name in db_dump.DUMP_NAMES.items():
-        if path.rstrip("/").endswith(os.path.splitext(name)[1]):
-            return ("mysql" if fmt == "sql" else "postgresql"), fmt, path
+    kind = _layout.dump_kind(path)
+    if kind:
+        return kind[0], kind[1], path
     raise PacsError("find the dump", f"{path}: not a .pgdump, .pgdir or .sql dump")
 
 

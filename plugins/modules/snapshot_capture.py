@@ -171,8 +171,8 @@ details:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _rest, _snapshot
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _record, _rest, _snapshot
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
 def snapshot_capture(module):
@@ -181,12 +181,22 @@ def snapshot_capture(module):
     if p["poll"]:
         poll = {"url": p["url"], "username": p["username"], "password": p["password"],
                 "interval": p["poll_interval"]}
-    with _backupset.Heartbeat(p["storage_dest"]):
-        result = _snapshot.capture(
-            p["kind"], p["index_directory"], p["storage_directory"], p["name"], p["index_dest"],
-            p["storage_dest"], p["state_file"], previous=p["previous"], link_mode=p["link_mode"],
-            workers=p["workers"], volume=p["volume"], integrity=p["integrity_check"],
-            min_free_bytes=p["min_free_bytes"], poll=poll, check_mode=module.check_mode)
+    try:
+        with _backupset.Heartbeat(p["storage_dest"]):
+            result = _snapshot.capture(
+                p["kind"], p["index_directory"], p["storage_directory"], p["name"], p["index_dest"],
+                p["storage_dest"], p["state_file"], previous=p["previous"], link_mode=p["link_mode"],
+                workers=p["workers"], volume=p["volume"], integrity=p["integrity_check"],
+                min_free_bytes=p["min_free_bytes"], poll=poll, check_mode=module.check_mode)
+    except PacsError as exc:
+        if exc.details.get("precondition_failed"):
+            # the role may fall back to stopping Orthanc: the manifest says why
+            _record.record_beside(p["storage_dest"], "snapshot", {
+                "precondition_failed": True, "kind": p["kind"], "cause": exc.cause}, module.check_mode)
+        raise
+    _record.record_beside(p["storage_dest"], "snapshot", {
+        "downtime_seconds": result.get("downtime_seconds"), "details": result.get("details") or {}},
+        module.check_mode)
     for warning in result.pop("warnings"):
         module.warn(warning)
     return result

@@ -133,7 +133,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _control, _rest, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _control, _record, _rest, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -178,8 +178,6 @@ def _capture_window(module):
             module.warn(f"{len(lost)} files that Orthanc's index lists are gone from {p['storage_source']} "
                         f"(e.g. {lost[0]}): THE LIVE ARCHIVE IS DAMAGED. This backup holds them, from the "
                         "previous backup; restore them from it")
-            with open(p["state_file"] + ".lost", "w", encoding="ascii") as handle:
-                handle.write("".join(f"{uuid}\n" for uuid in lost))
         result.update({"capture": copied, "delta": delta})
     except (PacsError, OSError) as exc:
         failure = exc if isinstance(exc, PacsError) else PacsError("capture while stopped", str(exc))
@@ -209,6 +207,10 @@ def _capture_window(module):
         raise failure
     result.setdefault("downtime_seconds", 0.0)
     result["phases"] = phases
+    _record.record_beside(p["storage_dest"], "stopped", {
+        "stopped_at": result.get("stopped_at"), "restarted_at": result.get("restarted_at"),
+        "downtime_seconds": result["downtime_seconds"], "phases": phases,
+        "lost_in_live_storage": result["delta"].get("lost_in_live_storage") or []})
     return result
 
 

@@ -43,7 +43,8 @@ options:
         ran; the C(delta) phase takes the list of files from it instead of O(index).
       - Then Orthanc keeps running, and a file that the dump lists but that Orthanc deleted before
         the delta phase cannot be copied. Such files are not hidden; they are written, one per line,
-        to O(state_file)C(.missing), returned in RV(deleted_during_capture), and recorded in the manifest.
+        returned in RV(deleted_during_capture) and, when O(dest) is inside an incomplete backup, written
+        to its record of this step, from which M(pacs.orthanc.backup_set) records them in the manifest.
     type: path
   previous:
     description: The previous backup's storage folder; files of the same name and size are linked from it.
@@ -162,14 +163,14 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _layout, _record, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
 def snapshot(module):
     p = module.params
-    state_file = p["state_file"] or os.path.join(os.path.dirname(p["dest"].rstrip("/")), ".work", "storage.tsv")
+    state_file = p["state_file"] or _layout.state_file(os.path.dirname(p["dest"].rstrip("/")))
     if not module.check_mode:
         os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
     common = dict(previous=p["previous"], link_mode=p["link_mode"], workers=p["workers"],
@@ -182,9 +183,10 @@ def _snapshot_phase(module, p, state_file, common):
     if p["phase"] == "hot":
         result = _storage.hot_pass(p["source"], p["dest"], state_file, settle=p["settle_seconds"], **common)
         changed = result["files"] > 0
+        _record.record_beside(p["dest"], "hot", result, module.check_mode)
     else:
         if p["dump"]:
-            engine = "mysql" if p["dump"].endswith(".sql") else "postgresql"
+            engine = _layout.dump_engine(p["dump"])
             listing = db_listing.read_dump(engine, p["dump"], with_contents=False)["attachments"]
             wanted = {uuid: size for uuid, (size, _md5) in listing.items()}
         elif p["index"]:
@@ -198,9 +200,6 @@ def _snapshot_phase(module, p, state_file, common):
         if p["dump"]:
             # Orthanc ran on: what the dump lists and the storage lacks was deleted meanwhile
             result["deleted_during_capture"] = missing
-            if not module.check_mode:
-                with open(state_file + ".missing", "w", encoding="ascii") as handle:
-                    handle.write("".join(f"{uuid}\n" for uuid in missing))
             if missing:
                 module.warn(f"{len(missing)} files that the dump lists were deleted from {p['source']} while it "
                             f"ran (e.g. {missing[0]}); the manifest names them")
@@ -211,6 +210,10 @@ def _snapshot_phase(module, p, state_file, common):
                 if not p["missing_ok"]:
                     raise PacsError("copy storage (delta pass)", message, **result)
                 module.warn(message)
+        _record.record_beside(p["dest"], "delta", {
+            "deleted_during_capture": result.get("deleted_during_capture") or [],
+            "fetched_files": result.get("fetched_files"), "removed_files": result.get("removed_files")},
+            module.check_mode)
     result.update({"changed": changed, "state_file": state_file})
     return result
 

@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     Program, PacsError, fsync_dir, os_error_cause, run_command, sha256_file)
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.client import Client
@@ -24,17 +25,8 @@ __metaclass__ = type
 PART = ".part"
 CHUNK = 1024 * 1024
 MYSQL_TRAILER = b"-- Dump completed"
-DUMP_NAMES = {"custom": "orthanc.pgdump", "directory": "orthanc.pgdir", "sql": "orthanc.sql"}
-
-
-def find_dump(backup: str):
-    """(engine, format, path) of the dump in a backup folder, or None."""
-    folder = os.path.join(backup, "database")
-    for fmt, name in DUMP_NAMES.items():
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            return ("mysql" if fmt == "sql" else "postgresql"), fmt, path
-    return None
+DUMP_NAMES = _layout.DUMP_NAMES
+find_dump = _layout.find_dump
 
 
 def _remove(path: str) -> None:

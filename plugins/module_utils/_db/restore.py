@@ -70,7 +70,6 @@ def _pg_plan(admin: Client, conn: dict, owner: str, state: dict, replace: bool, 
     step = "check the target database"
     maintenance = admin.conn.get("maintenance_db") or "postgres"
     name = conn["database"]
-    me = admin.conn["username"]
     rows = admin.query(
         "SELECT current_user, r.rolsuper, r.rolcreatedb, current_setting('server_version_num')::int, "
         f"(SELECT oid FROM pg_roles WHERE rolname = {literal(owner)}) IS NOT NULL, "

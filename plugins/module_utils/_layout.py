@@ -1,0 +1,205 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The layout of a folder of backups, shared by the managed host and the backup server.
+
+One folder of backups (``orthanc_backup_root`` on a host, ``<server root>/<host>`` on the server)
+holds ``<UTC timestamp>/`` complete backups (each with ``manifest.json``), at most one
+``<UTC timestamp>.incomplete/`` being written (its working files in ``.work/``) and ``latest``,
+a symbolic link to the newest complete backup. Every name of that layout is here, and the few
+operations that keep it safe on a crash: atomic writes (temporary file, fsync, rename, fsync of
+the folder), switching ``latest`` atomically, removing a backup by renaming it incomplete first,
+reading a manifest. Standard library only."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+
+__metaclass__ = type
+
+FORMAT = "pacs.orthanc.backup"
+FORMAT_VERSION = 1
+NAME_RE = re.compile(r"^\d{8}T\d{6}(\.\d{1,6})?Z$")
+
+# names inside a folder of backups
+INCOMPLETE = ".incomplete"          # <name>.incomplete/: a backup being written, never a complete one
+DELETING = ".deleting" + INCOMPLETE  # <name>.deleting.incomplete/: a backup being removed
+LATEST = "latest"                   # symbolic link to the newest complete backup
+LATEST_NEW = ".latest.new"          # the next ``latest``, renamed over it
+# names inside one backup
+MANIFEST = "manifest.json"
+CONFIG = "config"
+INDEX = "index"
+STORAGE = "storage"
+DATABASE = "database"
+WORK = ".work"                      # working files of an incomplete backup, removed when it completes
+STATE_FILE = "storage.tsv"          # in .work/: where every storage file of this backup came from
+RECORDS = "records"                 # in .work/: one JSON record per capture step (see _record)
+# database dumps, by engine and pg_dump format
+DUMP_NAMES = {"custom": "orthanc.pgdump", "directory": "orthanc.pgdir", "sql": "orthanc.sql"}
+
+
+class ManifestError(ValueError):
+    """A manifest that exists but cannot be read or is not a JSON object."""
+
+
+def dump_name(engine: str, fmt: str = "custom") -> str:
+    """The file name of a database dump inside ``database/``."""
+    return DUMP_NAMES["sql" if engine == "mysql" else ("directory" if fmt == "directory" else "custom")]
+
+
+def dump_kind(path: str):
+    """(engine, format) of a dump, from its name's suffix; None when it is not a dump's name."""
+    for fmt, name in DUMP_NAMES.items():
+        if path.rstrip("/").endswith(os.path.splitext(name)[1]):
+            return ("mysql" if fmt == "sql" else "postgresql"), fmt
+    return None
+
+
+def dump_engine(path: str) -> str:
+    """The engine that wrote a dump, from its name."""
+    return (dump_kind(path) or ("postgresql", None))[0]
+
+
+def find_dump(backup: str):
+    """(engine, format, path) of the dump in a backup's ``database/`` folder, or None."""
+    for fmt, name in DUMP_NAMES.items():
+        path = os.path.join(backup, DATABASE, name)
+        if os.path.exists(path):
+            return ("mysql" if fmt == "sql" else "postgresql"), fmt, path
+    return None
+
+
+def state_file(backup: str) -> str:
+    return os.path.join(backup, WORK, STATE_FILE)
+
+
+def incomplete_of(path: str):
+    """The ``<name>.incomplete`` folder that holds ``path`` (or is it), else None."""
+    current = os.path.abspath(path or "/")
+    while current != os.path.dirname(current):
+        if os.path.basename(current).endswith(INCOMPLETE):
+            return current
+        current = os.path.dirname(current)
+    return None
+
+
+def complete_backups(root: str) -> list:
+    """Names of complete backups (a timestamp folder holding manifest.json), oldest first."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if NAME_RE.match(n) and not os.path.islink(os.path.join(root, n))
+                  and os.path.isfile(os.path.join(root, n, MANIFEST)))
+
+
+def is_complete(backup: str) -> bool:
+    return os.path.isfile(os.path.join(backup, MANIFEST))
+
+
+def read_manifest(backup: str) -> dict:
+    """The manifest of a backup. FileNotFoundError when it has none (not a complete backup),
+    ManifestError when it is unreadable; the caller words the message."""
+    path = os.path.join(backup, MANIFEST)
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path} is not a manifest")
+    return manifest
+
+
+# -- writing safely ------------------------------------------------------------------------
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str, mode: int = 0o600, sync_dir: bool = False, encoding=None):
+    """A file to write ``path`` through: a temporary file beside it, fsynced and renamed into
+    place when the block ends without an error (removed otherwise); with ``sync_dir`` the folder
+    is fsynced too, so that the new name survives a crash. Text when ``encoding`` is given."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w" if encoding else "wb", encoding=encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if sync_dir:
+        fsync_dir(directory)
+
+
+def write_bytes_atomic(path: str, data: bytes, mode: int = 0o600, sync_dir: bool = False) -> None:
+    with atomic_writer(path, mode, sync_dir) as handle:
+        handle.write(data)
+
+
+def write_text_atomic(path: str, text: str, mode: int = 0o600, sync_dir: bool = False,
+                      encoding: str = "utf-8") -> None:
+    write_bytes_atomic(path, text.encode(encoding), mode, sync_dir)
+
+
+def write_json_atomic(path: str, data, mode: int = 0o600, sync_dir: bool = False, indent=2) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=True) + "\n", mode, sync_dir)
+
+
+def point_latest(root: str, name: str) -> None:
+    """Point ``<root>/latest`` at ``name`` in one rename (a reader sees the old or the new)."""
+    tmp = os.path.join(root, LATEST_NEW)
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(name, tmp)
+    os.rename(tmp, os.path.join(root, LATEST))
+    fsync_dir(root)
+
+
+def unpoint_latest(root: str, name: str) -> None:
+    """Remove ``latest`` when it names ``name``."""
+    latest = os.path.join(root, LATEST)
+    if os.path.islink(latest) and os.readlink(latest) == name:
+        os.unlink(latest)
+
+
+def remove_backup(root: str, name: str, ignore_errors: bool = False) -> None:
+    """Remove ``<root>/<name>``: renamed ``.deleting.incomplete`` first, so that a half-removed
+    backup never looks complete, then deleted."""
+    trash = os.path.join(root, name + DELETING)
+    if os.path.lexists(trash):
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(os.path.join(root, name), trash)
+    shutil.rmtree(trash, ignore_errors=ignore_errors)
+
+
+def complete_folder(root: str, name: str) -> str:
+    """Rename ``<name>.incomplete`` (its contents already synced) to ``<name>`` durably and point
+    ``latest`` at it. Returns the final path."""
+    path = os.path.join(root, name + INCOMPLETE)
+    final = os.path.join(root, name)
+    fsync_dir(path)
+    os.rename(path, final)
+    point_latest(root, name)
+    return final
