@@ -2,12 +2,13 @@
 mark the quick set; under pytest-xdist, run the longest tests first.
 
 The quick set (``python3 -m pytest -m quick -n 2 tests``) is every unit test plus the integration
-tests marked ``quick``: the main path (back up, verify, restore, ship, a database) in under three
-minutes. The whole suite: ``python3 -m pytest -n 2 tests`` (pytest.ini adds ``--dist load --maxschedchunk 1``).
+tests of QUICK: the main path (back up incrementally, restore, ship, a database round trip) in
+under three minutes. The whole suite: ``python3 -m pytest -n 2 tests`` (pytest.ini adds ``--dist loadgroup``).
 
 tests/durations.json holds each test's duration as measured by a whole run (``--store-durations``
-rewrites it). Under xdist the tests are handed out longest first, so that the two workers end
-together; a test not in the file counts as DEFAULT_DURATION seconds."""
+rewrites it). Under xdist the tests are handed out longest first (a group of GROUPS first of
+all), so that the two workers end together; a test not in the file counts as DEFAULT_DURATION
+seconds."""
 
 from __future__ import annotations
 
@@ -22,6 +23,22 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 COLLECTIONS = REPO / ".work" / "collections"
 DURATIONS = pathlib.Path(__file__).resolve().parent / "durations.json"
 DEFAULT_DURATION = 20.0
+# Test files whose tests must not run beside each other on one machine, by pytest-xdist group
+# (pytest.ini: --dist loadgroup sends a group to one worker):
+# - test_backup_database.py: test_no_password_in_ps_output_or_files checks that no
+#   /tmp/pacs-orthanc-db-* folder (db_dump's private password files) is left, which any other
+#   dump running at that moment would have.
+GROUPS = {
+    "tests/integration/test_backup_database.py": "databases",
+}
+# Integration tests of the quick set, besides every unit test (by node id, so that one case of a
+# parametrized test can be in it).
+QUICK = {
+    "tests/integration/test_backup_sqlite.py::test_two_hosts_are_backed_up_incrementally",
+    "tests/integration/test_restore.py::test_round_trip_after_the_data_is_wiped",
+    "tests/integration/test_ship.py::test_two_runs_ship_only_new_files",
+    "tests/integration/test_backup_database.py::test_round_trip_into_a_fresh_database[postgresql-files-on-disk]",
+}
 
 
 def _link_collection() -> None:
@@ -54,14 +71,29 @@ def _recorded() -> dict:
         return {}
 
 
+def _plain(nodeid: str) -> str:
+    """The node id without the ``@group`` that --dist loadgroup appends."""
+    return nodeid.rsplit("@", 1)[0] if "@" in nodeid.rsplit("]", 1)[-1] else nodeid
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     unit = REPO / "tests" / "unit"
     for item in items:
-        if unit in item.path.parents or item.path.name == "test_support_smoke.py":
+        if unit in item.path.parents or item.path.name == "test_support_smoke.py" or item.nodeid in QUICK:
             item.add_marker(pytest.mark.quick)
+        group = GROUPS.get(item.nodeid.split("::")[0])
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # a renamed test must not leave the quick set silently: every QUICK test must still exist
+    modules = {item.nodeid.split("::")[0]: item.module for item in items if hasattr(item, "module")}
+    for nodeid in QUICK:
+        path, function = nodeid.split("::")[0], nodeid.split("::")[1].split("[")[0]
+        if path in modules and not hasattr(modules[path], function):
+            raise pytest.UsageError(f"tests/conftest.py QUICK names {nodeid}: no such test")
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: every worker sorts alike
         recorded = _recorded()
-        items.sort(key=lambda item: -recorded.get(item.nodeid, DEFAULT_DURATION))
+        items.sort(key=lambda item: -recorded.get(_plain(item.nodeid), DEFAULT_DURATION))
 
 
 class _DurationRecorder:
@@ -69,7 +101,8 @@ class _DurationRecorder:
         self.durations: dict = {}
 
     def pytest_runtest_logreport(self, report):
-        self.durations[report.nodeid] = self.durations.get(report.nodeid, 0.0) + report.duration
+        nodeid = _plain(report.nodeid)
+        self.durations[nodeid] = self.durations.get(nodeid, 0.0) + report.duration
 
     def pytest_sessionfinish(self, session):
         if not self.durations:
