@@ -86,7 +86,7 @@ def _claim_block() -> int:
         pass
     starts = list(range(low, high - BLOCK + 1, BLOCK))
     offset = os.getpid() % len(starts)  # spread the processes, fewer lock attempts
-    held = {first for first, _ in _blocks}
+    held = {block[0] for block in _blocks}
     for first in starts[offset:] + starts[:offset]:
         if first in held:
             continue
