@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The newcomer's demo, on a fresh Debian 12 machine, as root:
-#   1. installs Orthanc (Debian's package), dcmtk, Ansible and the Python packages (scripts/setup.sh);
+#   1. installs what it needs and nothing more (scripts/setup-demo.sh): Orthanc (Debian's package),
+#      dcmtk, curl, ansible-core and pydicom;
 #   2. starts Debian's Orthanc service (SQLite index in /var/lib/orthanc/db-v6) if it is not running;
 #   3. stores sample studies into it, over REST and over DICOM C-STORE;
 #   4. backs it up with the playbook pacs.orthanc.backup, all defaults (config /etc/orthanc,
@@ -9,7 +10,7 @@
 # Run it again: it stores two more studies and takes an incremental backup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup-demo.sh
 
 url=http://127.0.0.1:8042
 if ! curl -sf "$url/system" >/dev/null; then

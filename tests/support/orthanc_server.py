@@ -18,6 +18,7 @@ if its command line still names this server's configuration.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import http.client
 import json
@@ -45,7 +46,6 @@ def _dicom_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-_handed_out: set[int] = set()
 # Never go through an HTTP proxy from the environment, even for 127.0.0.1.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -54,15 +54,76 @@ class OrthancError(RuntimeError):
     """Orthanc could not be started, stopped or reached."""
 
 
+# Test ports come from below the kernel's ephemeral range (so that no client socket of any process
+# can hold one between the moment it is handed out and the moment Orthanc binds it), in blocks of
+# BLOCK ports. A process claims a block by holding an flock on PORT_LOCKS/<first port> for as long
+# as it lives, so that pytest-xdist workers, several pytest sessions and benchmarks on one machine
+# never hand out the same port; within the block, a port is handed out once, and only if it can be
+# bound now.
+PORT_LOCKS = Path(os.environ.get("PACS_TEST_PORT_LOCKS", "/tmp/pacs-orthanc-test-ports"))
+BLOCK = 100
+_blocks: list[tuple[int, int]] = []  # (first port, the open lock file descriptor that holds the claim)
+_next_in_block = 0
+
+
+def _port_range() -> tuple[int, int]:
+    """[low, high) below the ephemeral range (ip_local_port_range), at most 12,000 ports wide."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    high = ephemeral_low if ephemeral_low > 12000 else 30000
+    return max(high - 12000, 10000), high
+
+
+def _claim_block() -> int:
+    """Claim a block of ports no other process holds; return its first port."""
+    low, high = _port_range()
+    PORT_LOCKS.mkdir(parents=True, exist_ok=True)
+    try:
+        os.chmod(PORT_LOCKS, 0o1777)  # any user's tests may claim ports
+    except OSError:
+        pass
+    starts = list(range(low, high - BLOCK + 1, BLOCK))
+    offset = os.getpid() % len(starts)  # spread the processes, fewer lock attempts
+    held = {block[0] for block in _blocks}
+    for first in starts[offset:] + starts[:offset]:
+        if first in held:
+            continue
+        fd = os.open(PORT_LOCKS / str(first), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _blocks.append((first, fd))
+        return first
+    raise OrthancError(f"no free block of {BLOCK} test ports in {low}-{high} (locks in {PORT_LOCKS})")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """Return a TCP port that is free on 127.0.0.1 and not yet handed out by this process."""
-    for _attempt in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+    """A TCP port free on 127.0.0.1 that no other process (pytest-xdist worker, another test
+    session, a benchmark) on this machine has been given, nor this process before."""
+    global _next_in_block  # pylint: disable=global-statement
+    for _attempt in range(20):
+        if not _blocks or _next_in_block >= BLOCK:
+            _claim_block()
+            _next_in_block = 0
+        first = _blocks[-1][0]
+        while _next_in_block < BLOCK:
+            port = first + _next_in_block
+            _next_in_block += 1
+            if _bindable(port):
+                return port
     raise OrthancError("no free TCP port found")
 
 
