@@ -75,7 +75,6 @@ def select_kept(names: list, last: int, daily: int, weekly: int, monthly: int) -
 # -- server side -----------------------------------------------------------------------------
 
 
-
 def prepare(folder: str, name: str, check_mode: bool = False) -> dict:
     """Create the host's folder, remove what interrupted runs left (``*.incomplete``), create
     ``<name>.incomplete/`` and say which complete backup the transfer can link to."""

@@ -237,8 +237,8 @@ def test_a_restored_orthanc_that_refuses_the_credentials_is_rolled_back(servers,
     hostvars = dict(orthanc_username="backup", orthanc_backup_settle_seconds=0,
                     orthanc_start_command=detached_start(server))
     root = tmp_path / "backups"
-    inventory = write_inventory(tmp_path / "old.json", {"restored": local_host(server, root, orthanc_password=old,
-                                                                              **hostvars)})
+    host = local_host(server, root, orthanc_password=old, **hostvars)
+    inventory = write_inventory(tmp_path / "old.json", {"restored": host})
     assert run_playbook(inventory).returncode == 0
     # the password changes: in the configuration, Orthanc restarted, and in the inventory
     server.stop()
@@ -247,8 +247,8 @@ def test_a_restored_orthanc_that_refuses_the_credentials_is_rolled_back(servers,
     subprocess.run(detached_start(server), shell=True, check=True)
     assert wait_for(lambda: status_with(server.url, "backup", new) == 200)
     pid = server.pid()
-    inventory = write_inventory(tmp_path / "new.json", {"restored": local_host(server, root, orthanc_password=new,
-                                                                              **hostvars)})
+    host = local_host(server, root, orthanc_password=new, **hostvars)
+    inventory = write_inventory(tmp_path / "new.json", {"restored": host})
     result = run_playbook(inventory, playbook="restore.yml", extra_vars={"orthanc_restore_confirm": True})
     assert result.returncode != 0, result.stdout
     line = re.search(r"Restore of restored failed at step '([^']*)': (.*)", result.stdout)

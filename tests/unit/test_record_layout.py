@@ -18,7 +18,8 @@ INFO = {"version": "1.10.1", "name": "unit-orthanc", "backend": "sqlite", "stora
         "statistics": {"TotalDiskSize": 1}, "changed": False}
 
 
-def open_with_records(tmp_path, orthanc=INFO):
+def open_with_records(tmp_path, orthanc=None):
+    orthanc = INFO if orthanc is None else orthanc
     config, storage, index_dir = make_orthanc(tmp_path)
     root = tmp_path / "backups"
     opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage), orthanc=orthanc)

@@ -180,7 +180,7 @@ def test_a_port_that_answers_but_not_in_http_is_not_orthanc_answering():
         listener.listen(1)
 
         def serve():
-            conn, _ = listener.accept()
+            conn = listener.accept()[0]
             conn.recv(1000)
             conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
             conn.close()
