@@ -19,7 +19,7 @@ description:
     would leave on disk, from which SQLite in WAL mode recovers to its last committed transaction.
   - Captures the index from the snapshot (every C(index*) file together, the WAL replayed into
     one self-contained copy, then checked with O(integrity_check)), copies the storage from the
-    snapshot (a hot pass of M(pacs.orthanc.storage_snapshot) with no settle time), and drops the
+    snapshot (a hot pass of M(pacs.orthanc.storage_copy) with no settle time), and drops the
     files that the captured index does not list (written by Orthanc but not yet committed, they
     are orphans). A file that the index lists but the snapshot lacks, or holds with another size,
     fails the capture.
@@ -66,7 +66,7 @@ options:
     type: path
     required: true
   state_file:
-    description: The storage state file of the backup (as for M(pacs.orthanc.storage_snapshot)).
+    description: The storage state file of the backup (as for M(pacs.orthanc.storage_copy)).
     type: path
     required: true
   previous:
@@ -74,7 +74,7 @@ options:
     type: path
   link_mode:
     description:
-      - As in M(pacs.orthanc.storage_snapshot). Files of a snapshot are never hard-linked (another
+      - As in M(pacs.orthanc.storage_copy). Files of a snapshot are never hard-linked (another
         subvolume, released at the end), so C(auto) copies what is not in O(previous) and
         C(hardlink) is refused.
     type: str
@@ -152,7 +152,7 @@ capture:
   type: dict
   returned: success
 hot:
-  description: The copy of the storage from the snapshot, as M(pacs.orthanc.storage_snapshot) returns it.
+  description: The copy of the storage from the snapshot, as M(pacs.orthanc.storage_copy) returns it.
   type: dict
   returned: success
 delta:

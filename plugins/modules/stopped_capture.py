@@ -14,7 +14,7 @@ description:
     downtime holds no task start-up, stop Orthanc (M(pacs.orthanc.orthanc_control)'s logic),
     take a consistent copy of the whole C(index*) set (M(pacs.orthanc.sqlite_capture)'s logic,
     without the integrity check, which belongs after the restart), run the storage delta pass
-    against that copy (M(pacs.orthanc.storage_snapshot)'s logic), and start Orthanc again.
+    against that copy (M(pacs.orthanc.storage_copy)'s logic), and start Orthanc again.
   - Orthanc is started again whatever failed after the stop; the task then fails with the first
     cause. Its result says whether Orthanc was started again (C(restarted)), so that a role's
     C(always) block starts it only when this process could not (killed, for instance).
@@ -58,7 +58,7 @@ options:
     type: path
     required: true
   storage_dest:
-    description: The backup's storage folder, filled by a hot pass of M(pacs.orthanc.storage_snapshot).
+    description: The backup's storage folder, filled by a hot pass of M(pacs.orthanc.storage_copy).
     type: path
     required: true
   state_file:
@@ -69,7 +69,7 @@ options:
     description: The previous backup's storage folder.
     type: path
   link_mode:
-    description: As in M(pacs.orthanc.storage_snapshot).
+    description: As in M(pacs.orthanc.storage_copy).
     type: str
     choices: [auto, hardlink, copy]
     default: auto
@@ -123,7 +123,7 @@ capture:
   type: dict
   returned: success
 delta:
-  description: The delta pass, as M(pacs.orthanc.storage_snapshot) returns it.
+  description: The delta pass, as M(pacs.orthanc.storage_copy) returns it.
   type: dict
   returned: success
 """
