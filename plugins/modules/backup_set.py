@@ -112,17 +112,8 @@ options:
     description: Complete backups to keep (at least 1; the newest is never deleted).
     type: int
     default: 7
-  md5:
-    description:
-      - Which storage files C(complete) hashes against the MD5 in the index. C(new), files not
-        linked from the previous (already checked) backup; C(all), every file; C(none), sizes only.
-    type: str
-    choices: [new, all, none]
-    default: new
-  workers:
-    description: Parallel readers for hashing.
-    type: int
-    default: 2
+extends_documentation_fragment:
+  - pacs.orthanc.completion
 attributes:
   check_mode:
     support: full
@@ -204,7 +195,7 @@ deleted_by_retention:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -251,8 +242,7 @@ def main():
             dump_format=dict(type="str", choices=["custom", "directory"], default="custom"),
             facts=dict(type="dict", default={}),
             keep=dict(type="int", default=7),
-            md5=dict(type="str", choices=["new", "all", "none"], default="new"),
-            workers=dict(type="int", default=2),
+            **_specs.COMPLETION,
         ),
         supports_check_mode=True,
     )

@@ -34,6 +34,7 @@ description:
     may fall back to stopping Orthanc when C(orthanc_backup_snapshot_fallback=stop).
 extends_documentation_fragment:
   - pacs.orthanc.rest
+  - pacs.orthanc.capture
 options:
   kind:
     description: The snapshot technology.
@@ -57,21 +58,6 @@ options:
     description: Orthanc's storage folder (C(StorageDirectory)).
     type: path
     required: true
-  index_dest:
-    description: Folder that receives the consolidated index copy.
-    type: path
-    required: true
-  storage_dest:
-    description: The backup's storage folder.
-    type: path
-    required: true
-  state_file:
-    description: The storage state file of the backup (as for M(pacs.orthanc.storage_copy)).
-    type: path
-    required: true
-  previous:
-    description: The previous backup's storage folder; files of the same name and size are hard-linked from it.
-    type: path
   link_mode:
     description:
       - As in M(pacs.orthanc.storage_copy). Files of a snapshot are never hard-linked (another
@@ -80,10 +66,6 @@ options:
     type: str
     choices: [auto, hardlink, copy]
     default: auto
-  workers:
-    description: Parallel copies.
-    type: int
-    default: 4
   integrity_check:
     description:
       - Check of the index copy before the snapshot is released. C(quick) is enough here, the
@@ -171,7 +153,7 @@ details:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _record, _rest, _snapshot
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _record, _rest, _snapshot, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -210,12 +192,7 @@ def main():
             name=dict(type="str", required=True),
             index_directory=dict(type="path", required=True),
             storage_directory=dict(type="path", required=True),
-            index_dest=dict(type="path", required=True),
-            storage_dest=dict(type="path", required=True),
-            state_file=dict(type="path", required=True),
-            previous=dict(type="path"),
-            link_mode=dict(type="str", choices=["auto", "hardlink", "copy"], default="auto"),
-            workers=dict(type="int", default=4),
+            **_specs.CAPTURE,
             integrity_check=dict(type="str", choices=["quick", "full", "none"], default="quick"),
             min_free_bytes=dict(type="int", default=64 * 1024 * 1024),
             poll=dict(type="bool", default=True),

@@ -22,6 +22,7 @@ description:
     with the time of each phase.
 extends_documentation_fragment:
   - pacs.orthanc.rest
+  - pacs.orthanc.capture
 options:
   stop:
     description: Stop Orthanc first (and start it after). False for an Orthanc that is not running.
@@ -49,34 +50,10 @@ options:
     description: Orthanc's index folder.
     type: path
     required: true
-  index_dest:
-    description: Folder that receives the consolidated index copy.
-    type: path
-    required: true
   storage_source:
     description: Orthanc's storage folder.
     type: path
     required: true
-  storage_dest:
-    description: The backup's storage folder, filled by a hot pass of M(pacs.orthanc.storage_copy).
-    type: path
-    required: true
-  state_file:
-    description: The hot pass's state file.
-    type: path
-    required: true
-  previous:
-    description: The previous backup's storage folder.
-    type: path
-  link_mode:
-    description: As in M(pacs.orthanc.storage_copy).
-    type: str
-    choices: [auto, hardlink, copy]
-    default: auto
-  workers:
-    description: Parallel copies.
-    type: int
-    default: 4
 attributes:
   check_mode:
     support: none
@@ -133,7 +110,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _control, _record, _rest, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _control, _record, _rest, _specs, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -225,13 +202,8 @@ def main():
             start_timeout=dict(type="float", default=60),
             **_rest.ARGUMENT_SPEC,
             index_directory=dict(type="path", required=True),
-            index_dest=dict(type="path", required=True),
             storage_source=dict(type="path", required=True),
-            storage_dest=dict(type="path", required=True),
-            state_file=dict(type="path", required=True),
-            previous=dict(type="path"),
-            link_mode=dict(type="str", choices=["auto", "hardlink", "copy"], default="auto"),
-            workers=dict(type="int", default=4),
+            **_specs.CAPTURE,
         ),
         supports_check_mode=False,
     )
