@@ -19,7 +19,7 @@ def test_two_orthancs_of_one_host_restored_in_the_same_second_have_two_journals(
 
 
 def test_the_same_orthanc_twice_in_one_second_differs_by_its_random_part():
-    ids = {restore_id(["pacs-1", "/etc/orthanc", "http://127.0.0.1:8042"], now=SECOND) for _ in range(50)}
+    ids = {restore_id(["pacs-1", "/etc/orthanc", "http://127.0.0.1:8042"], now=SECOND) for attempt in range(50)}
     assert len(ids) == 50
     assert len({i.rsplit("-", 1)[0] for i in ids}) == 1  # same second, same key
 
