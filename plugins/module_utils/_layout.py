@@ -130,17 +130,20 @@ def fsync_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str, mode: int = 0o600, sync_dir: bool = False, encoding=None):
+def atomic_writer(path: str, mode: int = 0o600, sync_dir: bool = False, encoding=None, durable: bool = True):
     """A file to write ``path`` through: a temporary file beside it, fsynced and renamed into
     place when the block ends without an error (removed otherwise); with ``sync_dir`` the folder
-    is fsynced too, so that the new name survives a crash. Text when ``encoding`` is given."""
+    is fsynced too, so that the new name survives a crash. Text when ``encoding`` is given.
+    ``durable=False`` skips the fsync, for a file that means nothing after a crash (a lock's step
+    note: a reboot frees the lock anyway); readers still see the old file or the new one."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "w" if encoding else "wb", encoding=encoding) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.rename(tmp, path)
     except BaseException:

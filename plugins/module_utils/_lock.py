@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, os_error_cause
 
 __metaclass__ = type
@@ -456,16 +457,10 @@ def register_step(lock_path: str, name: str) -> str | None:
     what = os.path.basename(sys.argv[0] or "?") if sys.argv else "?"
     what = what[:-3] if what.endswith(".py") else what
     record = {"name": name, "pid": os.getpid(), "start": process_start(os.getpid()), "what": what}
-    tmp = f"{path}.{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with _layout.atomic_writer(path, 0o644, encoding="utf-8", durable=False) as handle:
             json.dump(record, handle)
-        os.rename(tmp, path)
     except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         return None
     return path
 

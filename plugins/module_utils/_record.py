@@ -4,14 +4,14 @@
 """What each step of one backup learnt, kept in the incomplete backup itself.
 
 Every capture step writes its own record, ``<backup>.incomplete/.work/records/<step>.json``
-(atomically: a crash leaves the old record or the new one), and ``backup_set state=close``
+(atomically: a crash leaves the old record or the new one), and ``backup_set state=complete``
 reads them all to build the manifest. Nothing of a backup's record travels through the
 playbook. The steps:
 
-``orthanc``   what ``orthanc_info`` found (written by ``backup_set state=open``)
+``orthanc``   what ``orthanc_info`` found (written by ``backup_set state=prepare``)
 ``open``      the backup's start time and previous backup
-``hot``       the hot pass of the storage (``storage_snapshot phase=hot``)
-``delta``     a delta pass run alone (``storage_snapshot phase=delta``): files deleted during a dump
+``hot``       the hot pass of the storage (``storage_copy phase=hot``)
+``delta``     a delta pass run alone (``storage_copy phase=delta``): files deleted during a dump
 ``stopped``   the downtime (``stopped_capture``): times, phases, files gone from the live storage
 ``snapshot``  a snapshot capture (``snapshot_capture``), or why no snapshot could be taken
 ``dump``      the database dump (``db_dump``)

@@ -45,13 +45,6 @@ options:
   host:
     description: The managed host the backup must belong to (checked against its manifest by C(complete)).
     type: str
-  md5:
-    description:
-      - Storage files that C(complete) hashes against the MD5 in the index. C(new), files that are
-        not hard links to the previous backup on the server; C(all), every file; C(none), sizes only.
-    type: str
-    choices: [new, all, none]
-    default: new
   keep_last:
     description: Newest complete backups to keep.
     type: int
@@ -68,10 +61,8 @@ options:
     description: Months whose newest backup is kept.
     type: int
     default: 6
-  workers:
-    description: Parallel readers for hashing.
-    type: int
-    default: 2
+extends_documentation_fragment:
+  - pacs.orthanc.completion
 attributes:
   check_mode:
     support: full
@@ -149,7 +140,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _ship
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _ship, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -173,12 +164,11 @@ def main():
             folder=dict(type="path", required=True),
             name=dict(type="str", required=True),
             host=dict(type="str"),
-            md5=dict(type="str", choices=["new", "all", "none"], default="new"),
             keep_last=dict(type="int", default=3),
             keep_daily=dict(type="int", default=7),
             keep_weekly=dict(type="int", default=4),
             keep_monthly=dict(type="int", default=6),
-            workers=dict(type="int", default=2),
+            **_specs.COMPLETION,
         ),
         supports_check_mode=True,
     )

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: backup_set
-short_description: Open, complete or discard one backup folder of an Orthanc host
+short_description: Prepare, complete or discard one backup folder of an Orthanc host
 version_added: 0.1.0
 description:
-  - C(open) takes the backup root's lock C(<root>/.lock), removes folders that an interrupted run left
+  - C(prepare) takes the backup root's lock C(<root>/.lock), removes folders that an interrupted run left
     incomplete, checks that the root is writable and has room, creates
     C(<root>/<UTC timestamp>.incomplete/) and copies the Orthanc configuration (file or whole
     folder) into its C(config/).
-  - C(close) checks the incomplete backup (index integrity, every file the index lists present in
+  - C(complete) checks the incomplete backup (index integrity, every file the index lists present in
     C(storage/) with its size, and the MD5 that the index records for O(md5) files), writes
     C(manifest.json) with a SHA-256 of every file outside C(storage/), renames the folder to its
     final name, points C(latest) at it, applies retention and releases the lock. When a check
@@ -28,33 +28,36 @@ description:
     (C(lock_taken_over)) and the manifest say so. A live keeper is refused, naming it. A lock
     written on another host (a shared backup root) is taken over once nobody touched it for
     O(stale_lock_seconds).
-  - The keeper ends when the lock is released (C(close), C(discard)) or replaced, when a step of
+  - The keeper ends when the lock is released (C(complete), C(discard)) or replaced, when a step of
     the run that it watches dies without finishing (a killed module), or when, between steps,
     nobody touched the lock for O(stale_lock_seconds).
 options:
   state:
-    description: What to do.
+    description:
+      - What to do. The same words as M(pacs.orthanc.backup_server) on the backup server.
+      - C(open) and C(close) are the names of C(prepare) and C(complete) up to version 0.2.0; they are
+        still accepted and do the same.
     type: str
-    choices: [open, close, discard]
+    choices: [prepare, complete, discard, open, close]
     required: true
   root:
     description: The backup root of this host.
     type: path
     required: true
   name:
-    description: The backup's name (its UTC timestamp), as returned by C(open). Required for C(close) and C(discard).
+    description: The backup's name (its UTC timestamp), as returned by C(prepare). Required for C(complete) and C(discard).
     type: str
   config_path:
-    description: Orthanc's configuration file or folder, copied by C(open).
+    description: Orthanc's configuration file or folder, copied by C(prepare).
     type: path
   index_directory:
-    description: Orthanc's SQLite index folder, for the free space estimate of C(open). Omit for a database index.
+    description: Orthanc's SQLite index folder, for the free space estimate of C(prepare). Omit for a database index.
     type: path
   storage_directory:
-    description: Orthanc's storage folder, for the free space estimate of C(open). Omit when the files are in a database.
+    description: Orthanc's storage folder, for the free space estimate of C(prepare). Omit when the files are in a database.
     type: path
   expected_dump_bytes:
-    description: Bytes a database dump is expected to take, for the free space estimate of C(open).
+    description: Bytes a database dump is expected to take, for the free space estimate of C(prepare).
     type: int
     default: 0
   expected_storage_bytes:
@@ -83,22 +86,22 @@ options:
     type: str
   orthanc:
     description:
-      - The result of M(pacs.orthanc.orthanc_info) for this Orthanc. C(open) keeps in the backup what
+      - The result of M(pacs.orthanc.orthanc_info) for this Orthanc. C(prepare) keeps in the backup what
         the manifest records of it (version, name, backend, storage, storage_compression,
         config_path, config_is_folder, storage_owner, storage_directory, index_directory).
     type: dict
   dump_format:
     description:
-      - The format of M(pacs.orthanc.db_dump) for PostgreSQL (C(custom) or C(directory)), so that C(open)
+      - The format of M(pacs.orthanc.db_dump) for PostgreSQL (C(custom) or C(directory)), so that C(prepare)
         returns RV(dump_path), the dump's path inside the backup, when O(orthanc) names a database backend.
     type: str
     choices: [custom, directory]
     default: custom
   facts:
     description:
-      - Kept for compatibility. Each capture step (this module's C(open), M(pacs.orthanc.storage_snapshot),
+      - Kept for compatibility. Each capture step (this module's C(prepare), M(pacs.orthanc.storage_copy),
         M(pacs.orthanc.stopped_capture), M(pacs.orthanc.snapshot_capture), M(pacs.orthanc.db_dump))
-        writes its own record into the incomplete backup, and C(close) builds the manifest from
+        writes its own record into the incomplete backup, and C(complete) builds the manifest from
         those records. Keys given here (orthanc_version, orthanc_name, backend,
         storage_compression, config_path, config_is_folder, storage_directory, storage_owner,
         index_directory, started_at, stopped_at, restarted_at, downtime_seconds, downtime_phases,
@@ -109,17 +112,8 @@ options:
     description: Complete backups to keep (at least 1; the newest is never deleted).
     type: int
     default: 7
-  md5:
-    description:
-      - Which storage files C(close) hashes against the MD5 in the index. C(new), files not
-        linked from the previous (already checked) backup; C(all), every file; C(none), sizes only.
-    type: str
-    choices: [new, all, none]
-    default: new
-  workers:
-    description: Parallel readers for hashing.
-    type: int
-    default: 2
+extends_documentation_fragment:
+  - pacs.orthanc.completion
 attributes:
   check_mode:
     support: full
@@ -129,9 +123,9 @@ author:
 """
 
 EXAMPLES = r"""
-- name: Open a backup
+- name: Prepare a backup
   pacs.orthanc.backup_set:
-    state: open
+    state: prepare
     root: /var/backups/orthanc
     config_path: /etc/orthanc
     index_directory: /var/lib/orthanc/db-v6
@@ -140,7 +134,7 @@ EXAMPLES = r"""
 
 - name: Complete it, keeping 7 backups
   pacs.orthanc.backup_set:
-    state: close
+    state: complete
     root: /var/backups/orthanc
     name: "{{ backup.name }}"
     host: "{{ inventory_hostname }}"
@@ -154,70 +148,74 @@ name:
   returned: always
   sample: 20261129T070000Z
 path:
-  description: The backup folder (ending in C(.incomplete) after C(open)).
+  description: The backup folder (ending in C(.incomplete) after C(prepare)).
   type: str
-  returned: open, close
+  returned: prepare, complete
 previous:
   description: The newest complete backup before this one, or null.
   type: str
-  returned: open
+  returned: prepare
 previous_storage:
   description: The storage folder of RV(previous) (where unchanged files are linked from), or null.
   type: str
-  returned: open
+  returned: prepare
 dump_path:
   description: Where the database dump goes in this backup, or null for a SQLite index (needs O(orthanc)).
   type: str
-  returned: open
+  returned: prepare
 removed_incomplete:
-  description: Folders of interrupted runs that C(open) removed.
+  description: Folders of interrupted runs that C(prepare) removed.
   type: list
   elements: str
-  returned: open
+  returned: prepare
 lock_taken_over:
   description:
-    - The lock of an earlier run that C(open) took over (null when the lock was free), with
+    - The lock of an earlier run that C(prepare) took over (null when the lock was free), with
       C(host), C(pid) (its keeper), C(started), C(name) (its backup), C(age_seconds), C(reason),
       and C(provable) (true when the holder was seen to be gone on this host, false when another
-      host's lock was taken over for being stale). C(close) records it in the manifest.
+      host's lock was taken over for being stale). C(complete) records it in the manifest.
   type: dict
-  returned: open
+  returned: prepare
   sample: {host: pacs-1, pid: 4711, started: "2026-11-29T07:00:00.000000Z", name: 20261129T070000Z,
            age_seconds: 12, provable: true, reason: "its keeper process 4711 on pacs-1 is gone"}
 manifest:
-  description: The manifest written by C(close).
+  description: The manifest written by C(complete).
   type: dict
-  returned: close
+  returned: complete
 verification:
-  description: The check C(close) ran, counts of problems by kind, files checked and hashed, orphans.
+  description: The check C(complete) ran, counts of problems by kind, files checked and hashed, orphans.
   type: dict
-  returned: close
+  returned: complete
 deleted_by_retention:
   description: Complete backups that retention deleted.
   type: list
   elements: str
-  returned: close
+  returned: complete
 """
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
+
+
+# the names of 'prepare' and 'complete' up to 0.2.0, still accepted
+STATE_ALIASES = {"open": "prepare", "close": "complete"}
 
 
 def act(module):
     p = module.params
-    if p["state"] == "open":
-        for key in ("config_path",):
-            if not p[key]:
-                raise PacsError("prepare backup folder", f"state=open needs '{key}'")
+    state = STATE_ALIASES.get(p["state"], p["state"])
+    if state == "prepare":
+        if not p["config_path"]:
+            raise PacsError("prepare backup folder", f"state={p['state']} needs 'config_path'")
         return _backupset.open_backup(p["root"], p["config_path"], p["index_directory"], p["storage_directory"],
                                       p["expected_storage_bytes"], p["min_free_bytes"], p["stale_lock_seconds"],
                                       p["space_check"], module.check_mode, p["expected_dump_bytes"], p["orthanc"],
                                       p["dump_format"])
     if not p["name"]:
         raise PacsError("complete backup", f"state={p['state']} needs 'name'")
-    if p["state"] == "discard":
+    if state == "discard":
         return dict(_backupset.discard_backup(p["root"], p["name"], module.check_mode), name=p["name"])
     result = _backupset.close_backup(p["root"], p["name"], p["host"] or "", p["facts"], p["keep"], p["md5"],
                                      p["workers"], module.check_mode)
@@ -228,7 +226,7 @@ def act(module):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            state=dict(type="str", choices=["open", "close", "discard"], required=True),
+            state=dict(type="str", choices=["prepare", "complete", "discard", *STATE_ALIASES], required=True),
             root=dict(type="path", required=True),
             name=dict(type="str"),
             config_path=dict(type="path"),
@@ -244,8 +242,7 @@ def main():
             dump_format=dict(type="str", choices=["custom", "directory"], default="custom"),
             facts=dict(type="dict", default={}),
             keep=dict(type="int", default=7),
-            md5=dict(type="str", choices=["new", "all", "none"], default="new"),
-            workers=dict(type="int", default=2),
+            **_specs.COMPLETION,
         ),
         supports_check_mode=True,
     )

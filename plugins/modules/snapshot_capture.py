@@ -19,7 +19,7 @@ description:
     would leave on disk, from which SQLite in WAL mode recovers to its last committed transaction.
   - Captures the index from the snapshot (every C(index*) file together, the WAL replayed into
     one self-contained copy, then checked with O(integrity_check)), copies the storage from the
-    snapshot (a hot pass of M(pacs.orthanc.storage_snapshot) with no settle time), and drops the
+    snapshot (a hot pass of M(pacs.orthanc.storage_copy) with no settle time), and drops the
     files that the captured index does not list (written by Orthanc but not yet committed, they
     are orphans). A file that the index lists but the snapshot lacks, or holds with another size,
     fails the capture.
@@ -34,6 +34,7 @@ description:
     may fall back to stopping Orthanc when C(orthanc_backup_snapshot_fallback=stop).
 extends_documentation_fragment:
   - pacs.orthanc.rest
+  - pacs.orthanc.capture
 options:
   kind:
     description: The snapshot technology.
@@ -57,33 +58,14 @@ options:
     description: Orthanc's storage folder (C(StorageDirectory)).
     type: path
     required: true
-  index_dest:
-    description: Folder that receives the consolidated index copy.
-    type: path
-    required: true
-  storage_dest:
-    description: The backup's storage folder.
-    type: path
-    required: true
-  state_file:
-    description: The storage state file of the backup (as for M(pacs.orthanc.storage_snapshot)).
-    type: path
-    required: true
-  previous:
-    description: The previous backup's storage folder; files of the same name and size are hard-linked from it.
-    type: path
   link_mode:
     description:
-      - As in M(pacs.orthanc.storage_snapshot). Files of a snapshot are never hard-linked (another
+      - As in M(pacs.orthanc.storage_copy). Files of a snapshot are never hard-linked (another
         subvolume, released at the end), so C(auto) copies what is not in O(previous) and
         C(hardlink) is refused.
     type: str
     choices: [auto, hardlink, copy]
     default: auto
-  workers:
-    description: Parallel copies.
-    type: int
-    default: 4
   integrity_check:
     description:
       - Check of the index copy before the snapshot is released. C(quick) is enough here, the
@@ -152,7 +134,7 @@ capture:
   type: dict
   returned: success
 hot:
-  description: The copy of the storage from the snapshot, as M(pacs.orthanc.storage_snapshot) returns it.
+  description: The copy of the storage from the snapshot, as M(pacs.orthanc.storage_copy) returns it.
   type: dict
   returned: success
 delta:
@@ -171,7 +153,7 @@ details:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _record, _rest, _snapshot
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _record, _rest, _snapshot, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -210,12 +192,7 @@ def main():
             name=dict(type="str", required=True),
             index_directory=dict(type="path", required=True),
             storage_directory=dict(type="path", required=True),
-            index_dest=dict(type="path", required=True),
-            storage_dest=dict(type="path", required=True),
-            state_file=dict(type="path", required=True),
-            previous=dict(type="path"),
-            link_mode=dict(type="str", choices=["auto", "hardlink", "copy"], default="auto"),
-            workers=dict(type="int", default=4),
+            **_specs.CAPTURE,
             integrity_check=dict(type="str", choices=["quick", "full", "none"], default="quick"),
             min_free_bytes=dict(type="int", default=64 * 1024 * 1024),
             poll=dict(type="bool", default=True),

@@ -18,6 +18,12 @@ description:
     one self-contained C(index) file in O(dest). The live files are only read.
   - It checks the copy's integrity and returns the schema version and the patient, study, series
     and instance counts read from the copy.
+  - A standalone tool; the backup role does not call it. The role's stop window is one task,
+    M(pacs.orthanc.stopped_capture), which runs this same capture (the same code) between the stop and
+    the start, because each further task would add its start-up time to Orthanc's downtime. Use this
+    module for a copy by hand of an index whose Orthanc is already stopped, for instance after a crash
+    (the copy keeps what only the write-ahead log holds), before an upgrade, or for a cold backup
+    taken by other tooling.
 options:
   index_directory:
     description: The folder holding Orthanc's C(index) file (C(IndexDirectory)).

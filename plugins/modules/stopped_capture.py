@@ -14,7 +14,7 @@ description:
     downtime holds no task start-up, stop Orthanc (M(pacs.orthanc.orthanc_control)'s logic),
     take a consistent copy of the whole C(index*) set (M(pacs.orthanc.sqlite_capture)'s logic,
     without the integrity check, which belongs after the restart), run the storage delta pass
-    against that copy (M(pacs.orthanc.storage_snapshot)'s logic), and start Orthanc again.
+    against that copy (M(pacs.orthanc.storage_copy)'s logic), and start Orthanc again.
   - Orthanc is started again whatever failed after the stop; the task then fails with the first
     cause. Its result says whether Orthanc was started again (C(restarted)), so that a role's
     C(always) block starts it only when this process could not (killed, for instance).
@@ -22,6 +22,7 @@ description:
     with the time of each phase.
 extends_documentation_fragment:
   - pacs.orthanc.rest
+  - pacs.orthanc.capture
 options:
   stop:
     description: Stop Orthanc first (and start it after). False for an Orthanc that is not running.
@@ -49,34 +50,10 @@ options:
     description: Orthanc's index folder.
     type: path
     required: true
-  index_dest:
-    description: Folder that receives the consolidated index copy.
-    type: path
-    required: true
   storage_source:
     description: Orthanc's storage folder.
     type: path
     required: true
-  storage_dest:
-    description: The backup's storage folder, filled by a hot pass of M(pacs.orthanc.storage_snapshot).
-    type: path
-    required: true
-  state_file:
-    description: The hot pass's state file.
-    type: path
-    required: true
-  previous:
-    description: The previous backup's storage folder.
-    type: path
-  link_mode:
-    description: As in M(pacs.orthanc.storage_snapshot).
-    type: str
-    choices: [auto, hardlink, copy]
-    default: auto
-  workers:
-    description: Parallel copies.
-    type: int
-    default: 4
 attributes:
   check_mode:
     support: none
@@ -123,7 +100,7 @@ capture:
   type: dict
   returned: success
 delta:
-  description: The delta pass, as M(pacs.orthanc.storage_snapshot) returns it.
+  description: The delta pass, as M(pacs.orthanc.storage_copy) returns it.
   type: dict
   returned: success
 """
@@ -133,7 +110,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _control, _record, _rest, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _control, _record, _rest, _specs, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -225,13 +202,8 @@ def main():
             start_timeout=dict(type="float", default=60),
             **_rest.ARGUMENT_SPEC,
             index_directory=dict(type="path", required=True),
-            index_dest=dict(type="path", required=True),
             storage_source=dict(type="path", required=True),
-            storage_dest=dict(type="path", required=True),
-            state_file=dict(type="path", required=True),
-            previous=dict(type="path"),
-            link_mode=dict(type="str", choices=["auto", "hardlink", "copy"], default="auto"),
-            workers=dict(type="int", default=4),
+            **_specs.CAPTURE,
         ),
         supports_check_mode=False,
     )

@@ -348,7 +348,7 @@ def test_restore_onto_mount_points(tmp_path):
         assert all(os.path.ismount(folder) for folder in mounted)
         # the previous data was copied aside (the journal says so): a rollback brings it back,
         # into the same mounts
-        restore_id = re.search(r"pre-restore-(\d{8}T\d{6}Z)", " ".join(os.listdir(tmp_path / "mounted"))).group(1)
+        restore_id = re.search(r"pre-restore-(\d{8}T\d{6}Z-[0-9a-f]{8}-[0-9a-f]{6})", " ".join(os.listdir(tmp_path / "mounted"))).group(1)
         journal_path = f"/var/tmp/pacs-orthanc-restore-{restore_id}.json"
         journal = json.loads(open(journal_path, encoding="utf-8").read())
         assert {r["path"] for r in journal["roots"] if r.get("mode") == "copied"} == {str(f) for f in mounted}

@@ -118,3 +118,33 @@ def test_rest_password_is_never_shown(servers, tmp_path):
     assert wrong.returncode != 0
     assert f"Orthanc answered HTTP 401 at {server.url}: it refused the credentials" in wrong.stdout
     assert "wrong-" + password not in wrong.stdout
+
+
+def test_old_names_keep_working(tmp_path):
+    """storage_snapshot (now storage_copy) and backup_set's open/close (now prepare/complete): a
+    playbook written for 0.2.0 runs unchanged, told of the new name."""
+    source = tmp_path / "live"
+    (source / "ab" / "cd").mkdir(parents=True)
+    uuid = "abcd0000-1111-2222-3333-444455556666"  # Orthanc's layout: xx/yy/<uuid starting with xxyy>
+    (source / "ab" / "cd" / uuid).write_bytes(b"x" * 1000)
+    args = {"phase": "hot", "source": str(source), "settle_seconds": 0, "link_mode": "copy",
+            "state_file": str(tmp_path / "state.tsv")}
+    copied = run_module("storage_snapshot", dict(args, dest=str(tmp_path / "old" / "storage")))
+    assert not copied.get("failed"), copied
+    assert copied["copied_files"] == 1 and (tmp_path / "old" / "storage" / "ab" / "cd" / uuid).read_bytes() == b"x" * 1000
+    renamed = run_module("storage_copy", dict(args, dest=str(tmp_path / "new" / "storage"),
+                                              state_file=str(tmp_path / "state2.tsv")))
+    assert not renamed.get("failed") and renamed["copied_files"] == 1, renamed
+
+    config = tmp_path / "orthanc.json"
+    config.write_text("{}")
+    results = {}
+    for state in ("open", "prepare"):
+        root = tmp_path / f"root-{state}"
+        root.mkdir()
+        results[state] = run_module("backup_set", {"state": state, "root": str(root), "config_path": str(config),
+                                                   "space_check": False}, check=True)
+        assert not results[state].get("failed"), results[state]
+        assert results[state]["path"].endswith(".incomplete") and not list(root.iterdir())  # check mode
+    missing = run_module("backup_set", {"state": "close", "root": str(tmp_path / "root-open")})
+    assert missing["failed"] and "state=close needs 'name'" in missing["msg"]

@@ -193,7 +193,7 @@ def test_orthanc_killed_during_a_failed_run_is_said_not_running(servers, tmp_pat
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and play.poll() is None and time.monotonic() < deadline:
-        module = procs.module_processes(play.pid, "storage_snapshot")
+        module = procs.module_processes(play.pid, "storage_copy")
         if module and list(root.glob("*.incomplete/storage/*/*/*.part")):
             # Orthanc dies outright, and the run fails there: the hot pass is killed too
             os.kill(pid, signal.SIGKILL)

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pathlib
 import subprocess
 import sys
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COLLECTIONS = REPO / ".work" / "collections"
-# The restore role names each restore by the second (its journal is
-# /var/tmp/pacs-orthanc-restore-<UTC second>.json, shared by every Orthanc of a machine): two
-# restores started in the same second on this machine, by two pytest-xdist workers, would share one
-# journal, and one's rollback would undo the other's. So restores run one at a time, each in a
-# later second than the one before (see _restore_turn).
-RESTORE_LOCK = pathlib.Path(os.environ.get("PACS_TEST_RESTORE_LOCK", "/tmp/pacs-orthanc-test-restore.lock"))
 
 
 def link_collection() -> pathlib.Path:
@@ -87,16 +79,6 @@ def run_module(module: str, args: dict, check: bool = False) -> dict:
         raise AssertionError(f"no result from {module}: {proc.stdout}\n{proc.stderr}")
 
 
-def _restore_turn() -> int:
-    """Wait until no other restore playbook runs on this machine, then until the next second
-    begins; return the file descriptor that holds the turn. The playbook inherits it, so the turn
-    ends when the playbook exits (also for a Popen the test kills)."""
-    fd = os.open(RESTORE_LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    time.sleep(1.01 - time.time() % 1)  # the previous restore ended in an earlier second
-    return fd
-
-
 def run_playbook(inventory: pathlib.Path, playbook: str = "backup.yml", extra_vars: dict | None = None,
                  pipelining: bool = True, timeout: float = 600, popen: bool = False, verbosity: int = 0,
                  check: bool = False, limit: str | None = None):
@@ -113,14 +95,7 @@ def run_playbook(inventory: pathlib.Path, playbook: str = "backup.yml", extra_va
         argv.append("-" + "v" * verbosity)
     if extra_vars:
         argv += ["-e", json.dumps(extra_vars)]
-    turn = _restore_turn() if playbook == "restore.yml" else None
-    inherit = () if turn is None else (turn,)
-    try:
-        if popen:
-            return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    pass_fds=inherit)
-        return subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout, check=False, pass_fds=inherit)
-    finally:
-        if turn is not None:
-            os.close(turn)
+    if popen:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, check=False)

@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 DOCUMENTATION = r"""
-module: storage_snapshot
+module: storage_copy
 short_description: Incremental copy of Orthanc's storage folder into a backup
 version_added: 0.1.0
 description:
+  - An incremental copy, not a filesystem snapshot (that is M(pacs.orthanc.snapshot_capture)). Up to
+    version 0.2.0 this module was called C(pacs.orthanc.storage_snapshot); that name still works,
+    routed here by C(meta/runtime.yml), and is deprecated (removed in 1.0.0).
   - Orthanc writes each stored file once under C(xx/yy/uuid) and never changes it. This module
     places each file into O(dest) with the same layout, choosing the cheapest safe way, per file,
     a hard link to the previous backup's file of the same name and size, a hard link to the live
@@ -84,14 +87,14 @@ author:
 
 EXAMPLES = r"""
 - name: Hot pass while Orthanc runs
-  pacs.orthanc.storage_snapshot:
+  pacs.orthanc.storage_copy:
     phase: hot
     source: /var/lib/orthanc/db-v6
     dest: /var/backups/orthanc/20261129T070000Z.incomplete/storage
     previous: /var/backups/orthanc/latest/storage
 
 - name: Delta pass once Orthanc is stopped and its index captured
-  pacs.orthanc.storage_snapshot:
+  pacs.orthanc.storage_copy:
     phase: delta
     source: /var/lib/orthanc/db-v6
     dest: /var/backups/orthanc/20261129T070000Z.incomplete/storage

@@ -1,0 +1,25 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    """How C(complete) checks a backup's storage against its index, on the managed host
+    (backup_set) and on the backup server (backup_server); their argument spec is _specs.COMPLETION."""
+
+    DOCUMENTATION = r"""
+options:
+  md5:
+    description:
+      - Storage files that C(complete) hashes against the MD5 in the index. C(new), files that are
+        not hard links to the previous (already checked) backup; C(all), every file; C(none), sizes only.
+    type: str
+    choices: [new, all, none]
+    default: new
+  workers:
+    description: Parallel readers for hashing.
+    type: int
+    default: 2
+"""

@@ -1,0 +1,23 @@
+# -*- coding: utf-8 -*-
+# Copyright: pacs.orthanc contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Argument specs shared by several modules, each beside the documentation fragment that describes
+it (as _rest.ARGUMENT_SPEC goes with pacs.orthanc.rest)."""
+
+from __future__ import annotations
+
+# pacs.orthanc.capture: where stopped_capture and snapshot_capture write into the incomplete backup
+CAPTURE = dict(
+    index_dest=dict(type="path", required=True),
+    storage_dest=dict(type="path", required=True),
+    state_file=dict(type="path", required=True),
+    previous=dict(type="path"),
+    link_mode=dict(type="str", choices=["auto", "hardlink", "copy"], default="auto"),
+    workers=dict(type="int", default=4),
+)
+
+# pacs.orthanc.completion: the check of backup_set's and backup_server's 'complete'
+COMPLETION = dict(
+    md5=dict(type="str", choices=["new", "all", "none"], default="new"),
+    workers=dict(type="int", default=2),
+)
