@@ -166,17 +166,6 @@ def test_a_live_run_is_never_taken_over(servers, tmp_path):
     assert not lock.exists() and wait_for(lambda: _lock.process_start(keeper) is None, timeout=10)
 
 
-def keepers_of(root) -> list:
-    """The lock keepers (any process tagged as one) whose lock is in ``root``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            line = procs.cmdline(int(entry))
-            if _lock.KEEPER_TAG in line and f" {root}/.lock" in line:
-                found.append(int(entry))
-    return found
-
-
 def test_check_mode_takes_no_lock_and_starts_no_keeper(servers, tmp_path):
     """--check on a root with a complete backup and a dead run's lock: no keeper is started, the
     dead lock is neither taken over nor removed, nothing is written, Orthanc is never stopped; and
@@ -200,7 +189,7 @@ def test_check_mode_takes_no_lock_and_starts_no_keeper(servers, tmp_path):
         assert "pacs: check mode" in result.stdout, result.stdout
         assert "took over" not in result.stdout
         assert server.pid() == pid and server.answers()
-        assert not keepers_of(root), [procs.cmdline(k) for k in keepers_of(root)]
+        assert not procs.keepers_of(root), [procs.cmdline(k) for k in procs.keepers_of(root)]
         assert not (root / ".lock.step").exists()
         if with_dead_lock:
             assert _lock.read_record(str(lock)) == dead  # neither taken over nor removed
