@@ -319,8 +319,17 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
         shutil.rmtree(os.path.join(path, WORK))
         _layout.write_json_atomic(os.path.join(path, _layout.MANIFEST), manifest)
         _layout.complete_folder(root, name)
-        result["deleted_by_retention"] = retention(root, keep, protect=name)
-        _release_lock(root, name)
     except OSError as exc:
         raise PacsError(step, os_error_cause(exc))
+    # the backup is complete and checked from here on: a retention that fails does not undo it
+    # (the rescue would discard nothing and say that no backup was completed); it is a warning,
+    # and the lock is released either way
+    try:
+        result["deleted_by_retention"] = retention(root, keep, protect=name)
+    except OSError as exc:
+        result["deleted_by_retention"] = []
+        result["warnings"] = [f"the backup {final} is complete, but retention could not remove an older "
+                              f"backup of {root}: {os_error_cause(exc)}; the next run tries again"]
+    finally:
+        _release_lock(root, name)
     return result

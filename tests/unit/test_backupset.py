@@ -204,3 +204,27 @@ def test_a_running_step_keeps_its_lock_fresh(tmp_path):
     assert _backupset.Heartbeat(str(tmp_path)).lock_path is None
     assert _backupset.Heartbeat(str(root / "20000101T000000Z.incomplete" / "x")).lock_path is None
     _backupset.discard_backup(str(root), opened["name"])
+
+
+def test_a_retention_that_fails_leaves_the_backup_complete_and_releases_the_lock(tmp_path, monkeypatch):
+    """The new backup is complete and checked before retention runs: a retention that fails is a
+    warning, never a failed backup (whose rescue would say that no backup was completed)."""
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    first, _closed = take_backup(tmp_path, root, config, storage, index_dir)
+    time.sleep(1.1)
+
+    def refuse(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(root / first["name"]))
+
+    monkeypatch.setattr(_backupset._layout, "remove_backup", refuse)
+    second, closed = take_backup(tmp_path, root, config, storage, index_dir, keep=1)
+    assert closed["deleted_by_retention"] == []
+    assert "is complete, but retention could not remove" in closed["warnings"][0]
+    assert "Permission denied" in closed["warnings"][0]
+    assert _backupset.complete_backups(str(root)) == sorted([first["name"], second["name"]])
+    assert os.readlink(root / "latest") == second["name"]
+    assert not (root / ".lock").exists()
+    keeper_gone = not [pid for pid in os.listdir("/proc") if pid.isdigit()
+                       and _lock.KEEPER_TAG in _lock.process_command(pid) and str(root) in _lock.process_command(pid)]
+    assert keeper_gone
