@@ -206,10 +206,15 @@ def discard_backup(root: str, name: str, check_mode: bool = False) -> dict:
     path = os.path.join(root, name + INCOMPLETE)
     existed = os.path.isdir(path)
     if not check_mode:
-        if existed:
-            shutil.rmtree(path)
-        if os.path.isdir(root):
-            _release_lock(root, name)
+        try:
+            if existed:
+                shutil.rmtree(path)
+        finally:
+            # released even when the folder could not be removed (it stays '.incomplete', never
+            # complete, and the next run removes it): else the run's keeper would hold the lock
+            # until it idles out, refusing every run meanwhile
+            if os.path.isdir(root):
+                _release_lock(root, name)
     return {"changed": existed, "removed": path if existed else None}
 
 

@@ -228,3 +228,24 @@ def test_a_retention_that_fails_leaves_the_backup_complete_and_releases_the_lock
     keeper_gone = not [pid for pid in os.listdir("/proc") if pid.isdigit()
                        and _lock.KEEPER_TAG in _lock.process_command(pid) and str(root) in _lock.process_command(pid)]
     assert keeper_gone
+
+
+def test_a_discard_that_cannot_remove_the_folder_still_releases_the_lock(tmp_path, monkeypatch):
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    keeper = json.loads((root / ".lock").read_text())["pid"]
+
+    def refuse(path, *_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(_backupset.shutil, "rmtree", refuse)
+    with pytest.raises(PermissionError):
+        _backupset.discard_backup(str(root), opened["name"])
+    assert not (root / ".lock").exists() and wait_for(lambda: _lock.process_start(keeper) is None)
+    assert os.path.isdir(opened["path"])  # still named .incomplete: the next run removes it
+    monkeypatch.undo()
+    time.sleep(1.1)
+    again = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    assert again["removed_incomplete"] == [opened["name"] + ".incomplete"] and again["lock_taken_over"] is None
+    _backupset.discard_backup(str(root), again["name"])
