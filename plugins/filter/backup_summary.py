@@ -81,7 +81,7 @@ def backup_result(pair):
         return {"line": f"{host}: NOT BACKED UP (unreachable, or the run stopped before this host)",
                 "record": {"host": host, "result": "not run", "ok": False}, "ok": False}
     if result.get("result") == "check mode":
-        storage = result.get("storage", {})
+        storage = result.get("storage") or {}  # null: no hot pass (files in a database)
         return {"line": f"{host}: check mode, would back up {storage.get('files', 0)} files "
                         f"({storage.get('new_files', 0)} new, {storage.get('linked_files', 0)} from the previous backup) "
                         f"and {storage.get('deferred_files', 0)} recent ones, into {result.get('path')}"
@@ -95,8 +95,8 @@ def backup_result(pair):
                            "orthanc_state": result.get("orthanc_state"),
                            "orthanc_http_status": result.get("orthanc_http_status"), "ok": False},
                 "ok": False}
-    storage = result.get("storage", {})
-    counts = result.get("counts", {})
+    storage = result.get("storage") or {}  # null: no hot pass (files in a database)
+    counts = result.get("counts") or {}
     downtime = result.get("downtime_seconds")
     strategy = result.get("strategy") or "stop"
     if downtime is None:

@@ -206,10 +206,15 @@ def discard_backup(root: str, name: str, check_mode: bool = False) -> dict:
     path = os.path.join(root, name + INCOMPLETE)
     existed = os.path.isdir(path)
     if not check_mode:
-        if existed:
-            shutil.rmtree(path)
-        if os.path.isdir(root):
-            _release_lock(root, name)
+        try:
+            if existed:
+                shutil.rmtree(path)
+        finally:
+            # released even when the folder could not be removed (it stays '.incomplete', never
+            # complete, and the next run removes it): else the run's keeper would hold the lock
+            # until it idles out, refusing every run meanwhile
+            if os.path.isdir(root):
+                _release_lock(root, name)
     return {"changed": existed, "removed": path if existed else None}
 
 
@@ -319,8 +324,17 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
         shutil.rmtree(os.path.join(path, WORK))
         _layout.write_json_atomic(os.path.join(path, _layout.MANIFEST), manifest)
         _layout.complete_folder(root, name)
-        result["deleted_by_retention"] = retention(root, keep, protect=name)
-        _release_lock(root, name)
     except OSError as exc:
         raise PacsError(step, os_error_cause(exc))
+    # the backup is complete and checked from here on: a retention that fails does not undo it
+    # (the rescue would discard nothing and say that no backup was completed); it is a warning,
+    # and the lock is released either way
+    try:
+        result["deleted_by_retention"] = retention(root, keep, protect=name)
+    except OSError as exc:
+        result["deleted_by_retention"] = []
+        result["warnings"] = [f"the backup {final} is complete, but retention could not remove an older "
+                              f"backup of {root}: {os_error_cause(exc)}; the next run tries again"]
+    finally:
+        _release_lock(root, name)
     return result

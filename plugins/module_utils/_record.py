@@ -8,6 +8,7 @@ Every capture step writes its own record, ``<backup>.incomplete/.work/records/<s
 reads them all to build the manifest. Nothing of a backup's record travels through the
 playbook. The steps:
 
+``lock``      the lock of a dead run that ``prepare`` took over (only when it took one over)
 ``orthanc``   what ``orthanc_info`` found (written by ``backup_set state=prepare``)
 ``open``      the backup's start time and previous backup
 ``hot``       the hot pass of the storage (``storage_copy phase=hot``)

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.support import checks, databases, dicomgen
+from tests.support import checks, databases, dicomgen, procs
 from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
 from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
 
@@ -76,6 +76,24 @@ def destroy_and_restore(server, db, inventory):
 def fingerprint(backup: pathlib.Path) -> dict:
     return {str(p.relative_to(backup)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(backup.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("in_db", [True, False], ids=["files-in-db", "files-on-disk"])
+def test_check_mode_of_a_database_orthanc(database, servers, tmp_path, in_db):
+    """--check of a PostgreSQL Orthanc, files in the database (no hot pass, so no storage count)
+    or on disk: a summary line, no folder, no lock, no keeper, Orthanc never stopped."""
+    db, server = db_server(servers, database, "postgresql", in_db)
+    checks.store_studies(server, tmp_path, patients=1, via="rest")
+    root = tmp_path / "backups"
+    inventory = write_inventory(tmp_path / "inventory.json", {
+        "pacs": local_host(server, root, orthanc_backup_settle_seconds=0, **db.restore_vars())})
+    pid = server.pid()
+    result = run_playbook(inventory, check=True)
+    assert result.returncode == 0, result.stdout
+    files = 0 if in_db else 3
+    assert f"pacs: check mode, would back up {files} files" in result.stdout, result.stdout
+    assert server.pid() == pid and server.answers()
+    assert not root.exists() and not procs.keepers_of(root)
 
 
 @pytest.mark.parametrize("in_db", [True, False], ids=["files-in-db", "files-on-disk"])

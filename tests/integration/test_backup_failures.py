@@ -40,6 +40,12 @@ def assert_failed_cleanly(result, host: str, step: str, cause: str, root: pathli
         leftovers = [p.name for p in root.iterdir() if p.name.endswith(".incomplete")]
         assert not leftovers, leftovers
         assert checks.complete_backups(root) == sorted(earlier)
+        # the run's lock is released and its keeper ends (release waits for it, up to 5 s)
+        assert not (root / ".lock").exists() and not (root / ".lock.step").exists()
+        deadline = time.monotonic() + 15
+        while procs.keepers_of(root) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not procs.keepers_of(root), [procs.cmdline(k) for k in procs.keepers_of(root)]
     for name, files in earlier.items():
         assert fingerprint(root / name) == files
         assert _verify.verify_backup(str(root / name))["ok"]

@@ -166,6 +166,42 @@ def test_a_live_run_is_never_taken_over(servers, tmp_path):
     assert not lock.exists() and wait_for(lambda: _lock.process_start(keeper) is None, timeout=10)
 
 
+def test_check_mode_takes_no_lock_and_starts_no_keeper(servers, tmp_path):
+    """--check on a root with a complete backup and a dead run's lock: no keeper is started, the
+    dead lock is neither taken over nor removed, nothing is written, Orthanc is never stopped; and
+    without any lock, --check leaves none."""
+    server, root, inventory = one_host(servers, tmp_path)
+    good_backup(inventory)
+    earlier = earlier_backups(root)
+    latest = os.readlink(root / "latest")
+    before = sorted(p.name for p in root.iterdir())  # the backup, latest, the status file
+    status = (root / "status.json").read_bytes()
+    lock = root / ".lock"
+    # a dead run's lock, for real: a keeper started by the library, then killed
+    _lock.acquire(str(lock), "20000101T000000Z", "2000-01-01T00:00:00.000000Z", 900, "test")
+    dead = _lock.read_record(str(lock))
+    os.kill(dead["pid"], signal.SIGKILL)
+    assert wait_for(lambda: _lock.process_start(dead["pid"]) is None, timeout=10)
+    pid = server.pid()
+    for with_dead_lock in (True, False):
+        result = run_playbook(inventory, check=True)
+        assert result.returncode == 0, result.stdout
+        assert "pacs: check mode" in result.stdout, result.stdout
+        assert "took over" not in result.stdout
+        assert server.pid() == pid and server.answers()
+        assert not procs.keepers_of(root), [procs.cmdline(k) for k in procs.keepers_of(root)]
+        assert not (root / ".lock.step").exists()
+        if with_dead_lock:
+            assert _lock.read_record(str(lock)) == dead  # neither taken over nor removed
+            lock.unlink()
+        else:
+            assert not lock.exists()
+        assert sorted(p.name for p in root.iterdir()) == before
+        assert (root / "status.json").read_bytes() == status
+        assert os.readlink(root / "latest") == latest
+        assert earlier_backups(root) == earlier
+
+
 def test_orthanc_refusing_to_start_again(servers, tmp_path):
     server, root, inventory = one_host(servers, tmp_path)
     good_backup(inventory)

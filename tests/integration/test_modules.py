@@ -131,6 +131,7 @@ def test_old_names_keep_working(tmp_path):
             "state_file": str(tmp_path / "state.tsv")}
     copied = run_module("storage_snapshot", dict(args, dest=str(tmp_path / "old" / "storage")))
     assert not copied.get("failed"), copied
+    assert "storage_snapshot has been deprecated" in copied["_stderr"] and "pacs.orthanc.storage_copy" in copied["_stderr"]
     assert copied["copied_files"] == 1 and (tmp_path / "old" / "storage" / "ab" / "cd" / uuid).read_bytes() == b"x" * 1000
     renamed = run_module("storage_copy", dict(args, dest=str(tmp_path / "new" / "storage"),
                                               state_file=str(tmp_path / "state2.tsv")))

@@ -74,6 +74,7 @@ def run_module(module: str, args: dict, check: bool = False) -> dict:
         marker = proc.stdout.index(" => {")
         result = json.loads(proc.stdout[marker + 4:])
         result["failed"] = proc.stdout[:marker].rstrip().endswith("FAILED!")
+        result["_stderr"] = proc.stderr  # Ansible's own warnings (deprecations) go there
         return result
     except ValueError:
         raise AssertionError(f"no result from {module}: {proc.stdout}\n{proc.stderr}")

@@ -36,3 +36,15 @@ def module_processes(play_pid: int, module: str) -> list:
     """The processes running an Ansible module (its python and the shell around it) below a
     play started without pipelining, so that the module's file name is on their command line."""
     return sorted((pid for pid in descendants(play_pid) if f"AnsiballZ_{module}" in cmdline(pid)), reverse=True)
+
+
+def keepers_of(root) -> list:
+    """The backup lock's keepers (processes tagged pacs-orthanc-lock-keeper) whose lock is
+    ``<root>/.lock``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            line = cmdline(int(entry))
+            if "pacs-orthanc-lock-keeper" in line and f" {root}/.lock " in line + " ":
+                found.append(int(entry))
+    return found

@@ -204,3 +204,48 @@ def test_a_running_step_keeps_its_lock_fresh(tmp_path):
     assert _backupset.Heartbeat(str(tmp_path)).lock_path is None
     assert _backupset.Heartbeat(str(root / "20000101T000000Z.incomplete" / "x")).lock_path is None
     _backupset.discard_backup(str(root), opened["name"])
+
+
+def test_a_retention_that_fails_leaves_the_backup_complete_and_releases_the_lock(tmp_path, monkeypatch):
+    """The new backup is complete and checked before retention runs: a retention that fails is a
+    warning, never a failed backup (whose rescue would say that no backup was completed)."""
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    first, _closed = take_backup(tmp_path, root, config, storage, index_dir)
+    time.sleep(1.1)
+
+    def refuse(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(root / first["name"]))
+
+    monkeypatch.setattr(_backupset._layout, "remove_backup", refuse)
+    second, closed = take_backup(tmp_path, root, config, storage, index_dir, keep=1)
+    assert closed["deleted_by_retention"] == []
+    assert "is complete, but retention could not remove" in closed["warnings"][0]
+    assert "Permission denied" in closed["warnings"][0]
+    assert _backupset.complete_backups(str(root)) == sorted([first["name"], second["name"]])
+    assert os.readlink(root / "latest") == second["name"]
+    assert not (root / ".lock").exists()
+    keeper_gone = not [pid for pid in os.listdir("/proc") if pid.isdigit()
+                       and _lock.KEEPER_TAG in _lock.process_command(pid) and str(root) in _lock.process_command(pid)]
+    assert keeper_gone
+
+
+def test_a_discard_that_cannot_remove_the_folder_still_releases_the_lock(tmp_path, monkeypatch):
+    config, storage, index_dir = make_orthanc(tmp_path)
+    root = tmp_path / "backups"
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    keeper = json.loads((root / ".lock").read_text())["pid"]
+
+    def refuse(path, *_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(_backupset.shutil, "rmtree", refuse)
+    with pytest.raises(PermissionError):
+        _backupset.discard_backup(str(root), opened["name"])
+    assert not (root / ".lock").exists() and wait_for(lambda: _lock.process_start(keeper) is None)
+    assert os.path.isdir(opened["path"])  # still named .incomplete: the next run removes it
+    monkeypatch.undo()
+    time.sleep(1.1)
+    again = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    assert again["removed_incomplete"] == [opened["name"] + ".incomplete"] and again["lock_taken_over"] is None
+    _backupset.discard_backup(str(root), again["name"])

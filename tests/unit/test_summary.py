@@ -38,3 +38,12 @@ def test_a_dead_runs_lock_taken_over_is_on_the_line():
     assert line["record"]["lock_taken_over"] == taken and line["ok"]
     plain = backup_result([ok(strategy="stop", downtime_seconds=2, lock_taken_over=None), "a", None])
     assert "took over" not in plain["line"] and plain["record"]["lock_taken_over"] is None
+
+
+def test_a_check_mode_without_storage_files_has_a_line():
+    """--check of a database Orthanc whose files are in the database: the role's result has no
+    storage count (no hot pass), storage is null."""
+    line = backup_result([{"result": "check mode", "path": "/b/x.incomplete", "storage": None,
+                           "would_stop_orthanc": False, "strategy": "dump"}, "pg"])
+    assert line["line"].startswith("pg: check mode, would back up 0 files") and line["ok"]
+    assert "stop Orthanc" not in line["line"]
