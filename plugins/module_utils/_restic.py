@@ -153,6 +153,27 @@ class Repository:
         if code != 0:
             raise self.explain("initialise the restic repository", code, err, out)
 
+    def file_sizes(self, snapshot_id: str) -> dict:
+        """{"/relative/path": size} of every file of a snapshot (``restic ls --json``), read as a stream."""
+        step = "list the files of the restic snapshot"
+        sizes = {}
+        with tempfile.TemporaryFile() as out:
+            with Program([self.restic, "ls", "--json", "--no-lock", snapshot_id], step, env=self.env,
+                         stdout=out) as program:
+                code = program.wait()
+                err = program.errors()
+            if code != 0:
+                raise self.explain(step, code, err)
+            out.seek(0)
+            for line in out:
+                try:
+                    node = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(node, dict) and node.get("struct_type") == "node" and node.get("type") == "file":
+                    sizes[node.get("path")] = node.get("size", 0)
+        return sizes
+
     def snapshots(self, host: str) -> list:
         """This host's snapshots made by this collection, oldest first."""
         code, out, err = self.run(["snapshots", "--json", "--no-lock", "--host", host, "--tag", TAG],
@@ -182,6 +203,17 @@ def summary_of(out: str) -> dict:
     return summary
 
 
+def local_file_sizes(backup: str) -> dict:
+    """{"/relative/path": size} of every file of a local backup folder, as restic names them."""
+    sizes = {}
+    for directory, _dirs, files in os.walk(backup):
+        for filename in files:
+            path = os.path.join(directory, filename)
+            if os.path.isfile(path) and not os.path.islink(path):
+                sizes["/" + os.path.relpath(path, backup)] = os.path.getsize(path)
+    return sizes
+
+
 def ship(backup: str, host: str, repo: Repository, init: bool = False, check_mode: bool = False) -> dict:
     """Make one snapshot of the complete backup folder ``backup`` (from inside it), with this host's
     newest snapshot as parent. The local backup is only read."""
@@ -207,7 +239,10 @@ def ship(backup: str, host: str, repo: Repository, init: bool = False, check_mod
         repo.init()
         result["initialised"] = True
     previous = repo.snapshots(host)
-    done = [s for s in previous if f"backup:{manifest.get('name')}" in (s.get("tags") or [])]
+    # a snapshot of this backup counts as shipped only when it holds every file of it with its size
+    # (restic's exit code 3 leaves a snapshot that lacks the files it could not read)
+    done = [s for s in previous if f"backup:{manifest.get('name')}" in (s.get("tags") or [])
+            and repo.file_sizes(s["id"]) == local_file_sizes(backup)]
     if done:
         return dict(result, snapshot_id=done[-1].get("id"), short_id=done[-1].get("short_id"),
                     parent=done[-1].get("parent"), already_shipped=True, changed=result["initialised"])

@@ -19,7 +19,7 @@ import pytest
 
 from tests.support import checks
 from tests.support.orthanc_server import free_port
-from tests.support.playbook import local_host, run_playbook, write_inventory
+from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
 from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
 
 pytestmark = [pytest.mark.slow,
@@ -149,6 +149,32 @@ def test_ship_twice_restore_byte_for_byte_no_secret(servers, tmp_path):
                                      for rel, digest in manifest["files"].items())
     report = _verify.verify_backup(str(scratch), md5="all")
     assert report["ok"], report["problems"]
+
+    # the same backup again: nothing to do (check mode says the same)
+    args = {"source": str(local), "host": "offa", "repository": str(repo), "password_file": str(pw_file)}
+    for check in (True, False):
+        again = run_module("offsite_restic", args, check=check)
+        assert not again["failed"] and again["changed"] is False and again["already_shipped"] is True, again
+        assert again["snapshot_id"] == second_snap["id"]
+    assert len(snapshots(repo, pw_file)) == 2
+
+    # a snapshot tagged with this backup that lacks a file (as restic's exit code 3 leaves one) is
+    # not taken as shipped: the backup is shipped again, whole
+    repo2, partial = tmp_path / "repo2", tmp_path / "partial" / local.name
+    shutil.copytree(local, partial)
+    victim = next(p for p in (partial / "storage").rglob("*") if p.is_file())
+    victim.unlink()
+    restic(repo2, pw_file, "init")
+    env = dict(os.environ, RESTIC_REPOSITORY=str(repo2), RESTIC_PASSWORD_FILE=str(pw_file))
+    subprocess.run(["restic", "backup", ".", "-q", "--host", "offa", "--tag", "pacs.orthanc",
+                    "--tag", f"backup:{local.name}"], cwd=partial, env=env, check=True, timeout=300)
+    [broken] = snapshots(repo2, pw_file)
+    shipped = run_module("offsite_restic", dict(args, repository=str(repo2)))
+    assert not shipped["failed"] and shipped["changed"] and shipped["already_shipped"] is False, shipped
+    assert shipped["parent"] == broken["id"] and shipped["snapshot_id"] != broken["id"]
+    scratch2 = tmp_path / "scratch2"
+    restic(repo2, pw_file, "restore", shipped["snapshot_id"], "--target", str(scratch2))
+    assert tree_hashes(scratch2) == tree_hashes(local)
 
 
 def test_append_only_host_cannot_forget_maintenance_can(servers, tmp_path):
