@@ -15,10 +15,11 @@ description:
     C(pacs.orthanc), C(host:<host>), C(orthanc:<Orthanc's name>), C(backup:<timestamp>) and
     C(strategy:<strategy>), C(--ignore-ctime) (hard links change a file's ctime) and this host's
     newest snapshot as C(--parent), so that a nightly run reads and uploads only what changed.
-  - When this host already has a snapshot tagged with this backup's timestamp, nothing is done.
+  - When this host already has a snapshot tagged with this backup's timestamp that holds every file
+    of the backup with its size, nothing is done.
   - The repository reaches restic through C(RESTIC_REPOSITORY) and the password through
-    C(RESTIC_PASSWORD_FILE): O(password_file), or a private 0600 temporary file holding O(password),
-    removed at the end. Neither is ever on a command line. O(environment) (back-end credentials)
+    C(RESTIC_PASSWORD_FILE), naming O(password_file) or a private 0600 temporary file holding
+    O(password), removed at the end. Neither is ever on a command line. O(environment) (back-end credentials)
     is passed in restic's environment; values of secret-looking names are masked in the result.
   - A repository is initialised only with O(init). A wrong password, a repository that does not
     exist, or one that cannot be reached each give their own message; restic's exit codes decide.
