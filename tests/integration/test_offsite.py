@@ -235,3 +235,15 @@ def test_wrong_password_and_uninitialised_repository(servers, tmp_path):
     assert tree_hashes(local) == before  # the earlier local backup is untouched
     newest = (root / "latest").resolve()
     assert _verify.verify_backup(str(newest), md5="all")["ok"]
+
+    # a REST server that does not answer; the back end's credentials are masked at -vvv
+    env_secret = "envsecret-" + secrets.token_hex(8)
+    inventory = write_inventory(tmp_path / "inventory.json", {"offc": dict(
+        host, orthanc_restic_repository=f"rest:http://127.0.0.1:{free_port()}/",
+        orthanc_restic_environment={"AWS_SECRET_ACCESS_KEY": env_secret})})
+    time.sleep(1.1)
+    unreachable = run_playbook(inventory, verbosity=3)
+    assert unreachable.returncode != 0
+    assert "cannot be reached" in unreachable.stdout and "connection refused" in unreachable.stdout
+    assert env_secret not in unreachable.stdout
+    assert tree_hashes(local) == before
