@@ -187,7 +187,8 @@ def test_append_only_host_cannot_forget_maintenance_can(servers, tmp_path):
     with append_only_server(folder) as url:
         inventory = write_inventory(tmp_path / "inventory.json", {"offb": local_host(
             server, root, orthanc_offsite="restic", orthanc_restic_repository=url,
-            orthanc_restic_password_file=str(pw_file), orthanc_restic_init=True)})
+            orthanc_restic_password_file=str(pw_file), orthanc_restic_init=True,
+            orthanc_restic_limit_upload=100_000)})
         result = run_playbook(inventory)
         assert result.returncode == 0, result.stdout
         [snap] = snapshots(url, pw_file)
