@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests, the molecule scenarios and the benchmarks need on a Debian 12 machine
 # (as root), on top of the demo's packages (scripts/setup-demo.sh, run first): sqlite3, rsync,
-# btrfs-progs, OpenSSH's server and client, podman with runc and catatonit, debootstrap from
-# Debian; pytest, pytest-xdist, molecule and testinfra from PyPI (requirements-test.txt).
+# btrfs-progs, OpenSSH's server and client, podman with runc and catatonit, debootstrap, restic and
+# rclone (off-site tests) from Debian; pytest, pytest-xdist, molecule and testinfra from PyPI (requirements-test.txt).
 # PostgreSQL and MariaDB: scripts/databases.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ bash scripts/setup-demo.sh
 
 need_apt=()
 for pair in sqlite3:sqlite3 rsync:rsync mkfs.btrfs:btrfs-progs sshd:openssh-server ssh:openssh-client \
-    podman:podman runc:runc catatonit:catatonit debootstrap:debootstrap; do
+    podman:podman runc:runc catatonit:catatonit debootstrap:debootstrap restic:restic rclone:rclone; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_apt+=("${pair#*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

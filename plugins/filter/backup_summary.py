@@ -129,6 +129,26 @@ def backup_result(pair):
     return {"line": line + ship_text, "record": record, "ok": ship_ok}
 
 
+def add_offsite(entry: dict, offsite) -> dict:
+    """A host's summary entry with its off-site shipping (pacs.orthanc.offsite) added."""
+    if not isinstance(offsite, dict):
+        return entry
+    if offsite.get("result") == "ok":
+        text = (f"; off site: snapshot {str(offsite.get('snapshot_id') or '')[:8]}"
+                + (" (already there)" if offsite.get("already_shipped") in (True, "True", "true") else
+                   f", {human_bytes(offsite.get('data_added'))} added"))
+        fields, ok = {"offsite_result": "ok", "offsite_snapshot": offsite.get("snapshot_id")}, True
+    elif offsite.get("result") == "failed":
+        text = f"; OFF-SITE SHIPPING FAILED at '{offsite.get('step')}': {offsite.get('cause')}"
+        fields, ok = {"offsite_result": "failed", "offsite_step": offsite.get("step"),
+                      "offsite_cause": offsite.get("cause")}, False
+    else:
+        text, fields, ok = f"; off site: {offsite.get('result')}", {"offsite_result": offsite.get("result")}, True
+    record = dict(entry["record"], **fields)
+    record["ok"] = bool(entry["ok"] and ok)
+    return {"line": entry["line"] + text, "record": record, "ok": record["ok"]}
+
+
 def backup_results(hosts, hostvars):
     """``backup_result`` for each host, whether or not it has an ``orthanc_backup_result``
     (a host that was never reached, or whose batch never started, has none)."""
@@ -137,7 +157,10 @@ def backup_results(hosts, hostvars):
         variables = hostvars[host]
         result = variables["orthanc_backup_result"] if "orthanc_backup_result" in variables else None
         ship = variables["orthanc_ship_result"] if "orthanc_ship_result" in variables else None
-        results.append(backup_result([result, host, ship]))
+        entry = backup_result([result, host, ship])
+        if "orthanc_offsite_result" in variables:
+            entry = add_offsite(entry, variables["orthanc_offsite_result"])
+        results.append(entry)
     return results
 
 

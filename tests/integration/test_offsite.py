@@ -1,0 +1,250 @@
+"""Off-site shipping to restic repositories (issue 14, part 1), with real Orthanc servers, real
+restic, a local repository and `rclone serve restic --append-only` on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import pathlib
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.support import checks
+from tests.support.orthanc_server import free_port
+from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
+from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("restic") is None or shutil.which("rclone") is None,
+                                 reason="needs restic and rclone (scripts/setup.sh)")]
+
+
+def restic(repository, password_file, *args, check=True):
+    env = dict(os.environ, RESTIC_REPOSITORY=str(repository), RESTIC_PASSWORD_FILE=str(password_file),
+               RESTIC_CACHE_DIR=str(pathlib.Path(password_file).parent / "restic-cache"))
+    result = subprocess.run(["restic", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, timeout=300, check=False)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def snapshots(repository, password_file) -> list:
+    return sorted(json.loads(restic(repository, password_file, "snapshots", "--json").stdout or "[]"),
+                  key=lambda s: s["time"])
+
+
+def tree_hashes(root: pathlib.Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file()}
+
+
+def password_file(tmp_path: pathlib.Path, name: str = "restic-password"):
+    secret = "offsite-" + secrets.token_hex(12)
+    path = tmp_path / name
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return secret, path
+
+
+@contextlib.contextmanager
+def append_only_server(folder: pathlib.Path):
+    """`rclone serve restic --append-only` on a free loopback port; yields its rest: URL."""
+    port = free_port()
+    log = open(folder.parent / "rclone.log", "wb")  # pylint: disable=consider-using-with
+    proc = subprocess.Popen(["rclone", "serve", "restic", "--append-only", "--addr", f"127.0.0.1:{port}",
+                             str(folder)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError):
+                import socket  # pylint: disable=import-outside-toplevel
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "rclone serve restic did not start"
+            time.sleep(0.2)
+        yield f"rest:http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_ship_twice_restore_byte_for_byte_no_secret(servers, tmp_path):
+    server = servers("offa")
+    checks.store_studies(server, tmp_path, patients=2, via="rest", instances=4, pixel_bytes=100_000)
+    root, repo = tmp_path / "backups", tmp_path / "repo"
+    secret, pw_file = password_file(tmp_path)
+    inventory = write_inventory(tmp_path / "inventory.json", {"offa": local_host(
+        server, root, orthanc_offsite="restic", orthanc_restic_repository=str(repo),
+        orthanc_restic_password=secret, orthanc_restic_init=True)})
+    leaks, seen = [], set()
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+                    environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
+                except OSError:
+                    continue
+                if os.path.basename(argv.split(b"\0")[0]) == b"restic":
+                    seen.add(pid)
+                if secret.encode() in argv or secret.encode() in environ:
+                    leaks.append((pid, argv[:200]))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        first = run_playbook(inventory, verbosity=3)
+    finally:
+        stop.set()
+        sampler.join()
+    assert first.returncode == 0, first.stdout
+    assert seen, "the sampler never saw restic run"
+    assert not leaks, leaks
+    assert secret not in first.stdout  # -vvv: module arguments and results included
+    assert not list(pathlib.Path("/tmp").glob("pacs-orthanc-restic-*"))  # the temporary password file is gone
+    [snap] = snapshots(repo, pw_file)
+    local = (root / "latest").resolve()
+    assert snap["hostname"] == "offa" and snap.get("parent") is None
+    assert {"pacs.orthanc", "host:offa", f"backup:{local.name}", "strategy:stop"} <= set(snap["tags"])
+    assert "offa: ok," in first.stdout and f"off site: snapshot {snap['short_id']}" in first.stdout
+    for path in local.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+    # a second backup: its snapshot has the first as parent and adds little
+    checks.store_studies(server, tmp_path, patients=1, via="rest", instances=1, pixel_bytes=20_000)
+    time.sleep(1.1)
+    second = run_playbook(inventory)
+    assert second.returncode == 0, second.stdout
+    first_snap, second_snap = snapshots(repo, pw_file)
+    assert first_snap["id"] == snap["id"] and second_snap["parent"] == snap["id"]
+    local = (root / "latest").resolve()
+    assert f"backup:{local.name}" in second_snap["tags"]
+    total_bytes = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+    found = re.search(r"off site: snapshot (\w+), ([\d.]+) (B|KiB|MiB|GiB) added", second.stdout)
+    assert found and found.group(1) == second_snap["short_id"], second.stdout
+    added = float(found.group(2)) * {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}[found.group(3)]
+    assert 0 < added < total_bytes / 2, (added, total_bytes)  # the new instance, index and manifest, not all
+
+    # restored from the repository, the backup is the local one byte for byte, and verifies
+    scratch = tmp_path / "scratch"
+    restic(repo, pw_file, "restore", second_snap["id"], "--target", str(scratch))
+    assert tree_hashes(scratch) == tree_hashes(local)
+    manifest = checks.read_manifest(scratch)
+    assert manifest["files"] and all(hashlib.sha256((scratch / rel).read_bytes()).hexdigest() == digest
+                                     for rel, digest in manifest["files"].items())
+    report = _verify.verify_backup(str(scratch), md5="all")
+    assert report["ok"], report["problems"]
+
+    # the same backup again: nothing to do (check mode says the same)
+    args = {"source": str(local), "host": "offa", "repository": str(repo), "password_file": str(pw_file)}
+    for check in (True, False):
+        again = run_module("offsite_restic", args, check=check)
+        assert not again["failed"] and again["changed"] is False and again["already_shipped"] is True, again
+        assert again["snapshot_id"] == second_snap["id"]
+    assert len(snapshots(repo, pw_file)) == 2
+
+    # a snapshot tagged with this backup that lacks a file (as restic's exit code 3 leaves one) is
+    # not taken as shipped: the backup is shipped again, whole
+    repo2, partial = tmp_path / "repo2", tmp_path / "partial" / local.name
+    shutil.copytree(local, partial)
+    victim = next(p for p in (partial / "storage").rglob("*") if p.is_file())
+    victim.unlink()
+    restic(repo2, pw_file, "init")
+    env = dict(os.environ, RESTIC_REPOSITORY=str(repo2), RESTIC_PASSWORD_FILE=str(pw_file))
+    subprocess.run(["restic", "backup", ".", "-q", "--host", "offa", "--tag", "pacs.orthanc",
+                    "--tag", f"backup:{local.name}"], cwd=partial, env=env, check=True, timeout=300)
+    [broken] = snapshots(repo2, pw_file)
+    shipped = run_module("offsite_restic", dict(args, repository=str(repo2)))
+    assert not shipped["failed"] and shipped["changed"] and shipped["already_shipped"] is False, shipped
+    assert shipped["parent"] == broken["id"] and shipped["snapshot_id"] != broken["id"]
+    scratch2 = tmp_path / "scratch2"
+    restic(repo2, pw_file, "restore", shipped["snapshot_id"], "--target", str(scratch2))
+    assert tree_hashes(scratch2) == tree_hashes(local)
+
+
+def test_append_only_host_cannot_forget_maintenance_can(servers, tmp_path):
+    server = servers("offb")
+    checks.store_studies(server, tmp_path, patients=1, via="rest", instances=2, pixel_bytes=50_000)
+    folder = tmp_path / "rclone-repo"
+    folder.mkdir()
+    secret, pw_file = password_file(tmp_path)
+    root = tmp_path / "backups"
+    with append_only_server(folder) as url:
+        inventory = write_inventory(tmp_path / "inventory.json", {"offb": local_host(
+            server, root, orthanc_offsite="restic", orthanc_restic_repository=url,
+            orthanc_restic_password_file=str(pw_file), orthanc_restic_init=True,
+            orthanc_restic_limit_upload=100_000)})
+        result = run_playbook(inventory)
+        assert result.returncode == 0, result.stdout
+        [snap] = snapshots(url, pw_file)
+        assert snap["hostname"] == "offb"
+        # the host's credentials (the append-only REST server) cannot forget it
+        refused = restic(url, pw_file, "forget", snap["id"], check=False)
+        assert refused.returncode != 0
+        assert [s["id"] for s in snapshots(url, pw_file)] == [snap["id"]]
+        # a second run through the same server still adds its snapshot
+        time.sleep(1.1)
+        again = run_playbook(inventory)
+        assert again.returncode == 0, again.stdout
+        assert len(snapshots(url, pw_file)) == 2
+    # the maintenance credentials (the repository opened directly) can
+    restic(folder, pw_file, "forget", snap["id"])
+    assert snap["id"] not in [s["id"] for s in snapshots(folder, pw_file)]
+
+
+def test_wrong_password_and_uninitialised_repository(servers, tmp_path):
+    server = servers("offc")
+    checks.store_studies(server, tmp_path, patients=1, via="rest", instances=2, pixel_bytes=50_000)
+    root, repo = tmp_path / "backups", tmp_path / "repo"
+    _secret, pw_file = password_file(tmp_path)
+    host = local_host(server, root, orthanc_offsite="restic", orthanc_restic_repository=str(repo),
+                      orthanc_restic_password_file=str(pw_file))
+    inventory = write_inventory(tmp_path / "inventory.json", {"offc": host})
+    missing = run_playbook(inventory)
+    assert missing.returncode != 0
+    assert "there is no restic repository at" in missing.stdout and "orthanc_restic_init" in missing.stdout
+    assert "OFF-SITE SHIPPING FAILED" in missing.stdout
+    assert not repo.exists()  # not initialised behind the operator's back
+    local = (root / "latest").resolve()
+    before = tree_hashes(local)
+    assert _verify.verify_backup(str(local), md5="all")["ok"]
+
+    restic(repo, pw_file, "init")
+    _other, wrong_file = password_file(tmp_path, "wrong-password")
+    inventory = write_inventory(tmp_path / "inventory.json", {"offc": dict(
+        host, orthanc_restic_password_file=str(wrong_file))})
+    time.sleep(1.1)
+    wrong = run_playbook(inventory)
+    assert wrong.returncode != 0
+    assert "wrong restic password" in wrong.stdout, wrong.stdout
+    assert snapshots(repo, pw_file) == []  # nothing recorded as shipped
+    assert tree_hashes(local) == before  # the earlier local backup is untouched
+    newest = (root / "latest").resolve()
+    assert _verify.verify_backup(str(newest), md5="all")["ok"]
+
+    # a REST server that does not answer; the back end's credentials are masked at -vvv
+    env_secret = "envsecret-" + secrets.token_hex(8)
+    inventory = write_inventory(tmp_path / "inventory.json", {"offc": dict(
+        host, orthanc_restic_repository=f"rest:http://127.0.0.1:{free_port()}/",
+        orthanc_restic_environment={"AWS_SECRET_ACCESS_KEY": env_secret})})
+    time.sleep(1.1)
+    unreachable = run_playbook(inventory, verbosity=3)
+    assert unreachable.returncode != 0
+    assert "cannot be reached" in unreachable.stdout and "connection refused" in unreachable.stdout
+    assert env_secret not in unreachable.stdout
+    assert tree_hashes(local) == before
