@@ -9,11 +9,12 @@ the storage itself can hard-link the live file. Everything else is copied.
 
 A snapshot is taken in two passes. The *hot* pass runs while Orthanc runs: it walks the storage
 tree, skips files modified in the last ``settle`` seconds (they may still be being written) and
-records every file it placed, with its size, in a state file. The *delta* pass runs while Orthanc
-is stopped and does not walk the live tree: the captured index lists every attachment and its
-size, so the delta is computed from that list and the state file alone: files the index lists
-that the hot pass did not place (or placed with another size) are fetched, files the hot pass
-placed that the index no longer lists (deleted meanwhile) are removed."""
+records every file it placed, with its size, in a state file (a SQLite database, see ``State``).
+The *delta* pass runs while Orthanc is stopped and does not walk the live tree: the captured
+index lists every attachment and its size, so the delta is computed from that list and the state
+file alone, by SQLite: files the index lists that the hot pass did not place (or placed with
+another size) are fetched (``Delta.fetch``, inside the window); files the hot pass placed that
+the index no longer lists (deleted meanwhile) are removed (``Delta.tidy``, after the start)."""
 
 from __future__ import annotations
 
@@ -181,6 +182,17 @@ _SCHEMA = ("CREATE TABLE IF NOT EXISTS placed (uuid TEXT PRIMARY KEY, size INTEG
            "origin TEXT NOT NULL) WITHOUT ROWID")
 
 
+_SQLITE_CAUSES = {"SQLITE_FULL": "No space left on device", "SQLITE_IOERR": "Input/output error",
+                  "SQLITE_READONLY": "Read-only file system or file", "SQLITE_CANTOPEN": "cannot open the file"}
+
+
+def _state_failure(step: str, path: str | None, exc: sqlite3.Error) -> PacsError:
+    """The error of a state file that SQLite cannot read or write, in the words of the OS."""
+    cause = _SQLITE_CAUSES.get("_".join(str(getattr(exc, "sqlite_errorname", "")).split("_")[:2]), "")
+    return PacsError(step, f"cannot use the state file {path}: "
+                     + (f"{cause} (SQLite: {exc})" if cause else f"SQLite: {exc}"))
+
+
 def _uri(path: str, mode: str) -> str:
     return f"file:{urllib.parse.quote(os.path.abspath(path))}?mode={mode}"
 
@@ -189,8 +201,10 @@ class State:
     """The state database of one backup's storage. ``check_mode`` (or ``readonly``) works on a
     copy in memory and never writes the file; a state file that does not exist reads as empty."""
 
-    def __init__(self, path: str | None, check_mode: bool = False, readonly: bool = False):
+    def __init__(self, path: str | None, check_mode: bool = False, readonly: bool = False,
+                 step: str = "write storage state"):
         self.path = path
+        self.step = step  # named in the error when the state cannot be written (a full disk)
         self.listing = None  # the table of (uuid, size) the captured index or dump lists
         in_memory = check_mode or readonly or not path
         try:
@@ -208,7 +222,9 @@ class State:
                     self.conn.execute("INSERT INTO main.placed SELECT uuid, size, origin FROM saved.placed")
                     self.conn.execute("DETACH DATABASE saved")
         except sqlite3.Error as exc:
-            raise PacsError("read storage state", f"the state file {path} cannot be used: {exc}")
+            raise _state_failure(step, path, exc)
+        except OSError as exc:
+            raise PacsError(step, f"cannot use the state file {path}: {os_error_cause(exc)}")
 
     def __enter__(self):
         return self
@@ -226,19 +242,23 @@ class State:
     def known(self, uuid: str) -> bool:
         return self.conn.execute("SELECT 1 FROM placed WHERE uuid = ?", (uuid,)).fetchone() is not None
 
+    def _write(self, statement: str, rows) -> None:
+        try:
+            with self.conn:
+                self.conn.execute("BEGIN")
+                self.conn.executemany(statement, rows)
+        except sqlite3.Error as exc:
+            raise _state_failure(self.step, self.path, exc)
+
     def put(self, rows: list) -> None:
         """Record (uuid, size, origin) rows, replacing what was recorded for these uuids."""
         if rows:
-            with self.conn:
-                self.conn.execute("BEGIN")
-                self.conn.executemany("INSERT OR REPLACE INTO placed (uuid, size, origin) VALUES (?, ?, ?)", rows)
+            self._write("INSERT OR REPLACE INTO placed (uuid, size, origin) VALUES (?, ?, ?)", rows)
 
     def remove(self, uuids) -> None:
         uuids = list(uuids)
         if uuids:
-            with self.conn:
-                self.conn.execute("BEGIN")
-                self.conn.executemany("DELETE FROM placed WHERE uuid = ?", ((u,) for u in uuids))
+            self._write("DELETE FROM placed WHERE uuid = ?", ((u,) for u in uuids))
 
     def rows(self):
         """Every (uuid, size, origin), by uuid."""
@@ -379,7 +399,7 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
              link_mode: str = "auto", settle: float = 5.0, workers: int = 4,
              check_mode: bool = False) -> dict:
     previous, link_source = _prepare(source, dest, previous, link_mode, check_mode)
-    with State(state_file, check_mode) as state:
+    with State(state_file, check_mode, step="copy storage (hot pass)") as state:
         again = not state.is_empty()  # a second hot pass into the same backup skips what is placed
         placer = Placer(source, dest, previous, link_source, workers, check_mode)
         deferred = 0
@@ -402,8 +422,10 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
                     if len(batch) >= BATCH:
                         state.put(batch)
                         batch = []
-        except OSError as exc:
+        except (OSError, PacsError) as exc:
             placer.pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(exc, PacsError):
+                raise
             raise PacsError("copy storage (hot pass)", os_error_cause(exc))
         state.put(batch)
         state.remove(placer.finish("copy storage (hot pass)"))  # deleted by Orthanc while the hot pass ran
@@ -427,7 +449,7 @@ class Delta:
             raise ValueError("Delta needs either wanted or index")
         self.source, self.dest, self.workers, self.check_mode = source, dest, workers, check_mode
         self.previous, self.link_source = _prepare(source, dest, previous, link_mode, check_mode)
-        self.state = State(state_file, check_mode)
+        self.state = State(state_file, check_mode, step="copy storage (delta pass)")
         try:
             if index is not None:
                 self.state.attach_index(index)

@@ -92,7 +92,7 @@ EXAMPLES = r"""
     index_dest: /var/backups/orthanc/20261129T070000Z.incomplete/index
     storage_source: /var/lib/orthanc/db-v6
     storage_dest: /var/backups/orthanc/20261129T070000Z.incomplete/storage
-    state_file: /var/backups/orthanc/20261129T070000Z.incomplete/.work/storage.tsv
+    state_file: /var/backups/orthanc/20261129T070000Z.incomplete/.work/storage.db
   register: window
 """
 
