@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """What the stop window costs beyond the index copy, old code against new (issue 15.2, 15.4).
 
 Builds N storage files in ``xx/yy/uuid`` folders and a SQLite index with Orthanc's own tables for

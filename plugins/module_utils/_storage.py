@@ -27,7 +27,6 @@ import sqlite3
 import time
 import urllib.parse
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, os_error_cause
 
 __metaclass__ = type
@@ -319,10 +318,16 @@ class State:
         except sqlite3.Error as exc:
             raise PacsError("read index", f"cannot compare the index with the storage state: {exc}")
 
-    def orphans(self) -> list:
-        """uuids placed that the listing no longer lists (deleted since the hot pass)."""
+    def orphans(self, all_listed_placed: bool = False) -> list:
+        """uuids placed that the listing no longer lists (deleted since the hot pass).
+        ``all_listed_placed``: every file listed is placed (a fetch without missing files); then
+        equal counts mean no orphan, found without building the set of every uuid listed."""
         try:
             listed = self.listing
+            if all_listed_placed and listed != "temp.wanted" and (
+                    self.conn.execute(f"SELECT COUNT(*) FROM {listed}").fetchone()[0]
+                    == self.conn.execute("SELECT COUNT(*) FROM main.placed").fetchone()[0]):
+                return []
             if listed != "temp.wanted":
                 self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed (uuid TEXT PRIMARY KEY) WITHOUT ROWID")
                 with self.conn:
@@ -448,6 +453,7 @@ class Delta:
         if (wanted is None) == (index is None):
             raise ValueError("Delta needs either wanted or index")
         self.source, self.dest, self.workers, self.check_mode = source, dest, workers, check_mode
+        self.fetched_all = False  # a fetch placed every file listed
         self.previous, self.link_source = _prepare(source, dest, previous, link_mode, check_mode)
         self.state = State(state_file, check_mode, step="copy storage (delta pass)")
         try:
@@ -500,6 +506,7 @@ class Delta:
         self.state.put([row for row in placed_rows if row[0] not in vanished])
         self.state.remove(missing)
         missing.sort()
+        self.fetched_all = not missing
         if missing_out is not None:
             missing_out.extend(missing)
         return {"phase": "delta", "fetched_files": len(placed_rows) - len(vanished),
@@ -509,7 +516,7 @@ class Delta:
                 "hardlink_from_source": self.link_source, "previous": self.previous}
 
     def tidy(self) -> dict:
-        orphans = self.state.orphans()
+        orphans = self.state.orphans(self.fetched_all)
         if not self.check_mode:
             for uuid in orphans:
                 try:

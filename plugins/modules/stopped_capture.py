@@ -104,7 +104,7 @@ downtime_seconds:
 phases:
   description: Seconds spent stopping, capturing the index, in the delta pass and starting. The delta
     pass here is only the fetch of the files the hot pass lacks; the removal of the files deleted
-    meanwhile and the totals run after the start (O(after_start_seconds)).
+    meanwhile and the totals run after the start (RV(after_start_seconds)).
   type: dict
   returned: success
   sample: {"stop": 1.21, "capture": 0.08, "delta": 0.02, "start": 0.24}

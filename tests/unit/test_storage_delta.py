@@ -184,3 +184,16 @@ def test_an_index_without_attachments_is_refused(world):
     sqlite3.connect(other).execute("CREATE TABLE t(x)").connection.close()
     with pytest.raises(PacsError, match="cannot list the attachments"):
         _storage.Delta(str(src), str(dest), state, index=str(other), link_mode="copy")
+
+
+def test_one_deleted_and_one_new_are_both_handled(world):
+    """As many files listed as the hot pass placed, yet one is new and one is gone."""
+    tmp_path, src, dest, state, names = world
+    os.unlink(at(src, names[5]))
+    new = put(src, b"replaces it in number", age=0)
+    index = write_index(tmp_path / "index", listed_now(src, names[:5] + [new]))
+    with _storage.Delta(str(src), str(dest), state, index=index, link_mode="copy") as delta:
+        assert delta.fetch()["fetched_files"] == 1
+        tidied = delta.tidy()
+    assert tidied["removed_files"] == 1 and tidied["files"] == 6
+    assert {e[0] for e in _storage.walk_storage(str(dest))} == set(names[:5] + [new])
