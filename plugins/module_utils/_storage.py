@@ -197,8 +197,9 @@ def _uri(path: str, mode: str) -> str:
 
 
 class State:
-    """The state database of one backup's storage. ``check_mode`` (or ``readonly``) works on a
-    copy in memory and never writes the file; a state file that does not exist reads as empty."""
+    """The state database of one backup's storage. ``readonly`` reads the file as it is;
+    ``check_mode`` works on a copy in memory; neither writes the file. A state file that does not
+    exist reads as empty."""
 
     def __init__(self, path: str | None, check_mode: bool = False, readonly: bool = False,
                  step: str = "write storage state"):
@@ -207,6 +208,10 @@ class State:
         self.listing = None  # the table of (uuid, size) the captured index or dump lists
         in_memory = check_mode or readonly or not path
         try:
+            if readonly and not check_mode and _is_database(path):
+                self.conn = sqlite3.connect(_uri(path, "ro"), uri=True, isolation_level=None)
+                self.conn.execute("SELECT 1 FROM placed LIMIT 1").fetchall()
+                return
             if path and not in_memory:
                 _migrate_tsv(path)
                 os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
@@ -338,6 +343,14 @@ class State:
                 f"SELECT uuid FROM main.placed AS p WHERE NOT EXISTS (SELECT 1 FROM {listed} AS w WHERE w.uuid = p.uuid)")]
         except sqlite3.Error as exc:
             raise PacsError("read index", f"cannot compare the storage state with the index: {exc}")
+
+
+def _is_database(path: str | None) -> bool:
+    try:
+        with open(path or "", "rb") as handle:
+            return handle.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC
+    except OSError:
+        return False
 
 
 def _migrate_tsv(path: str, conn: sqlite3.Connection | None = None) -> None:
