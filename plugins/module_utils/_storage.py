@@ -172,9 +172,10 @@ class Placer:
 # A small SQLite database in the incomplete backup's .work/ (removed when the backup completes):
 # one row (uuid, size, origin) per file placed, uuid as its primary key. The hot pass writes it
 # in batches while Orthanc runs; the delta pass attaches the captured index to it and asks SQLite
-# only for the attachments that it lacks or holds with another size, so that the work done while
-# Orthanc is stopped follows what changed since the hot pass, not the size of the archive, and no
-# structure holds every file in memory.
+# only for the attachments that it lacks or holds with another size: while Orthanc is stopped,
+# nothing is read into Python, held in memory or rewritten for every file; what remains per file
+# is one primary-key look-up inside SQLite (about 1.2 us at 1 M files, benchmarks/stop_window.py),
+# and the copying follows what changed since the hot pass.
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS placed (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL, "
