@@ -255,8 +255,9 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
     except (OSError, ValueError) as exc:
         raise PacsError(step, f"cannot read the records of {path}: {exc}")
     facts = dict(facts or {}, **_record.facts_from(records))
-    state = _storage.read_state(_layout.state_file(path))
-    new_files = {u for u, (_s, origin) in state.items() if origin != _storage.ORIGIN_PREVIOUS}
+    with _storage.State(_layout.state_file(path), readonly=True) as state:
+        new_files = state.new_uuids()  # what changed: the files not linked from the previous backup
+        storage_totals = state.summary()
     deleted_during_capture = _record.deleted_during_capture(records)
     lost_in_live_storage = _record.lost_in_live_storage(records)
     lock_taken_over = records.get("lock") or None
@@ -268,7 +269,6 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
                         f"{_verify.describe_problems(report['problems'])}", verification=report)
 
     ended = utc_now()
-    storage_totals = _storage.summarize(state)
     files = {}
     for directory, _subdirs, filenames in os.walk(path):
         rel_dir = os.path.relpath(directory, path)

@@ -38,7 +38,7 @@ INDEX = "index"
 STORAGE = "storage"
 DATABASE = "database"
 WORK = ".work"                      # working files of an incomplete backup, removed when it completes
-STATE_FILE = "storage.tsv"          # in .work/: where every storage file of this backup came from
+STATE_FILE = "storage.db"           # in .work/: where every storage file of this backup came from (SQLite)
 RECORDS = "records"                 # in .work/: one JSON record per capture step (see _record)
 # database dumps, by engine and pg_dump format
 DUMP_NAMES = {"custom": "orthanc.pgdump", "directory": "orthanc.pgdir", "sql": "orthanc.sql"}

@@ -377,25 +377,25 @@ def capture(kind: str, index_directory: str, storage_directory: str, name: str, 
         timings["storage"] = round(time.monotonic() - t0, 3)
 
         t0 = time.monotonic()
-        listed = _sqlite.attachments(index["path"])
-        wanted = {uuid: size for uuid, (size, _md5) in listed.items()}
-        placed = _storage.read_state(state_file)
-        absent = sorted(u for u in wanted if u not in placed)
-        if absent:
-            raise PacsError("copy storage from the snapshot",
-                            f"{len(absent)} files that the captured index lists are not in the snapshot of "
-                            f"{snap_storage} (e.g. {absent[0]}): either the live archive is already damaged, or "
-                            "Orthanc committed them to the index before they reached the disk "
-                            "(SyncStorageArea false?)")
-        short = sorted(u for u, size in wanted.items() if placed[u][0] != size)
-        if short:
-            u = short[0]
-            raise PacsError("copy storage from the snapshot",
-                            f"{len(short)} files have in the snapshot another size than the captured index says "
-                            f"(e.g. {u}: {placed[u][0]} bytes, the index says {wanted[u]}): the snapshot is not "
-                            "crash-consistent for these files (SyncStorageArea false?)")
-        delta = _storage.delta_pass(snap_storage, storage_dest, state_file, wanted, previous=previous,
-                                    link_mode=link_mode, workers=workers)
+        with _storage.Delta(snap_storage, storage_dest, state_file, index=index["path"], previous=previous,
+                            link_mode=link_mode, workers=workers) as compare:
+            differences = compare.differences()
+            absent = sorted(u for u, _size, placed in differences if placed is None)
+            if absent:
+                raise PacsError("copy storage from the snapshot",
+                                f"{len(absent)} files that the captured index lists are not in the snapshot of "
+                                f"{snap_storage} (e.g. {absent[0]}): either the live archive is already damaged, or "
+                                "Orthanc committed them to the index before they reached the disk "
+                                "(SyncStorageArea false?)")
+            short = sorted((u, size, placed) for u, size, placed in differences if placed is not None)
+            if short:
+                u, size, placed = short[0]
+                raise PacsError("copy storage from the snapshot",
+                                f"{len(short)} files have in the snapshot another size than the captured index says "
+                                f"(e.g. {u}: {placed} bytes, the index says {size}): the snapshot is not "
+                                "crash-consistent for these files (SyncStorageArea false?)")
+            delta = compare.fetch()
+            delta.update(compare.tidy())
         if delta["missing_files"] or delta["fetched_files"]:  # cannot happen after the checks above
             raise PacsError("copy storage from the snapshot", f"unexpected delta from the snapshot: {delta}")
         timings["orphans"] = round(time.monotonic() - t0, 3)

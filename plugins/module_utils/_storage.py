@@ -9,21 +9,24 @@ the storage itself can hard-link the live file. Everything else is copied.
 
 A snapshot is taken in two passes. The *hot* pass runs while Orthanc runs: it walks the storage
 tree, skips files modified in the last ``settle`` seconds (they may still be being written) and
-records every file it placed, with its size, in a state file. The *delta* pass runs while Orthanc
-is stopped and does not walk the live tree: the captured index lists every attachment and its
-size, so the delta is computed from that list and the state file alone: files the index lists
-that the hot pass did not place (or placed with another size) are fetched, files the hot pass
-placed that the index no longer lists (deleted meanwhile) are removed."""
+records every file it placed, with its size, in a state file (a SQLite database, see ``State``).
+The *delta* pass runs while Orthanc is stopped and does not walk the live tree: the captured
+index lists every attachment and its size, so the delta is computed from that list and the state
+file alone, by SQLite: files the index lists that the hot pass did not place (or placed with
+another size) are fetched (``Delta.fetch``, inside the window); files the hot pass placed that
+the index no longer lists (deleted meanwhile) are removed (``Delta.tidy``, after the start)."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import re
 import shutil
+import sqlite3
 import time
+import urllib.parse
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, os_error_cause
 
 __metaclass__ = type
@@ -33,6 +36,9 @@ _SHARD = re.compile(r"^[0-9a-f]{2}$")
 ORIGIN_PREVIOUS = "previous"   # hard link to the previous backup's file
 ORIGIN_LINK = "link"           # hard link to the live file (same filesystem)
 ORIGIN_COPY = "copy"           # copied bytes
+
+MAX_PENDING = 4096             # copies queued at most before the oldest are waited for
+BATCH = 5000                   # rows written to the state database per statement
 
 
 def relpath(uuid: str) -> str:
@@ -71,7 +77,8 @@ class Placer:
         self.check_mode = check_mode
         self.made_dirs: set = set()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
-        self.pending: list = []
+        self.pending: collections.deque = collections.deque()
+        self.vanished: list = []
 
     def _ensure_dir(self, uuid: str) -> None:
         shard = os.path.join(uuid[0:2], uuid[2:4])
@@ -117,7 +124,15 @@ class Placer:
                 os.chown(target, *self.owner)
             return ORIGIN_LINK, size
         self.pending.append((uuid, self.pool.submit(self._copy, src, target, self.owner)))
+        if len(self.pending) >= MAX_PENDING:
+            self._drain(MAX_PENDING // 2)  # memory stays flat however many files are copied
         return ORIGIN_COPY, size
+
+    def _drain(self, keep: int) -> None:
+        while len(self.pending) > keep:
+            uuid, future = self.pending.popleft()
+            if not future.result():
+                self.vanished.append(uuid)
 
     @staticmethod
     def _copy(src: str, target: str, owner: tuple | None = None) -> bool:
@@ -140,54 +155,244 @@ class Placer:
 
     def finish(self, step: str) -> list:
         """Wait for the copies; returns the uuids whose source vanished before it was copied."""
-        vanished = []
         try:
-            for uuid, future in self.pending:
-                if not future.result():
-                    vanished.append(uuid)
+            self._drain(0)
         except OSError as exc:
             raise PacsError(step, os_error_cause(exc))
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pending = []
+            self.pending.clear()
+        vanished, self.vanished = self.vanished, []
         return vanished
 
 
-def read_state(path: str) -> dict:
-    """{uuid: (size, origin)} from a state file written by the hot pass."""
-    state = {}
-    if not path or not os.path.exists(path):
-        return state
+# --------------------------------------------------------------------------------------------
+# The state: where every file of this backup's storage came from
+#
+# A small SQLite database in the incomplete backup's .work/ (removed when the backup completes):
+# one row (uuid, size, origin) per file placed, uuid as its primary key. The hot pass writes it
+# in batches while Orthanc runs; the delta pass attaches the captured index to it and asks SQLite
+# only for the attachments that it lacks or holds with another size: while Orthanc is stopped,
+# nothing is read into Python, held in memory or rewritten for every file; what remains per file
+# is one primary-key look-up inside SQLite (about 1.2 us at 1 M files, benchmarks/stop_window.py),
+# and the copying follows what changed since the hot pass.
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS placed (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+           "origin TEXT NOT NULL) WITHOUT ROWID")
+
+
+_SQLITE_CAUSES = {"SQLITE_FULL": "No space left on device", "SQLITE_IOERR": "Input/output error",
+                  "SQLITE_READONLY": "Read-only file system or file", "SQLITE_CANTOPEN": "cannot open the file"}
+
+
+def _state_failure(step: str, path: str | None, exc: sqlite3.Error) -> PacsError:
+    """The error of a state file that SQLite cannot read or write, in the words of the OS."""
+    cause = _SQLITE_CAUSES.get("_".join(str(getattr(exc, "sqlite_errorname", "")).split("_")[:2]), "")
+    return PacsError(step, f"cannot use the state file {path}: "
+                     + (f"{cause} (SQLite: {exc})" if cause else f"SQLite: {exc}"))
+
+
+def _uri(path: str, mode: str) -> str:
+    return f"file:{urllib.parse.quote(os.path.abspath(path))}?mode={mode}"
+
+
+class State:
+    """The state database of one backup's storage. ``readonly`` reads the file as it is;
+    ``check_mode`` works on a copy in memory; neither writes the file. A state file that does not
+    exist reads as empty."""
+
+    def __init__(self, path: str | None, check_mode: bool = False, readonly: bool = False,
+                 step: str = "write storage state"):
+        self.path = path
+        self.step = step  # named in the error when the state cannot be written (a full disk)
+        self.listing = None  # the table of (uuid, size) the captured index or dump lists
+        in_memory = check_mode or readonly or not path
+        try:
+            if readonly and not check_mode and _is_database(path):
+                self.conn = sqlite3.connect(_uri(path, "ro"), uri=True, isolation_level=None)
+                self.conn.execute("SELECT 1 FROM placed LIMIT 1").fetchall()
+                return
+            if path and not in_memory:
+                _migrate_tsv(path)
+                os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            self.conn = sqlite3.connect(":memory:" if in_memory else _uri(path, "rwc"), uri=not in_memory,
+                                        isolation_level=None)
+            self.conn.execute("PRAGMA synchronous = OFF")  # a working file: a crash discards the backup anyway
+            self.conn.execute(_SCHEMA)
+            if in_memory and path and os.path.exists(path) and os.path.getsize(path) > 0:
+                _migrate_tsv(path, self.conn)
+                if self.is_empty():
+                    self.conn.execute("ATTACH DATABASE ? AS saved", (_uri(path, "ro"),))
+                    self.conn.execute("INSERT INTO main.placed SELECT uuid, size, origin FROM saved.placed")
+                    self.conn.execute("DETACH DATABASE saved")
+        except sqlite3.Error as exc:
+            raise _state_failure(step, path, exc)
+        except OSError as exc:
+            raise PacsError(step, f"cannot use the state file {path}: {os_error_cause(exc)}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def is_empty(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM placed LIMIT 1").fetchone() is None
+
+    def known(self, uuid: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM placed WHERE uuid = ?", (uuid,)).fetchone() is not None
+
+    def _write(self, statement: str, rows) -> None:
+        try:
+            with self.conn:
+                self.conn.execute("BEGIN")
+                self.conn.executemany(statement, rows)
+        except sqlite3.Error as exc:
+            raise _state_failure(self.step, self.path, exc)
+
+    def put(self, rows: list) -> None:
+        """Record (uuid, size, origin) rows, replacing what was recorded for these uuids."""
+        if rows:
+            self._write("INSERT OR REPLACE INTO placed (uuid, size, origin) VALUES (?, ?, ?)", rows)
+
+    def remove(self, uuids) -> None:
+        uuids = list(uuids)
+        if uuids:
+            self._write("DELETE FROM placed WHERE uuid = ?", ((u,) for u in uuids))
+
+    def rows(self):
+        """Every (uuid, size, origin), by uuid."""
+        return self.conn.execute("SELECT uuid, size, origin FROM placed ORDER BY uuid")
+
+    def new_uuids(self) -> set:
+        """The files not linked from the previous backup (what changed: verified with md5=new)."""
+        return {u for (u,) in self.conn.execute("SELECT uuid FROM placed WHERE origin != ?", (ORIGIN_PREVIOUS,))}
+
+    def summary(self) -> dict:
+        totals = {"files": 0, "bytes": 0, "new_files": 0, "new_bytes": 0, "linked_files": 0,
+                  "linked_bytes": 0, "copied_files": 0, "copied_bytes": 0}
+        for origin, files, size in self.conn.execute(
+                "SELECT origin, COUNT(*), COALESCE(SUM(size), 0) FROM placed GROUP BY origin"):
+            totals["files"] += files
+            totals["bytes"] += size
+            kind = "linked" if origin == ORIGIN_PREVIOUS else "new"
+            totals[f"{kind}_files"] += files
+            totals[f"{kind}_bytes"] += size
+            if origin == ORIGIN_COPY:
+                totals["copied_files"] += files
+                totals["copied_bytes"] += size
+        return totals
+
+    # what the captured index (or a dump) lists, compared with what was placed
+
+    def attach_index(self, index: str) -> None:
+        """List the attachments of a captured SQLite index (read, never changed)."""
+        try:
+            self.conn.execute("ATTACH DATABASE ? AS idx", (_uri(index, "ro"),))
+            self.conn.execute("SELECT uuid, compressedSize FROM idx.AttachedFiles LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise PacsError("read index", f"cannot list the attachments of {index}: {exc}")
+        self.listing = "(SELECT uuid, compressedSize AS size FROM idx.AttachedFiles)"
+
+    def load_listing(self, wanted: dict) -> None:
+        """List the {uuid: size} given (a dump's list of files)."""
+        self.conn.execute("CREATE TEMP TABLE wanted (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany("INSERT OR REPLACE INTO temp.wanted VALUES (?, ?)", wanted.items())
+        self.listing = "temp.wanted"
+
+    def differences(self) -> list:
+        """(uuid, listed size, placed size or None) of every file listed that was not placed, or
+        placed with another size. One pass over the listing in SQLite, one primary-key look-up
+        into the state per row: nothing of the archive is held in memory, only the answer."""
+        query = (f"SELECT w.uuid, w.size, p.size FROM {self.listing} AS w "
+                 "LEFT JOIN main.placed AS p ON p.uuid = w.uuid "
+                 "WHERE p.uuid IS NULL OR p.size IS NOT w.size")
+        try:
+            seen, found = set(), []
+            for uuid, size, placed in self.conn.execute(query):
+                if uuid not in seen:  # an index lists a file once; never fetch one twice
+                    seen.add(uuid)
+                    found.append((uuid, int(size), placed))
+            return found
+        except sqlite3.Error as exc:
+            raise PacsError("read index", f"cannot compare the index with the storage state: {exc}")
+
+    def orphans(self, all_listed_placed: bool = False) -> list:
+        """uuids placed that the listing no longer lists (deleted since the hot pass).
+        ``all_listed_placed``: every file listed is placed (a fetch without missing files); then
+        equal counts mean no orphan, found without building the set of every uuid listed."""
+        try:
+            listed = self.listing
+            if all_listed_placed and listed != "temp.wanted" and (
+                    self.conn.execute(f"SELECT COUNT(*) FROM {listed}").fetchone()[0]
+                    == self.conn.execute("SELECT COUNT(*) FROM main.placed").fetchone()[0]):
+                return []
+            if listed != "temp.wanted":
+                self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed (uuid TEXT PRIMARY KEY) WITHOUT ROWID")
+                with self.conn:
+                    self.conn.execute("BEGIN")
+                    self.conn.execute(f"INSERT OR IGNORE INTO temp.listed SELECT uuid FROM {listed}")
+                listed = "temp.listed"
+            return [u for (u,) in self.conn.execute(
+                f"SELECT uuid FROM main.placed AS p WHERE NOT EXISTS (SELECT 1 FROM {listed} AS w WHERE w.uuid = p.uuid)")]
+        except sqlite3.Error as exc:
+            raise PacsError("read index", f"cannot compare the storage state with the index: {exc}")
+
+
+def _is_database(path: str | None) -> bool:
+    try:
+        with open(path or "", "rb") as handle:
+            return handle.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+def _migrate_tsv(path: str, conn: sqlite3.Connection | None = None) -> None:
+    """A state file written as tab-separated text (collection versions before the database):
+    rewrite it as a database (or, given ``conn``, load it there)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_SQLITE_MAGIC))
+    except FileNotFoundError:
+        return
+    if head in (_SQLITE_MAGIC, b""):
+        return  # a database already, or an empty file (SQLite makes it a new database)
+    if conn is None:
+        target = sqlite3.connect(path + ".new", isolation_level=None)
+        target.execute(_SCHEMA)
+    else:
+        target = conn
     with open(path, "r", encoding="ascii") as handle:
-        for line in handle:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) == 3:
-                state[parts[0]] = (int(parts[1]), parts[2])
-    return state
+        rows = (tuple(parts) for parts in (line.rstrip("\n").split("\t") for line in handle) if len(parts) == 3)
+        with target:
+            target.execute("BEGIN")
+            target.executemany("INSERT OR REPLACE INTO placed VALUES (?, ?, ?)",
+                               ((u, int(s), o) for u, s, o in rows))
+    if conn is None:
+        target.close()
+        os.replace(path + ".new", path)
 
 
-def write_state(path: str, state: dict) -> None:
-    with _layout.atomic_writer(path, encoding="ascii") as handle:
-        for uuid, (size, origin) in state.items():
-            handle.write(f"{uuid}\t{size}\t{origin}\n")
+def read_state(path: str) -> dict:
+    """{uuid: (size, origin)} of a state file (small archives and tests only: it holds every file)."""
+    if not path or not os.path.exists(path):
+        return {}
+    with State(path, readonly=True) as state:
+        return {uuid: (size, origin) for uuid, size, origin in state.rows()}
 
 
 def summarize(state: dict) -> dict:
-    totals = {"files": 0, "bytes": 0, "new_files": 0, "new_bytes": 0, "linked_files": 0,
-              "linked_bytes": 0, "copied_files": 0, "copied_bytes": 0}
-    for size, origin in state.values():
-        totals["files"] += 1
-        totals["bytes"] += size
-        if origin == ORIGIN_PREVIOUS:
-            totals["linked_files"] += 1
-            totals["linked_bytes"] += size
-        else:
-            totals["new_files"] += 1
-            totals["new_bytes"] += size
-            if origin == ORIGIN_COPY:
-                totals["copied_files"] += 1
-                totals["copied_bytes"] += size
-    return totals
+    """The totals of a {uuid: (size, origin)} state (see State.summary)."""
+    with State(None) as memory:
+        memory.put([(u, size, origin) for u, (size, origin) in state.items()])
+        return memory.summary()
 
 
 def _prepare(source: str, dest: str, previous: str | None, link_mode: str, check_mode: bool):
@@ -213,91 +418,139 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
              link_mode: str = "auto", settle: float = 5.0, workers: int = 4,
              check_mode: bool = False) -> dict:
     previous, link_source = _prepare(source, dest, previous, link_mode, check_mode)
-    state = read_state(state_file)
-    placer = Placer(source, dest, previous, link_source, workers, check_mode)
-    deferred = 0
-    cutoff = time.time() - settle
-    try:
-        for uuid, entry in walk_storage(source):
-            if uuid in state:
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # deleted by Orthanc since it was listed
-            if st.st_mtime > cutoff:
-                deferred += 1  # may still be being written: left to the delta pass
-                continue
-            origin, size = placer.place(uuid, st.st_size)
-            if origin:
-                state[uuid] = (size, origin)
-    except OSError as exc:
-        placer.pool.shutdown(wait=True, cancel_futures=True)
-        raise PacsError("copy storage (hot pass)", os_error_cause(exc))
-    for uuid in placer.finish("copy storage (hot pass)"):
-        del state[uuid]  # deleted by Orthanc while the hot pass ran
-    if not check_mode:
-        write_state(state_file, state)
-    result = summarize(state)
+    with State(state_file, check_mode, step="copy storage (hot pass)") as state:
+        again = not state.is_empty()  # a second hot pass into the same backup skips what is placed
+        placer = Placer(source, dest, previous, link_source, workers, check_mode)
+        deferred = 0
+        cutoff = time.time() - settle
+        batch: list = []
+        try:
+            for uuid, entry in walk_storage(source):
+                if again and state.known(uuid):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted by Orthanc since it was listed
+                if st.st_mtime > cutoff:
+                    deferred += 1  # may still be being written: left to the delta pass
+                    continue
+                origin, size = placer.place(uuid, st.st_size)
+                if origin:
+                    batch.append((uuid, size, origin))
+                    if len(batch) >= BATCH:
+                        state.put(batch)
+                        batch = []
+        except (OSError, PacsError) as exc:
+            placer.pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(exc, PacsError):
+                raise
+            raise PacsError("copy storage (hot pass)", os_error_cause(exc))
+        state.put(batch)
+        state.remove(placer.finish("copy storage (hot pass)"))  # deleted by Orthanc while the hot pass ran
+        result = state.summary()
     result.update({"phase": "hot", "deferred_files": deferred, "hardlink_from_source": link_source,
                    "previous": previous})
     return result
 
 
-def delta_pass(source: str, dest: str, state_file: str, wanted: dict, previous: str | None = None,
-               link_mode: str = "auto", workers: int = 4, check_mode: bool = False,
-               missing_out: list | None = None) -> dict:
-    """``wanted``: {uuid: size} from the captured index. Every uuid that the source lacks is
-    appended to ``missing_out`` when given."""
-    previous, link_source = _prepare(source, dest, previous, link_mode, check_mode)
-    state = read_state(state_file)
-    removed = 0
-    for uuid in [u for u in state if u not in wanted]:
-        removed += 1
-        del state[uuid]
-        if not check_mode:
-            try:
-                os.unlink(os.path.join(dest, relpath(uuid)))
-            except FileNotFoundError:
-                pass
-    placer = Placer(source, dest, previous, link_source, workers, check_mode)
-    missing = []
-    missing_live = []
-    fetched = 0
-    try:
-        for uuid, size in wanted.items():
-            known = state.get(uuid)
-            if known and known[0] == size:
-                continue
-            if known and not check_mode:
-                os.unlink(os.path.join(dest, relpath(uuid)))  # placed while still being written
-            if not known and not os.path.lexists(os.path.join(source, relpath(uuid))):
-                # the hot pass did not see it and it is not there now: the live archive lost it
-                # (the previous backup may still hold it, and then this backup does too)
-                missing_live.append(uuid)
-            origin, placed = placer.place(uuid, size)
-            if origin is None:
-                missing.append(uuid)
-                state.pop(uuid, None)
-                continue
-            fetched += 1
-            state[uuid] = (placed, origin)
-    except OSError as exc:
-        placer.pool.shutdown(wait=True, cancel_futures=True)
-        raise PacsError("copy storage (delta pass)", os_error_cause(exc))
-    for uuid in placer.finish("copy storage (delta pass)"):
-        missing.append(uuid)
-        del state[uuid]
-        fetched -= 1
-    if not check_mode:
-        write_state(state_file, state)
-    if missing_out is not None:
-        missing_out.extend(sorted(missing))
-    recovered = sorted(set(missing_live) - set(missing))
-    result = summarize(state)
-    result["lost_in_live_storage"] = recovered  # listed by the index, gone live, kept from the previous backup
-    result.update({"phase": "delta", "fetched_files": fetched, "removed_files": removed,
-                   "missing_files": len(missing), "missing_examples": sorted(missing)[:10],
+class Delta:
+    """The delta pass, in two steps: ``fetch`` places what the captured index (``index``, a
+    SQLite file) or a dump's list (``wanted``, {uuid: size}) lists and the hot pass did not place
+    (or placed with another size): the only step that must run while Orthanc is stopped, its
+    work follows what changed since the hot pass. ``tidy`` removes what the hot pass placed and
+    the index no longer lists, and sums up the storage: it can wait until Orthanc runs again."""
 
-                   "hardlink_from_source": link_source, "previous": previous})
+    def __init__(self, source: str, dest: str, state_file: str, wanted: dict | None = None,
+                 index: str | None = None, previous: str | None = None, link_mode: str = "auto",
+                 workers: int = 4, check_mode: bool = False):
+        if (wanted is None) == (index is None):
+            raise ValueError("Delta needs either wanted or index")
+        self.source, self.dest, self.workers, self.check_mode = source, dest, workers, check_mode
+        self.fetched_all = False  # a fetch placed every file listed
+        self.previous, self.link_source = _prepare(source, dest, previous, link_mode, check_mode)
+        self.state = State(state_file, check_mode, step="copy storage (delta pass)")
+        try:
+            if index is not None:
+                self.state.attach_index(index)
+            else:
+                self.state.load_listing(wanted)
+        except BaseException:
+            self.state.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        self.state.close()
+
+    def differences(self) -> list:
+        return self.state.differences()
+
+    def fetch(self, missing_out: list | None = None) -> dict:
+        placer = Placer(self.source, self.dest, self.previous, self.link_source, self.workers, self.check_mode)
+        missing, missing_live, placed_rows = [], [], []
+        try:
+            for uuid, size, known_size in self.state.differences():
+                target = os.path.join(self.dest, relpath(uuid))
+                if known_size is not None and not self.check_mode:
+                    try:
+                        os.unlink(target)  # placed while still being written
+                    except FileNotFoundError:
+                        pass
+                if known_size is None and not os.path.lexists(os.path.join(self.source, relpath(uuid))):
+                    # the hot pass did not see it and it is not there now: the live archive lost it
+                    # (the previous backup may still hold it, and then this backup does too)
+                    missing_live.append(uuid)
+                origin, placed = placer.place(uuid, size)
+                if origin is None:
+                    missing.append(uuid)
+                else:
+                    placed_rows.append((uuid, placed, origin))
+        except OSError as exc:
+            placer.pool.shutdown(wait=True, cancel_futures=True)
+            raise PacsError("copy storage (delta pass)", os_error_cause(exc))
+        vanished = set(placer.finish("copy storage (delta pass)"))
+        missing.extend(vanished)
+        self.state.put([row for row in placed_rows if row[0] not in vanished])
+        self.state.remove(missing)
+        missing.sort()
+        self.fetched_all = not missing
+        if missing_out is not None:
+            missing_out.extend(missing)
+        return {"phase": "delta", "fetched_files": len(placed_rows) - len(vanished),
+                "missing_files": len(missing), "missing_examples": missing[:10],
+                # listed by the index, gone live, kept from the previous backup
+                "lost_in_live_storage": sorted(set(missing_live) - set(missing)),
+                "hardlink_from_source": self.link_source, "previous": self.previous}
+
+    def tidy(self) -> dict:
+        orphans = self.state.orphans(self.fetched_all)
+        if not self.check_mode:
+            for uuid in orphans:
+                try:
+                    os.unlink(os.path.join(self.dest, relpath(uuid)))
+                except FileNotFoundError:
+                    pass
+        self.state.remove(orphans)
+        result = self.state.summary()
+        result["removed_files"] = len(orphans)
+        return result
+
+
+def delta_pass(source: str, dest: str, state_file: str, wanted: dict | None = None, previous: str | None = None,
+               link_mode: str = "auto", workers: int = 4, check_mode: bool = False,
+               missing_out: list | None = None, index: str | None = None) -> dict:
+    """The whole delta pass at once (``Delta``'s fetch, then tidy), for a capture during which
+    Orthanc runs on. ``wanted``: {uuid: size} (a dump's list), or ``index``: the captured index.
+    Every uuid that the source lacks is appended to ``missing_out`` when given."""
+    with Delta(source, dest, state_file, wanted=wanted, index=index, previous=previous, link_mode=link_mode,
+               workers=workers, check_mode=check_mode) as delta:
+        result = delta.fetch(missing_out)
+        result.update(delta.tidy())
     return result

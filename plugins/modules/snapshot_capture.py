@@ -103,7 +103,7 @@ EXAMPLES = r"""
     storage_directory: /var/lib/orthanc/db-v6
     index_dest: /var/backups/orthanc/20261129T070000Z.incomplete/index
     storage_dest: /var/backups/orthanc/20261129T070000Z.incomplete/storage
-    state_file: /var/backups/orthanc/20261129T070000Z.incomplete/.work/storage.tsv
+    state_file: /var/backups/orthanc/20261129T070000Z.incomplete/.work/storage.db
   register: snapshot
 """
 

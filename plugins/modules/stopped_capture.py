@@ -69,7 +69,7 @@ EXAMPLES = r"""
     index_dest: /var/backups/orthanc/20261129T070000Z.incomplete/index
     storage_source: /var/lib/orthanc/db-v6
     storage_dest: /var/backups/orthanc/20261129T070000Z.incomplete/storage
-    state_file: /var/backups/orthanc/20261129T070000Z.incomplete/.work/storage.tsv
+    state_file: /var/backups/orthanc/20261129T070000Z.incomplete/.work/storage.db
   register: window
 """
 
@@ -79,10 +79,17 @@ downtime_seconds:
   type: float
   returned: success
 phases:
-  description: Seconds spent stopping, capturing the index, in the delta pass and starting.
+  description: Seconds spent stopping, capturing the index, in the delta pass and starting. The delta
+    pass here is only the fetch of the files the hot pass lacks; the removal of the files deleted
+    meanwhile and the totals run after the start (RV(after_start_seconds)).
   type: dict
   returned: success
   sample: {"stop": 1.21, "capture": 0.08, "delta": 0.02, "start": 0.24}
+after_start_seconds:
+  description: Seconds spent after the start on what could wait (index summary, removal of files deleted
+    since the hot pass, storage totals).
+  type: float
+  returned: success
 stopped_at:
   description: When the stop began (UTC).
   type: str
@@ -128,6 +135,7 @@ def _capture_window(module):
     stopped = None
     failure = None
     guardian = None
+    delta_step = None
     # Orthanc is down from here to the start below: an interrupt (Ctrl-C, a job cancelled in AWX)
     # must not stop us halfway, and should this process die anyway, the guardian starts Orthanc.
     previous_handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -139,12 +147,13 @@ def _capture_window(module):
         t0 = time.monotonic()
         _sqlite.wait_until_free(index_file, 0 if p["stop"] else p["stop_timeout"])
         copied = _sqlite.copy_index_set(p["index_directory"], p["index_dest"])
-        copied.update(_sqlite.read_summary(copied["path"]))
         phases["capture"] = round(time.monotonic() - t0, 3)
         t0 = time.monotonic()
-        wanted = {uuid: size for uuid, (size, _md5) in _sqlite.attachments(copied["path"]).items()}
-        delta = _storage.delta_pass(p["storage_source"], p["storage_dest"], p["state_file"], wanted,
+        # only what the hot pass lacks is fetched here: the removal of files deleted meanwhile,
+        # the totals and the index's summary wait until Orthanc runs again (below)
+        delta_step = _storage.Delta(p["storage_source"], p["storage_dest"], p["state_file"], index=copied["path"],
                                     previous=p["previous"], link_mode=p["link_mode"], workers=p["workers"])
+        delta = delta_step.fetch()
         phases["delta"] = round(time.monotonic() - t0, 3)
         if delta["missing_files"]:
             raise PacsError("copy storage (delta pass)",
@@ -179,6 +188,16 @@ def _capture_window(module):
             guardian.done()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
+    if failure is None:
+        try:  # Orthanc runs again: what can wait for it
+            t0 = time.monotonic()
+            result["capture"].update(_sqlite.read_summary(result["capture"]["path"]))
+            result["delta"].update(delta_step.tidy())
+            result["after_start_seconds"] = round(time.monotonic() - t0, 3)
+        except (PacsError, OSError) as exc:
+            failure = exc if isinstance(exc, PacsError) else PacsError("copy storage (delta pass)", str(exc))
+    if delta_step is not None:
+        delta_step.close()
     if failure is not None:
         failure.details["running_after"] = result["running_after"]
         raise failure

@@ -166,7 +166,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _layout, _record, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _layout, _record, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
@@ -193,12 +193,13 @@ def _snapshot_phase(module, p, state_file, common):
             listing = db_listing.read_dump(engine, p["dump"], with_contents=False)["attachments"]
             wanted = {uuid: size for uuid, (size, _md5) in listing.items()}
         elif p["index"]:
-            wanted = {uuid: size for uuid, (size, _md5) in _sqlite.attachments(p["index"]).items()}
+            wanted = None  # SQLite compares the captured index with the state itself
         else:
             raise PacsError("copy storage (delta pass)", "the delta phase needs 'index' (the captured index file) "
                             "or 'dump' (a database dump)")
         missing: list = []
-        result = _storage.delta_pass(p["source"], p["dest"], state_file, wanted, missing_out=missing, **common)
+        result = _storage.delta_pass(p["source"], p["dest"], state_file, wanted, missing_out=missing,
+                                     index=None if p["dump"] else p["index"], **common)
         changed = result["fetched_files"] > 0 or result["removed_files"] > 0
         if p["dump"]:
             # Orthanc ran on: what the dump lists and the storage lacks was deleted meanwhile
