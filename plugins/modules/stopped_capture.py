@@ -165,8 +165,9 @@ def _capture_window(module):
                         f"(e.g. {lost[0]}): THE LIVE ARCHIVE IS DAMAGED. This backup holds them, from the "
                         "previous backup; restore them from it")
         result.update({"capture": copied, "delta": delta})
-    except (PacsError, OSError) as exc:
-        failure = exc if isinstance(exc, PacsError) else PacsError("capture while stopped", str(exc))
+    except Exception as exc:  # pylint: disable=broad-except  # whatever failed, Orthanc is started below
+        failure = exc if isinstance(exc, PacsError) else PacsError(
+            "capture while stopped", str(exc) if isinstance(exc, OSError) else f"unexpected {type(exc).__name__}: {exc}")
     finally:
         if stopped is not None or (failure is not None and p["stop"]):
             try:
