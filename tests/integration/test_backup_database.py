@@ -214,36 +214,12 @@ def test_no_password_in_ps_output_or_files(database, servers, tmp_path, engine):
         server.store_rest(path)
     root = tmp_path / "backups"
     inventory = write_inventory(tmp_path / "inventory.json", {"pacs": local_host(server, root)})
-    secret = db.password.encode()
-    seen_tools, leaks = set(), []
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
-                try:
-                    argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-                    environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
-                except OSError:
-                    continue
-                name = os.path.basename(argv.split(b"\0")[0]).decode(errors="replace")
-                if name in ("pg_dump", "mysqldump", "mariadb-dump", "psql", "mysql", "pg_restore"):
-                    seen_tools.add(name)
-                if secret in argv or secret in environ:
-                    leaks.append((pid, name))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    tools = {"pg_dump", "mysqldump", "mariadb-dump", "psql", "mysql", "pg_restore"}
+    with procs.SecretWatch(db.password, tools) as watch:
         result = run_playbook(inventory, verbosity=3)
-    finally:
-        stop.set()
-        sampler.join()
     assert result.returncode == 0, result.stdout
-    assert seen_tools & {"pg_dump", "mysqldump", "mariadb-dump"}, "the sampler never saw the dump tool run"
-    assert not leaks, leaks
+    assert watch.seen & {"pg_dump", "mysqldump", "mariadb-dump"}, "the sampler never saw the dump tool run"
+    assert not watch.leaks, watch.leaks
     assert db.password not in result.stdout  # -vvv output, module arguments and results included
     backup = (root / "latest").resolve()
     assert stat.S_IMODE(root.stat().st_mode) == 0o700 and stat.S_IMODE(backup.stat().st_mode) == 0o700

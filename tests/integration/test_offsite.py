@@ -12,12 +12,11 @@ import pathlib
 import secrets
 import shutil
 import subprocess
-import threading
 import time
 
 import pytest
 
-from tests.support import checks
+from tests.support import checks, procs
 from tests.support.orthanc_server import free_port
 from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
 from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
@@ -86,34 +85,11 @@ def test_ship_twice_restore_byte_for_byte_no_secret(servers, tmp_path):
     inventory = write_inventory(tmp_path / "inventory.json", {"offa": local_host(
         server, root, orthanc_offsite="restic", orthanc_restic_repository=str(repo),
         orthanc_restic_password=secret, orthanc_restic_init=True)})
-    leaks, seen = [], set()
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
-                try:
-                    argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-                    environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
-                except OSError:
-                    continue
-                if os.path.basename(argv.split(b"\0")[0]) == b"restic":
-                    seen.add(pid)
-                if secret.encode() in argv or secret.encode() in environ:
-                    leaks.append((pid, argv[:200]))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with procs.SecretWatch(secret, {"restic"}) as watch:
         first = run_playbook(inventory, verbosity=3)
-    finally:
-        stop.set()
-        sampler.join()
     assert first.returncode == 0, first.stdout
-    assert seen, "the sampler never saw restic run"
-    assert not leaks, leaks
+    assert watch.seen, "the sampler never saw restic run"
+    assert not watch.leaks, watch.leaks
     assert secret not in first.stdout  # -vvv: module arguments and results included
     assert not list(pathlib.Path("/tmp").glob("pacs-orthanc-restic-*"))  # the temporary password file is gone
     [snap] = snapshots(repo, pw_file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 
 def descendants(pid: int) -> set:
@@ -48,3 +49,45 @@ def keepers_of(root) -> list:
             if "pacs-orthanc-lock-keeper" in line and f" {root}/.lock " in line + " ":
                 found.append(int(entry))
     return found
+
+
+class SecretWatch:
+    """While in use (``with SecretWatch(secret, tools) as watch: ...``), a thread reads every
+    process's command line and environment from /proc: ``watch.seen`` gets the names of the
+    ``tools`` it saw run (proof that it looked at the right moment), ``watch.leaks`` every
+    (pid, program) whose argv or environment held ``secret``."""
+
+    def __init__(self, secret, tools):
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        self.tools = set(tools)
+        self.seen: set = set()
+        self.leaks: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                        argv = handle.read()
+                    with open(f"/proc/{pid}/environ", "rb") as handle:
+                        environ = handle.read()
+                except OSError:
+                    continue
+                name = os.path.basename(argv.split(b"\0")[0]).decode(errors="replace")
+                if name in self.tools:
+                    self.seen.add(name)
+                if self.secret in argv or self.secret in environ:
+                    self.leaks.append((pid, name))
+
+    def __enter__(self) -> "SecretWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        self._thread.join()
+        return False
