@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import os
-import time
-import uuid as uuidlib
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _storage
-
-
-def put(root, content: bytes, age: float = 60.0) -> str:
-    name = str(uuidlib.uuid4())
-    path = root / name[0:2] / name[2:4] / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    past = time.time() - age
-    os.utime(path, (past, past))
-    return name
-
-
-def backup_file(dest, name):
-    return dest / name[0:2] / name[2:4] / name
+from tests.support.storage_tree import put, at as backup_file
 
 
 def test_hot_then_delta_matches_the_index(tmp_path):

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
-import uuid as uuidlib
 
 import pytest
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _storage
+from tests.support.storage_tree import put, at
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
 
 # as Orthanc 1.10 (Debian) creates it: PrepareDatabase.sql of the SQLite index, schema 6
@@ -27,20 +26,6 @@ ATTACHED_FILES = """CREATE TABLE AttachedFiles(
        compressedMD5 TEXT,
        PRIMARY KEY(id, fileType)
        )"""
-
-
-def put(root, content: bytes, age: float = 60.0) -> str:
-    name = str(uuidlib.uuid4())
-    path = root / name[0:2] / name[2:4] / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    past = time.time() - age
-    os.utime(path, (past, past))
-    return name
-
-
-def at(root, name):
-    return root / name[0:2] / name[2:4] / name
 
 
 def write_index(path, listed: dict) -> str:
