@@ -359,6 +359,9 @@ def describe_container(container) -> dict:
     record = container.as_dict()
     record.update({"orthanc_pid": process["pid"], "orthanc_argv": process["argv"], "orthanc_cwd": cwd,
                    "effective_config": conf["path"], "effective_config_files": conf["files"], "volumes": volumes,
-                   "keep_folders": sorted({v["source"] for v in volumes})})
+                   "keep_folders": sorted({v["source"] for v in volumes}),
+                   # what a restore into this container needs (backup_restore's container option)
+                   "described": {key: info[key] for key in ("backend", "storage", "index_directory",
+                                                            "storage_directory")}})
     info["container"] = record
     return info
