@@ -207,7 +207,7 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
             shutil.copy2(os.path.join(config_copy, name), targets["config"])
             st = os.stat(os.path.join(config_copy, name))
             os.chown(targets["config"], st.st_uid, st.st_gid)
-        for rel, info in plan_result["manifest"].get("config_files", {}).items():
+        for rel, info in (plan_result["manifest"].get("config_files", {}) if "config" in targets else {}).items():
             dest = os.path.join(targets["config"], rel) if plan_result["config_is_folder"] else targets["config"]
             if os.path.lexists(dest):
                 os.lchown(dest, *resolve_ids(info["owner"], info["group"]))
