@@ -98,7 +98,7 @@ class Rest:
 class OrthancContainer(Rest):
     """One Orthanc container (engine run), removed with its volume at the end."""
 
-    def __init__(self, engine: str, tmp_path: pathlib.Path, volume: bool = True):
+    def __init__(self, engine: str, tmp_path: pathlib.Path, volume: bool = True, extra: list | None = None):
         tag = secrets.token_hex(3)
         super().__init__(free_port(), f"ctest{tag}")
         self.engine, self.container, self.volume = engine, f"pacs-ctest-{tag}", (f"pacs-ctest-{tag}" if volume else None)
@@ -108,12 +108,13 @@ class OrthancContainer(Rest):
             "Name": self.name, "StorageDirectory": "/var/lib/orthanc/db", "Plugins": [],
             "RemoteAccessAllowed": True, "AuthenticationEnabled": False}))
         self.dicom_port = free_port()
+        self.extra = list(extra or [])
 
     def run(self) -> "OrthancContainer":
         argv = [self.engine, "run", "-d", "--init", "--network", "host", "--name", self.container,
                 "-v", f"{self.etc}:/etc/orthanc:ro", "-v", f"{DATA / 'entrypoint.py'}:/entrypoint.py:ro",
                 "-e", f"ORTHANC__HTTP_PORT={self.port}", "-e", f"ORTHANC__DICOM_PORT={self.dicom_port}",
-                "-e", "SOME_PASSWORD=s3cret-in-env", "--entrypoint", "/usr/bin/python3"]
+                "-e", "SOME_PASSWORD=s3cret-in-env", "--entrypoint", "/usr/bin/python3"] + self.extra
         if self.volume:
             argv += ["-v", f"{self.volume}:/var/lib/orthanc/db"]
         sh(argv + [IMAGE, "/entrypoint.py"])
@@ -138,14 +139,15 @@ class OrthancContainer(Rest):
 
 @pytest.fixture
 def containers(tmp_path):
-    """Factory: containers(engine, volume=True) -> a started OrthancContainer; all removed at the end."""
+    """Factory: containers(engine, volume=True, extra=[run options]) -> a started OrthancContainer; all
+    removed at the end."""
     made = []
 
-    def make(engine: str, volume: bool = True) -> OrthancContainer:
+    def make(engine: str, volume: bool = True, extra: list | None = None) -> OrthancContainer:
         why = engine_ready(engine)
         if why:
             pytest.fail(why)
-        one = OrthancContainer(engine, tmp_path, volume)
+        one = OrthancContainer(engine, tmp_path, volume, extra)
         made.append(one)
         return one.run()
 

@@ -9,12 +9,18 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
 from tests.containers.conftest import DATA, IMAGE, Rest, engine_ready, sh
 from tests.support.orthanc_server import free_port
+from tests.support.playbook import link_collection
 from tests.support.playbook import run_module, run_playbook, write_inventory
 
 pytestmark = pytest.mark.slow
@@ -71,6 +77,10 @@ def test_container_round_trip(containers, tmp_path, engine):
     check_config_copy(backup, engine)
     assert orthanc.running() and orthanc.answers()
     container_id = orthanc.inspect()["Id"]
+    if engine == "podman":
+        # a drill of the backup: a scratch Orthanc (the host's) on the effective configuration
+        drill = run_module("orthanc_drill", {"backup": str(backup), "workdir": str(tmp_path / "drill")})
+        assert not drill["failed"] and drill["ok"] and drill["checked_instances"] == 6, drill
 
     # destroy the volume's contents (the container stopped, as anyone wiping it would)
     sh([engine, "stop", "-t", "60", orthanc.container])
@@ -125,9 +135,10 @@ volumes:
 
 
 def test_compose_project_round_trip_onto_empty_volumes(tmp_path):
-    """docker-compose v1 on dockerd: back up by project name; `down -v` and `up` again (the project
-    exists, its volumes are empty: a fresh host); restore; every instance identical."""
-    why = engine_ready("docker")
+    """A docker-compose (v1) project on dockerd, found by its project name: back up; `down -v` and
+    `up` again (the project exists, its volumes are empty: a fresh host); restore; every instance
+    identical."""
+    why = engine_ready("docker") or (None if shutil.which("docker-compose") else "docker-compose is not installed")
     if why:
         pytest.fail(why)
     project, folder, compose, orthanc = compose_project(["docker-compose"], tmp_path)
@@ -155,6 +166,37 @@ def test_compose_project_round_trip_onto_empty_volumes(tmp_path):
         assert orthanc.contents() == stored
     finally:
         sh(compose + ["down", "-v"], cwd=folder, check=False)
+
+
+def podman_compose_labels(project: str, folder: pathlib.Path) -> list:
+    """The labels podman-compose 1.0.3 puts on a service's container (its `--dry-run up` prints
+    them): the compose file relative to the working directory."""
+    labels = {"io.podman.compose.project": project, "com.docker.compose.project": project,
+              "com.docker.compose.project.working_dir": str(folder),
+              "com.docker.compose.project.config_files": "docker-compose.yml",
+              "com.docker.compose.container-number": "1", "com.docker.compose.service": "orthanc"}
+    return [arg for name, value in labels.items() for arg in ("--label", f"{name}={value}")]
+
+
+def test_podman_compose_service_found_by_its_compose_file(containers, tmp_path):
+    """podman-compose 1.0.3 cannot run `network_mode: host` services (it adds its own network
+    too: "cannot set multiple networks without bridge network mode"), and podman's bridge does not
+    forward here: the container is made with the labels podman-compose sets, and found through
+    orthanc_compose_file (its relative config_files label resolved against working_dir)."""
+    project = f"pacsct{os.urandom(3).hex()}"
+    folder = tmp_path / project
+    folder.mkdir()
+    (folder / "docker-compose.yml").write_text("services: {orthanc: {image: x}}\n")
+    (folder / ".env").write_text("A=1\n")
+    orthanc = containers("podman", extra=podman_compose_labels(project, folder))
+    info = run_module("orthanc_info", {"compose_file": str(folder / "docker-compose.yml"), "url": orthanc.url})
+    assert not info["failed"], info
+    assert info["container"]["name"] == orthanc.container and info["unsupported"] == []
+    assert info["container"]["compose_files"] == [str(folder / "docker-compose.yml")]
+    assert info["container"]["effective_config"] == "/tmp/orthanc.json"
+    assert info["storage_directory"] == str(orthanc.volume_dir())
+    other = run_module("orthanc_info", {"compose_file": str(tmp_path / "elsewhere.yml"), "url": orthanc.url})
+    assert other["failed"] and "no compose file at" in other["msg"]
 
 
 def test_storage_not_on_a_volume_is_refused(containers, tmp_path):
@@ -200,3 +242,29 @@ def test_clear_messages_for_what_cannot_be_found():
                               "'pacs-no-such-project' not found by podman")
     engine = run_module("orthanc_info", {"container": "x", "container_engine": "docker"},)
     assert engine["failed"] and "docker" in engine["msg"]
+
+
+GUARDED_STOP = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from ansible_collections.pacs.orthanc.plugins.module_utils import _control
+controller = _control.Controller(sys.argv[2], container=sys.argv[3], container_engine=sys.argv[4])
+_control.Guardian(controller, timeout=120).start()
+controller.stop(timeout=60)
+os.kill(os.getpid(), signal.SIGKILL)  # dies while Orthanc's container is stopped
+"""
+
+
+def test_guardian_starts_the_container_after_the_stopper_is_killed(containers, tmp_path):
+    """The process that stopped the container dies (SIGKILL) before it could start it again: the
+    guardian (given the engine's environment) starts that container, without anyone's help."""
+    orthanc = containers("podman")
+    collections = link_collection()
+    proc = subprocess.run([sys.executable, "-c", GUARDED_STOP, str(collections), orthanc.url, orthanc.container,
+                           "podman"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout
+    deadline = time.monotonic() + 60
+    while not (orthanc.running() and orthanc.answers()):
+        assert time.monotonic() < deadline, "the guardian did not start the container again"
+        time.sleep(0.5)

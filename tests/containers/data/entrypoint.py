@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """An entrypoint in the manner of orthancteam/orthanc's: at every start it merges the JSON files of
 /etc/orthanc/ (in name order, deep merge), the secrets in /run/secrets/*.json and the ORTHANC__...
 environment variables (ORTHANC__HTTP_PORT=8042 -> "HttpPort": 8042; a double underscore nests:
