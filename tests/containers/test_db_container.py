@@ -1,0 +1,224 @@
+"""A PostgreSQL or MariaDB server in its own container, beside an Orthanc whose plugin connects to
+it: backed up by the collection with the dump strategy, the dump made by the container's own
+tools (through the engine's exec), the database dropped, restored into the container by the
+restore role, every instance compared byte for byte, and no password on any command line of the
+machine meanwhile (nor in the environment of any process outside the containers).
+
+The database containers run the test image (Debian 12's PostgreSQL 15 and MariaDB) with an
+entrypoint that sets the server up from the variables of the official images (POSTGRES_PASSWORD;
+MARIADB_ROOT_PASSWORD, MARIADB_DATABASE, MARIADB_USER, MARIADB_PASSWORD), on a free port, with
+--init and --network host (dockerd has no bridge here). Orthanc runs on the host (Debian's
+package and plugins), its configuration naming the container's port."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import secrets
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.support import checks, databases, procs
+from tests.support.orthanc_server import OrthancServer, free_port, stop_all
+from tests.support.playbook import local_host, run_playbook, write_inventory
+
+pytestmark = pytest.mark.slow
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+IMAGE = "localhost/pacs-orthanc-debian12"
+DEFAULT_DOCKER_HOST = "unix:///work/main/.work/docker/docker.sock"
+os.environ.setdefault("CONTAINERS_CONF", str(REPO / "extensions" / "molecule" / "containers.conf"))
+if not os.environ.get("DOCKER_HOST") and os.path.exists(DEFAULT_DOCKER_HOST[len("unix://"):]):
+    os.environ["DOCKER_HOST"] = DEFAULT_DOCKER_HOST
+CONFIRM = {"orthanc_restore_confirm": True}
+DUMP_TOOLS = {"pg_dump", "mysqldump", "mariadb-dump"}
+RESTORE_TOOLS = {"pg_restore", "mysql", "mariadb"}
+
+
+def _engine_problem(engine: str) -> str | None:
+    if shutil.which(engine) is None:
+        return f"{engine} is not installed"
+    proc = subprocess.run([engine, "image", "inspect", IMAGE], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, check=False, timeout=60)
+    if proc.returncode != 0:
+        return f"{engine} has no image {IMAGE}: run scripts/containers.sh ({proc.stderr.strip()[-200:]})"
+    return None
+
+
+class DbContainer:
+    """One database server container of the test image, removed at the end (only this one)."""
+
+    def __init__(self, engine: str, kind: str):
+        self.engine, self.kind = engine, kind
+        self.name = f"pacs-dbc-{kind[:2]}-{secrets.token_hex(4)}"
+        self.port = free_port()
+        if kind == "postgresql":
+            # the postgres image's usual pairing with Orthanc: user and database postgres
+            self.user, self.database = "postgres", "postgres"
+            self.password = "pg-" + secrets.token_hex(12)
+            self.env = {"POSTGRES_PASSWORD": self.password}
+            self.secrets = [self.password]
+        else:
+            self.user, self.database = "orthanc", "orthanc"
+            self.password = "my-" + secrets.token_hex(12)
+            self.root_password = "root-" + secrets.token_hex(12)
+            self.env = {"MARIADB_ROOT_PASSWORD": self.root_password, "MARIADB_DATABASE": self.database,
+                        "MARIADB_USER": self.user, "MARIADB_PASSWORD": self.password}
+            self.secrets = [self.password, self.root_password]
+
+    def _run(self, argv, check: bool = True, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run([self.engine, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, check=False, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{self.engine} {argv[0]}: {proc.stderr.strip()[-500:]}")
+        return proc
+
+    def start(self) -> "DbContainer":
+        script = DATA / ("postgres-entrypoint.sh" if self.kind == "postgresql" else "mariadb-entrypoint.sh")
+        names = [arg for name in ["DB_PORT", *self.env] for arg in ("-e", name)]
+        self._run(["run", "-d", "--init", "--network", "host", "--name", self.name, *names,
+                   "-v", f"{script}:/entrypoint.sh:ro", IMAGE, "sh", "/entrypoint.sh"],
+                  env=dict(os.environ, DB_PORT=str(self.port), **self.env))  # values not on argv: -e NAME
+        deadline = time.monotonic() + 90
+        while True:
+            probe = self.sql("SELECT 1", database="template1" if self.kind == "postgresql" else "", check=False)
+            if probe.returncode == 0 and probe.stdout.strip() == "1":
+                return self
+            assert time.monotonic() < deadline, f"{self.name} did not come up: {self._run(['logs', self.name]).stderr}"
+            time.sleep(0.3)
+
+    def sql(self, sql: str, database: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """SQL as the server's superuser through its local socket (no password needed there)."""
+        database = self.database if database is None else database
+        if self.kind == "postgresql":
+            argv = ["exec", "-u", "postgres", self.name, "psql", "-h", "/var/run/postgresql", "-p", str(self.port),
+                    "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", database, "-c", sql]
+        else:
+            argv = ["exec", self.name, "mariadb", "-N", "-B", "-e", sql] + ([database] if database else [])
+        return self._run(argv, check=check)
+
+    def drop_database(self) -> None:
+        if self.kind == "postgresql":
+            self.sql(f"DROP DATABASE {self.database} WITH (FORCE)", database="template1")
+        else:
+            self.sql(f"DROP DATABASE {self.database}", database="")
+
+    def orthanc_config(self, storage_in_database: bool) -> dict:
+        section = {"EnableIndex": True, "EnableStorage": storage_in_database, "Host": "127.0.0.1",
+                   "Port": self.port, "Database": self.database, "Username": self.user, "Password": self.password,
+                   "Lock": True}
+        if self.kind == "postgresql":
+            return {"Plugins": databases.PG_PLUGINS, "PostgreSQL": section}
+        section["UnixSocket"] = ""  # TCP to the container, not the host's own MariaDB socket
+        return {"Plugins": databases.MY_PLUGINS, "MySQL": section}
+
+    def remove(self) -> None:
+        self._run(["rm", "-f", self.name], check=False)
+
+
+@pytest.fixture
+def db_containers():
+    """Factory: db_containers(engine, kind) -> a started DbContainer; each removed at the end."""
+    made = []
+
+    def make(engine: str, kind: str) -> DbContainer:
+        problem = _engine_problem(engine)
+        if problem:
+            if engine == "docker":
+                pytest.skip(problem)  # the Docker daemon is started by scripts/containers.sh
+            pytest.fail(problem)
+        one = DbContainer(engine, kind)
+        made.append(one)
+        return one.start()
+
+    yield make
+    for one in made:
+        one.remove()
+
+
+@pytest.fixture
+def orthancs(tmp_path):
+    """Factory of Orthancs on this host (Debian's package), stopped at the end (before the
+    database containers go: ask for this fixture after db_containers)."""
+    started = []
+
+    def make(name: str, **kwargs) -> OrthancServer:
+        server = OrthancServer(tmp_path / name, name=name, **kwargs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    stop_all(started)
+
+
+def contents(server) -> dict:
+    """{SOP Instance UID: MD5 of the DICOM file served} of every instance."""
+    return {server.instance_sop_uid(i): hashlib.md5(server.instance_file(i)).hexdigest() for i in server.instances()}
+
+
+@pytest.mark.parametrize("engine,kind", [("podman", "postgresql"), ("podman", "mysql"), ("docker", "postgresql")],
+                         ids=["podman-postgresql", "podman-mariadb", "docker-postgresql"])
+def test_round_trip_with_the_database_in_its_own_container(db_containers, orthancs, tmp_path, engine, kind):
+    """PostgreSQL with the files in the database (large objects through exec's standard output),
+    MariaDB with the files on disk: dumped hot by the container's own tool, restored by the
+    container's own tools after the database was dropped, as the container's superuser whose
+    password only the container's environment holds (MariaDB's root)."""
+    db = db_containers(engine, kind)
+    in_db = kind == "postgresql"
+    server = orthancs("pacs", extra_config=db.orthanc_config(storage_in_database=in_db))
+    assert server.rest("GET", "/system")["DatabaseBackendPlugin"]
+    checks.store_studies(server, tmp_path, patients=2, via="rest")
+    stored = contents(server)
+    assert len(stored) == 6
+    root = tmp_path / "backups"
+    inventory = write_inventory(tmp_path / "inventory.json", {"pacs": local_host(
+        server, root, orthanc_backup_settle_seconds=0, orthanc_db_container=db.name,
+        orthanc_container_engine=engine)})
+    pid_before = server.pid()
+    with procs.SecretWatch(db.secrets, DUMP_TOOLS | RESTORE_TOOLS | {"psql"}, host_environ_only=True) as watch:
+        backed_up = run_playbook(inventory, verbosity=3)
+        assert backed_up.returncode == 0, backed_up.stdout
+        assert server.pid() == pid_before  # Orthanc was never stopped
+        dumped_by = set(watch.seen)
+
+        # destroy: Orthanc stopped, its database dropped in the container, its storage wiped
+        server.stop()
+        db.drop_database()
+        if not in_db:
+            shutil.rmtree(server.storage_dir)
+            server.storage_dir.mkdir()
+        restored = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM, verbosity=3)
+    assert restored.returncode == 0, restored.stdout
+    assert dumped_by & DUMP_TOOLS, "the sampler never saw the dump tool run"
+    assert watch.seen & RESTORE_TOOLS, "the sampler never saw the restore tool run"
+    assert not watch.leaks, watch.leaks
+    for secret in db.secrets:
+        assert secret not in backed_up.stdout and secret not in restored.stdout  # -vvv: arguments and results
+
+    backup = (root / "latest").resolve()
+    manifest = checks.read_manifest(backup)
+    assert manifest["backend"] == kind and manifest["strategy"] == "dump"
+    assert manifest["downtime_seconds"] == 0
+    assert manifest["counts"]["instances"] == 6
+    dump = manifest["dump"]
+    assert dump["container"] == db.name  # made by the container's own tool
+    assert dump["database"]["container"] == db.name and dump["database"]["host"] == "127.0.0.1"
+    version = db.sql("SHOW server_version" if kind == "postgresql" else "SELECT VERSION()").stdout.strip()
+    assert dump["server_version"] == version
+    assert hashlib.sha256((backup / dump["path"]).read_bytes()).hexdigest() == dump["sha256"]
+
+    assert server.answers()
+    assert contents(server) == stored  # every instance, byte for byte
+    if kind == "postgresql":
+        owner = db.sql("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()")
+        assert owner.stdout.strip() == db.user
+    else:
+        collation = db.sql("SELECT DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA "
+                           f"WHERE SCHEMA_NAME = '{db.database}'", database="").stdout.strip()
+        assert collation == "utf8mb4_unicode_ci"
