@@ -13,6 +13,7 @@ package and plugins), its configuration naming the container's port."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import secrets
@@ -24,7 +25,7 @@ import pytest
 
 from tests.support import checks, databases, procs
 from tests.support.orthanc_server import OrthancServer, free_port, stop_all
-from tests.support.playbook import local_host, run_playbook, write_inventory
+from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +57,7 @@ class DbContainer:
     def __init__(self, engine: str, kind: str):
         self.engine, self.kind = engine, kind
         self.name = f"pacs-dbc-{kind[:2]}-{secrets.token_hex(4)}"
+        self.project = self.name + "-project"  # labelled as the service "db" of a compose project
         self.port = free_port()
         if kind == "postgresql":
             # the postgres image's usual pairing with Orthanc: user and database postgres
@@ -81,7 +83,8 @@ class DbContainer:
     def start(self) -> "DbContainer":
         script = DATA / ("postgres-entrypoint.sh" if self.kind == "postgresql" else "mariadb-entrypoint.sh")
         names = [arg for name in ["DB_PORT", *self.env] for arg in ("-e", name)]
-        self._run(["run", "-d", "--init", "--network", "host", "--name", self.name, *names,
+        labels = ["--label", f"com.docker.compose.project={self.project}", "--label", "com.docker.compose.service=db"]
+        self._run(["run", "-d", "--init", "--network", "host", "--name", self.name, *names, *labels,
                    "-v", f"{script}:/entrypoint.sh:ro", IMAGE, "sh", "/entrypoint.sh"],
                   env=dict(os.environ, DB_PORT=str(self.port), **self.env))  # values not on argv: -e NAME
         deadline = time.monotonic() + 90
@@ -118,7 +121,7 @@ class DbContainer:
         return {"Plugins": databases.MY_PLUGINS, "MySQL": section}
 
     def remove(self) -> None:
-        self._run(["rm", "-f", self.name], check=False)
+        self._run(["rm", "-f", *(["-t", "0"] if self.engine == "podman" else []), self.name], check=False)
 
 
 @pytest.fixture
@@ -222,3 +225,22 @@ def test_round_trip_with_the_database_in_its_own_container(db_containers, orthan
         collation = db.sql("SELECT DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA "
                            f"WHERE SCHEMA_NAME = '{db.database}'", database="").stdout.strip()
         assert collation == "utf8mb4_unicode_ci"
+
+
+def test_the_database_container_found_from_the_compose_project(db_containers, orthancs, tmp_path):
+    """An Orthanc of a compose project whose configuration names the database by its service
+    ("Host": "db"): db_dump finds the container by the compose labels and dumps with its pg_dump;
+    a project without that service is a clear failure."""
+    db = db_containers("podman", "postgresql")
+    server = orthancs("pacs", extra_config=db.orthanc_config(storage_in_database=False))
+    checks.store_studies(server, tmp_path, patients=1, via="rest")
+    compose_config = tmp_path / "compose-orthanc.json"
+    section = dict(db.orthanc_config(storage_in_database=False)["PostgreSQL"], Host="db")
+    compose_config.write_text(json.dumps({"PostgreSQL": section}))
+    args = {"config_path": str(compose_config), "compose_project": db.project, "container_engine": "podman"}
+    dumped = run_module("db_dump", dict(args, dest=str(tmp_path / "orthanc.pgdump")))
+    assert not dumped["failed"], dumped
+    assert dumped["container"] == db.name and dumped["check"]["tables"] > 0
+    assert db.password not in json.dumps(dumped)
+    other = run_module("db_dump", dict(args, dest=str(tmp_path / "x.pgdump"), compose_project=db.project + "-other"))
+    assert other["failed"] and "compose service 'db' of project" in other["msg"] and "not found" in other["msg"]
