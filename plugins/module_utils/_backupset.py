@@ -239,8 +239,8 @@ def _dump_record(dump, path: str):
     record = {k: dump.get(k) for k in keep}
     record["path"] = os.path.relpath(dump["path"], path) if dump.get("path") else None
     connection = dump.get("connection") or {}
-    record["database"] = {k: connection.get(k) for k in ("host", "port", "database", "username", "unix_socket",
-                                                          "container")}
+    kept = ("host", "port", "database", "username", "unix_socket", "container")
+    record["database"] = {k: connection.get(k) for k in kept}
     return record
 
 

@@ -130,7 +130,7 @@ class InContainer:
             for binding in bindings or []:
                 if str(binding.get("HostPort") or "") == str(port):
                     try:
-                        return int(str(inner).split("/")[0])
+                        return int(str(inner).split("/", maxsplit=1)[0])
                     except ValueError:
                         continue
         return port
