@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _lock, _record, _sqlite, _storage, _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils import _container, _layout, _lock, _record, _sqlite, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, copy_tree_as_is, iso, os_error_cause, owner_of, sha256_file, utc_now)
 
@@ -181,7 +181,11 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         os.chmod(path, 0o700)
         if taken:
             _record.write_record(path, "lock", taken)
-        result["config_files"] = copy_tree_as_is(config_path, os.path.join(path, _layout.CONFIG))
+        container = (orthanc or {}).get("container")
+        if container:
+            result["config_files"] = _save_container_configuration(container, os.path.join(path, _layout.CONFIG))
+        else:
+            result["config_files"] = copy_tree_as_is(config_path, os.path.join(path, _layout.CONFIG))
         if orthanc:
             _record.write_record(path, "orthanc", _record.orthanc_record(orthanc))
         _record.write_record(path, "open", {"started_at": result["started_at"], "previous": previous})
@@ -194,6 +198,20 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         raise PacsError(step, os_error_cause(exc))
     result["changed"] = True
     return result
+
+
+def _save_container_configuration(record: dict, dest: str) -> list:
+    """The configuration of the Orthanc in the container that orthanc_info described (``record``),
+    as it runs now, into the backup's config/ (see _container.save_configuration)."""
+    step = "copy the configuration of Orthanc's container"
+    engine = _container.Engine(record["engine"])
+    found = engine.inspect(record["id"], step)
+    if found is None:
+        raise PacsError(step, f"{engine.name} container {record.get('name') or record['id']} is gone")
+    process = found.process() if found.running else None
+    _container.save_configuration(found, record.get("effective_config_files") or [], dest,
+                                  process["environ"] if process else None)
+    return sorted(os.path.relpath(os.path.join(d, f), dest) for d, _s, fs in os.walk(dest) for f in fs)
 
 
 def _release_lock(root: str, name: str) -> None:
@@ -226,6 +244,17 @@ def retention(root: str, keep: int, protect: str, check_mode: bool = False) -> l
         for name in doomed:
             _layout.remove_backup(root, name)  # renamed first: a half-deleted backup never looks complete
     return doomed
+
+
+def _container_record(container):
+    """What the manifest keeps of the container (None for an Orthanc on the host): enough to find
+    it again and to rebuild it (its image and digest, compose project, volumes)."""
+    if not container:
+        return None
+    keep = ("engine", "id", "name", "image", "image_id", "image_digest", "compose_project", "compose_service",
+            "compose_files", "compose_working_dir", "effective_config", "effective_config_files", "volumes",
+            "orthanc_argv")
+    return {key: container.get(key) for key in keep}
 
 
 def _dump_record(dump, path: str):
@@ -296,6 +325,7 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
         "source": {"config_path": facts.get("config_path"), "storage_directory": facts.get("storage_directory"),
                    "index_directory": facts.get("index_directory"), "config_is_folder": facts.get("config_is_folder"),
                    "storage_owner": facts.get("storage_owner")},
+        "container": _container_record(facts.get("container")),
         "config_files": {rel[len("config/"):]: owner_of(os.path.join(path, rel))
                          for rel in sorted(files) if rel.startswith("config/")},
         "started_at": facts.get("started_at"),

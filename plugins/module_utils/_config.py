@@ -153,9 +153,10 @@ def _plugin_key(filename: str) -> str:
     return base.lower()
 
 
-def list_plugins(values: dict, base_dir: str) -> list:
+def list_plugins(values: dict, base_dir: str, root: str = "") -> list:
     """The shared libraries that Orthanc would load from ``Plugins``: files, and the shared
-    libraries directly inside listed folders."""
+    libraries directly inside listed folders. ``root``: where the file system Orthanc sees is
+    (a container's /proc/PID/root); the paths returned are as Orthanc sees them."""
     found = []
     entries = values.get("Plugins", [])
     if not isinstance(entries, list):
@@ -164,12 +165,13 @@ def list_plugins(values: dict, base_dir: str) -> list:
         if not isinstance(entry, str):
             raise PacsError(STEP, "'Plugins' must be a list of paths")
         path = resolve_path(base_dir, entry)
-        if os.path.isdir(path):
-            for name in sorted(os.listdir(path)):
+        seen = root + path if root else path
+        if os.path.isdir(seen):
+            for name in sorted(os.listdir(seen)):
                 full = os.path.join(path, name)
-                if os.path.isfile(full) and re.search(r"\.(so(\.[0-9.]+)?|dll|dylib)$", name):
+                if os.path.isfile(os.path.join(seen, name)) and re.search(r"\.(so(\.[0-9.]+)?|dll|dylib)$", name):
                     found.append(full)
-        elif os.path.exists(path):
+        elif os.path.exists(seen):
             found.append(path)
         else:
             found.append(path)  # Orthanc fails to start on a missing plugin; still report it
@@ -181,10 +183,13 @@ def _enabled(section: dict, key: str) -> bool:
     return value is True or (isinstance(value, str) and value.lower() == "true")
 
 
-def describe(config_path: str, environ: dict | None = None, base_dir: str | None = None) -> dict:
+def describe(config_path: str, environ: dict | None = None, base_dir: str | None = None, root: str = "",
+             conf: dict | None = None) -> dict:
     """Everything a backup needs to know from the configuration alone. ``base_dir`` resolves
-    relative paths from another folder (a configuration read from a backup, for its target)."""
-    conf = load_configuration(config_path, environ)
+    relative paths from another folder (a configuration read from a backup, for its target).
+    ``root``: the file system Orthanc sees (a container's), where plugins are looked for; ``conf``:
+    an already loaded configuration (load_configuration's result)."""
+    conf = conf or load_configuration(config_path, environ)
     values, base_dir = conf["values"], base_dir or conf["base_dir"]
     warnings: list = []
     unsupported: list = []
@@ -206,9 +211,9 @@ def describe(config_path: str, environ: dict | None = None, base_dir: str | None
     index_dir = resolve_path(base_dir, index_value)
 
     plugins = []
-    for path in list_plugins(values, base_dir):
+    for path in list_plugins(values, base_dir, root):
         known = KNOWN_PLUGINS.get(_plugin_key(path))
-        plugins.append({"path": path, "exists": os.path.exists(path),
+        plugins.append({"path": path, "exists": os.path.exists(root + path if root else path),
                         "kind": known[0] if known else "other",
                         "role": known[1] if known else "other"})
     loaded = {p["kind"] for p in plugins}
@@ -257,7 +262,7 @@ def describe(config_path: str, environ: dict | None = None, base_dir: str | None
             warnings.append(f"{key} is set: Orthanc recycles (deletes) old patients when it is reached")
 
     return {
-        "storage_owner": owner_of(storage_dir) if os.path.exists(storage_dir) else None,
+        "storage_owner": owner_of(storage_dir) if not root and os.path.exists(storage_dir) else None,
         "config_path": conf["path"],
         "config_is_folder": os.path.isdir(conf["path"]),
         "config_files": conf["files"],
@@ -277,3 +282,86 @@ def describe(config_path: str, environ: dict | None = None, base_dir: str | None
         "warnings": warnings,
         "unsupported": unsupported,
     }
+
+
+def orthanc_config_argument(argv: list) -> str | None:
+    """The configuration (file or folder) named on Orthanc's command line: its last argument that
+    is not an option; None when Orthanc runs without one (its built-in defaults)."""
+    named = [arg for arg in argv[1:] if not arg.startswith("-")]
+    return named[-1] if named else None
+
+
+def describe_container(container) -> dict:
+    """``describe`` for the Orthanc running in ``container`` (a _container.Container): the
+    configuration named on Orthanc's own command line inside it (whatever produced it: an
+    entrypoint that merges /etc/orthanc/*.json and ORTHANC__ variables, a bind-mounted file, the
+    image's own), read through the container's file system with Orthanc's own environment for
+    ${VAR}; its storage and index folders mapped to host folders through the container's mounts
+    (by destination). A folder Orthanc writes to that is on no volume is refused (``unsupported``):
+    it lives in the container's own layer and goes with the next ``rm``."""
+    step = "read Orthanc's configuration in its container"
+    where = f"{container.engine.name} container {container.name}"
+    if not container.running:
+        raise PacsError(step, f"{where} is not running ({container.status or 'no state'}): start it, so that "
+                        "the configuration Orthanc runs with can be read")
+    process = container.process()
+    if process is None:
+        raise PacsError(step, f"no Orthanc process runs in {where}")
+    if process["pid"] is None or container._proc_root() is None:
+        raise PacsError(step, f"{where} runs on another host ({container.engine.name} is remote): run the backup "
+                        "on the host where the container and its volumes are")
+    root = f"/proc/{process['pid']}/root"
+    cwd = process["cwd"] or "/"
+    named = orthanc_config_argument(process["argv"])
+    environ = process["environ"] if process["environ"] is not None else dict(container.env)
+    if named is None:
+        conf = {"path": None, "base_dir": cwd, "files": [], "values": {}, "missing_variables": []}
+    else:
+        inside = os.path.normpath(os.path.join(cwd, named))
+        conf = load_configuration(root + inside, environ)
+        # as Orthanc sees them (inside the container), not through /proc
+        conf["files"] = [name[len(root):] for name in conf["files"]]
+        conf["path"] = inside
+        conf["base_dir"] = conf["base_dir"][len(root):] or "/"
+    info = describe(conf["path"] or cwd, environ, base_dir=conf["base_dir"], root=root, conf=conf)
+    info["config_path"] = conf["path"]
+    info["config_is_folder"] = bool(conf["path"]) and os.path.isdir(root + conf["path"])
+    inside_paths = {"storage": info["storage_directory"], "index": info["index_directory"]}
+    needed = []
+    if info["storage"] == "filesystem":
+        needed.append("storage")
+    if info["backend"] == "sqlite":
+        needed.append("index")
+    volumes = []
+    for role in ("storage", "index"):
+        path = inside_paths[role]
+        mount = container.mount_for(path)
+        host = container.host_path(path) if mount and mount["type"] in ("volume", "bind") else None
+        if role in needed:
+            if host is None:
+                kind = f"a {mount['type']} mount" if mount else "no volume"
+                info["unsupported"].append(
+                    f"Orthanc's {role} folder {path} in {where} is on {kind}: it lives in the container's own "
+                    f"layer (or memory) and would be lost by the next 'rm' of the container; put it on a volume "
+                    f"(e.g. -v orthanc-db:{path})")
+            elif not mount["rw"]:
+                info["unsupported"].append(f"Orthanc's {role} folder {path} in {where} is on a read-only mount")
+            else:
+                volumes.append({"role": role, "path": path, "host_path": host, "type": mount["type"],
+                                "name": mount["name"], "destination": mount["destination"],
+                                "source": mount["source"]})
+        info[f"{role}_directory_in_container"] = path
+        info[f"{role}_directory"] = host or path
+    info["index_file"] = os.path.join(info["index_directory"], "index")
+    if info["storage"] == "filesystem" and os.path.isdir(info["storage_directory"]) and info["storage_directory"] != \
+            inside_paths["storage"]:
+        info["storage_owner"] = owner_of(info["storage_directory"])
+    record = container.as_dict()
+    record.update({"orthanc_pid": process["pid"], "orthanc_argv": process["argv"], "orthanc_cwd": cwd,
+                   "effective_config": conf["path"], "effective_config_files": conf["files"], "volumes": volumes,
+                   "keep_folders": sorted({v["source"] for v in volumes}),
+                   # what a restore into this container needs (backup_restore's container option)
+                   "described": {key: info[key] for key in ("backend", "storage", "index_directory",
+                                                            "storage_directory")}})
+    info["container"] = record
+    return info

@@ -500,3 +500,70 @@ def find_container(engine: str = "auto", container: str | None = None, compose_p
         raise PacsError(step, f"{what} matches {len(found)} containers ({listed}); name one with orthanc_container "
                         "(and orthanc_container_engine)")
     return found[0]
+
+
+# ----- what a backup keeps of a container's configuration (inside the backup's config/)
+EFFECTIVE = "effective"        # config/effective/<path in the container>: the files Orthanc runs with
+ETC_ORTHANC = "etc-orthanc"    # config/etc-orthanc/: the container's /etc/orthanc (the entrypoint's sources)
+SECRETS = "secrets"            # config/secrets/: the container's /run/secrets (Docker/compose secrets)
+COMPOSE = "compose"            # config/compose/: the compose file(s) and .env of the project
+DESCRIPTION = "container"      # config/container/: inspect.json, environment, image.json
+
+
+def _write_private(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)
+
+
+def _copy_folder_inside(container: Container, inside: str, dest: str) -> list:
+    """The files directly in folder ``inside`` of the container, into ``dest`` (0600)."""
+    names = container.list_dir(inside) or []
+    written = []
+    for name in names:
+        path = os.path.join(inside, name)
+        try:
+            data = container.read_file(path)
+        except PacsError:
+            continue  # a subfolder, or unreadable: Orthanc and the entrypoint read files only
+        _write_private(os.path.join(dest, name), data)
+        written.append(path)
+    return written
+
+
+def save_configuration(container: Container, effective_files: list, dest: str, orthanc_environ: dict | None) -> dict:
+    """Write into ``dest`` (a backup's config/ folder) everything that makes up the configuration of
+    the Orthanc in ``container``: the effective file(s) Orthanc runs with, the container's
+    /etc/orthanc and /run/secrets, the compose file(s) and .env, the inspect output, Orthanc's
+    environment and the image reference and digest. Every file 0600 (they hold passwords).
+    Returns what was written, by kind."""
+    saved = {"effective": [], "etc_orthanc": [], "secrets": [], "compose": [], "description": []}
+    os.makedirs(dest, mode=0o700, exist_ok=True)
+    os.chmod(dest, 0o700)
+    for inside in effective_files:
+        _write_private(os.path.join(dest, EFFECTIVE, inside.lstrip("/")), container.read_file(inside))
+        saved["effective"].append(inside)
+    saved["etc_orthanc"] = _copy_folder_inside(container, "/etc/orthanc", os.path.join(dest, ETC_ORTHANC))
+    saved["secrets"] = _copy_folder_inside(container, "/run/secrets", os.path.join(dest, SECRETS))
+    sources = list(container.compose_files())
+    if container.compose_working_dir:
+        sources.append(os.path.join(container.compose_working_dir, ".env"))
+    for path in sources:
+        if os.path.isfile(path):
+            with open(path, "rb") as handle:
+                _write_private(os.path.join(dest, COMPOSE, os.path.basename(path)), handle.read())
+            saved["compose"].append(path)
+    described = os.path.join(dest, DESCRIPTION)
+    _write_private(os.path.join(described, "inspect.json"), json.dumps(container.data, indent=2).encode())
+    environ = orthanc_environ if orthanc_environ is not None else container.env
+    _write_private(os.path.join(described, "environment"),
+                   "".join(f"{name}={value}\n" for name, value in sorted(environ.items())).encode())
+    image = {"engine": container.engine.name, "image": container.image, "image_id": container.image_id,
+             "image_digest": container.image_digest, "container": container.name, "id": container.id,
+             "compose_project": container.compose_project, "compose_service": container.compose_service,
+             "compose_files": container.compose_files(), "compose_working_dir": container.compose_working_dir}
+    _write_private(os.path.join(described, "image.json"), json.dumps(image, indent=2).encode())
+    saved["description"] = ["inspect.json", "environment", "image.json"]
+    return saved

@@ -1,8 +1,9 @@
 # -*- coding: utf-8 -*-
 # Copyright: pacs.orthanc contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Stopping and starting Orthanc, through its service or given shell commands, and waiting until
-it really is stopped (REST API silent, index lock released) or answering."""
+"""Stopping and starting Orthanc, through its service, given shell commands or its container (one
+container, by id: ``docker|podman stop -t N`` / ``start``, never ``down``), and waiting until it
+really is stopped (REST API silent, index lock released) or answering."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import shutil
 import time
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _probe, _sqlite
+from ansible_collections.pacs.orthanc.plugins.module_utils import _container, _probe, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, iso, run_command, utc_now
 
 __metaclass__ = type
@@ -35,10 +36,17 @@ class Controller:
     """One Orthanc: how to reach it, stop it and start it."""
 
     def __init__(self, url: str, username=None, password=None, service_name: str = "orthanc",
-                 stop_command=None, start_command=None):
+                 stop_command=None, start_command=None, container=None, container_engine=None):
         self.url, self.auth = url, (username, password)
         self.service_name = service_name
         self.stop_command, self.start_command = stop_command, start_command
+        # a container (name or id) of engine container_engine (docker|podman): stopped and started
+        # alone, with a stop timeout that never lets the engine SIGKILL Orthanc mid-write
+        self.container = container
+        self.engine = None
+        if container:
+            self.engine = (_container.find_container("auto", container=container).engine
+                           if container_engine in (None, "", "auto") else _container.Engine(container_engine))
         self.last = None  # the last answer (_probe.ask), for messages
 
     def answers(self, timeout: float = 1) -> bool:
@@ -57,17 +65,40 @@ class Controller:
         reason = (self.last or {}).get("reason")
         return f" ({reason})" if reason else ""
 
-    def _argv(self, action: str) -> list:
+    def _argv(self, action: str, timeout: float = 0) -> list:
+        if self.container:
+            if action == "stop":
+                return self.engine.stop_argv(self.container, self.engine_stop_timeout(timeout))
+            return self.engine.start_argv(self.container)
         command = self.stop_command if action == "stop" else self.start_command
         return ["/bin/sh", "-c", command] if command else service_argv(self.service_name, action)
+
+    @staticmethod
+    def engine_stop_timeout(timeout: float) -> int:
+        """The seconds a container engine waits for Orthanc to exit before it sends SIGKILL."""
+        return int(max(timeout, _container.STOP_TIMEOUT))
+
+    def describe(self, action: str = "start") -> str:
+        """The command that starts (or stops) this Orthanc, for messages."""
+        argv = self._argv(action)
+        if argv[:2] == ["/bin/sh", "-c"]:
+            return argv[2]
+        return " ".join([os.path.basename(argv[0])] + argv[1:])
 
     def stop(self, index_file=None, timeout: float = 60, check_mode: bool = False) -> dict:
         """Stop Orthanc unless it is stopped; return when its API is silent and its index free."""
         began, t0 = utc_now(), time.monotonic()
         holder = _sqlite.lock_holder(index_file) if index_file and os.path.exists(index_file) else None
         needed = holder is not None or self.answers()
+        if self.container and not needed:  # a container that runs but whose Orthanc is silent is stopped too
+            found = self.engine.inspect(self.container, "stop Orthanc's container")
+            needed = found is not None and found.running
         if needed and not check_mode:
-            run_command(self._argv("stop"), "stop Orthanc", timeout=timeout)
+            argv = self._argv("stop", timeout)
+            if self.container:
+                # the engine waits for Orthanc as long as it takes (its own default is 10 s, then SIGKILL)
+                timeout = self.engine_stop_timeout(timeout) + 30
+            run_command(argv, "stop Orthanc", env=self.engine.env if self.engine else None, timeout=timeout)
             deadline = t0 + timeout
             while self.answers():
                 if time.monotonic() > deadline:
@@ -89,12 +120,13 @@ class Controller:
             answering = self.answers()
         if not answering and not check_mode:
             argv = self._argv("start")
-            run_command(argv, "start Orthanc", timeout=timeout)
+            run_command(argv, "start Orthanc", env=self.engine.env if self.engine else None, timeout=timeout)
             deadline = time.monotonic() + timeout
             while not self.answers():
                 if time.monotonic() > deadline:
+                    log = (f"{self.engine.name} logs {self.container}" if self.container else "Orthanc's log")
                     raise PacsError("start Orthanc", f"nothing answers at {self.url}{self._silence()} "
-                                    f"{timeout:.0f} s after '{' '.join(argv)}': look at Orthanc's log")
+                                    f"{timeout:.0f} s after '{' '.join(argv)}': look at {log}")
                 time.sleep(POLL)
         result = self._times(not answering, began, t0)
         if self.last:
@@ -209,8 +241,11 @@ class Guardian:
         # this module (it starts Orthanc again if the module is killed), in its own session, and
         # nothing here waits for it or reads its output; its own start command runs in _GUARDIAN,
         # which cannot import this collection.
+        env = dict(os.environ)
+        if self.controller.engine is not None:  # DOCKER_HOST, CONTAINER_HOST, ...: the engine it starts
+            env.update(self.controller.engine.env)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, env=env)
         return self
 
     def done(self) -> None:

@@ -17,7 +17,7 @@ import socket
 import sqlite3
 import time
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _layout, _rest, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _container, _layout, _rest, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, Program, os_error_cause
 
 __metaclass__ = type
@@ -57,14 +57,26 @@ def overrides(scratch: str, port: int, password: str) -> dict:
     }
 
 
-def write_scratch_config(backup_config: str, dest: str, settings: dict) -> None:
-    """Copy the backup's configuration files into ``dest`` (a folder), each override written
-    into the file that defines its key (a key in two files is an error for Orthanc), the others
-    into a file of their own."""
+def backup_config_files(backup: str, manifest: dict) -> list:
+    """The configuration files Orthanc ran with, in a backup: the files of its config/, or for an
+    Orthanc in a container the effective configuration (config/effective/<path in the container>)."""
+    config = os.path.join(backup, _layout.CONFIG)
+    effective = (manifest.get("container") or {}).get("effective_config_files") or []
+    if effective:
+        return [os.path.join(config, _container.EFFECTIVE, name.lstrip("/")) for name in effective]
+    return [os.path.join(config, name) for name in sorted(os.listdir(config))]
+
+
+def write_scratch_config(backup_config, dest: str, settings: dict) -> None:
+    """Copy the backup's configuration files (a folder, or a list of files) into ``dest`` (a
+    folder), each override written into the file that defines its key (a key in two files is an
+    error for Orthanc), the others into a file of their own."""
     os.makedirs(dest, mode=0o700)
     placed = set()
-    for name in sorted(os.listdir(backup_config)):
-        src = os.path.join(backup_config, name)
+    files = backup_config if isinstance(backup_config, list) else [
+        os.path.join(backup_config, name) for name in sorted(os.listdir(backup_config))]
+    for src in files:
+        name = os.path.basename(src)
         if not (name.lower().endswith(".json") and os.path.isfile(src)):
             continue
         values = _config.load_configuration(src)["values"]
@@ -117,7 +129,7 @@ def run_drill(backup: str, workdir: str, orthanc_binary: str, sample: int, keep:
         try:
             os.makedirs(os.path.join(scratch, "index"), mode=0o700)
             os.makedirs(os.path.join(scratch, "log"), mode=0o700)
-            write_scratch_config(os.path.join(backup, "config"), os.path.join(scratch, "config"),
+            write_scratch_config(backup_config_files(backup, manifest), os.path.join(scratch, "config"),
                                  overrides(scratch, port, password))
             shutil.copyfile(os.path.join(backup, "index", "index"), os.path.join(scratch, "index", "index"))
             link = _storage.same_filesystem(os.path.join(backup, "storage"), scratch)

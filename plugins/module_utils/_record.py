@@ -72,7 +72,7 @@ def read_records(backup: str) -> dict:
 
 
 ORTHANC_KEYS = ("version", "name", "backend", "storage", "storage_compression", "config_path", "config_is_folder",
-                "storage_owner", "storage_directory", "index_directory")
+                "storage_owner", "storage_directory", "index_directory", "container")
 
 
 def orthanc_record(info: dict) -> dict:
@@ -91,7 +91,8 @@ def facts_from(records: dict) -> dict:
                       "config_path": orthanc.get("config_path"), "config_is_folder": orthanc.get("config_is_folder"),
                       "storage_owner": orthanc.get("storage_owner"),
                       "storage_directory": orthanc.get("storage_directory"),
-                      "index_directory": orthanc.get("index_directory")})
+                      "index_directory": orthanc.get("index_directory"),
+                      "container": orthanc.get("container")})
     opened = records.get("open")
     if opened is not None:
         facts.update({"previous": opened.get("previous"), "started_at": opened.get("started_at")})

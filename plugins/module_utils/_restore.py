@@ -48,13 +48,44 @@ def _nested(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
+def _container_target(backup: str, manifest: dict, container: dict) -> tuple:
+    """For an Orthanc in a container: where the backup's index and storage go (the host folders
+    behind the target container's volumes, as orthanc_info found them), and what the target's
+    configuration says (its backend). Its configuration is not restored: it is made by the
+    container (image, entrypoint, compose files), and kept in the backup's config/ to rebuild it."""
+    info = container.get("described") or {}
+    backend, storage = info.get("backend"), info.get("storage")
+    backup_backend = manifest.get("backend", "sqlite")
+    if backend and backend != backup_backend:
+        raise PacsError("plan restore", f"the backup holds a {backup_backend} index but the Orthanc in container "
+                        f"{container.get('name')} uses {backend}")
+    described = {"backend": backup_backend, "storage": storage or "filesystem"}
+    if manifest.get("storage_in_database"):
+        described["storage"] = backup_backend
+    for role in ("index", "storage"):
+        described[f"{role}_directory"] = info.get(f"{role}_directory")
+    wanted = [r for r, on in (("index", backup_backend == "sqlite"), ("storage", described["storage"] == "filesystem"))
+              if on]
+    mapped = {v["role"] for v in container.get("volumes") or []}
+    missing = [r for r in wanted if r not in mapped]
+    if missing:
+        raise PacsError("plan restore", f"the {' and '.join(missing)} folder of Orthanc in container "
+                        f"{container.get('name')} is on no volume: a restore there would be lost with the container")
+    return described
+
+
 def plan(backup: str, config_path: str, orthanc_version, database_version, force: bool,
-         environ: dict | None = None) -> dict:
+         environ: dict | None = None, container: dict | None = None) -> dict:
     """Where the backup's configuration, index and storage go on this host, and whether the
     host's Orthanc can open the backup's index. ``environ`` is the environment Orthanc's service
-    sees, for ${VAR} in the configuration (default: this process's)."""
+    sees, for ${VAR} in the configuration (default: this process's). ``container``: the target is
+    the Orthanc in that container (orthanc_info's ``container``, with ``described``: its backend,
+    storage and host folders): index and storage go into its volumes, the configuration stays."""
     backup = os.path.realpath(backup)
     manifest = read_manifest(backup)
+    if container:
+        return _plan_targets(backup, manifest, _container_target(backup, manifest, container), orthanc_version,
+                             database_version, force, {}, None, container)
     source = manifest.get("source", {})
     config_copy = os.path.join(backup, _layout.CONFIG)
     names = sorted(os.listdir(config_copy))
@@ -70,6 +101,12 @@ def plan(backup: str, config_path: str, orthanc_version, database_version, force
         target_config, target_base = config_path, os.path.dirname(config_path)
         read_from = os.path.join(config_copy, names[0])
     described = _config.describe(read_from, environ, base_dir=target_base)
+    return _plan_targets(backup, manifest, described, orthanc_version, database_version, force,
+                         {"config": target_config}, is_folder, None)
+
+
+def _plan_targets(backup, manifest, described, orthanc_version, database_version, force, targets, is_folder,
+                  container) -> dict:
     refusals = []
     backup_version = manifest.get("orthanc", {}).get("version")
     backup_schema = manifest.get("database_schema_version")
@@ -96,14 +133,15 @@ def plan(backup: str, config_path: str, orthanc_version, database_version, force
     if refusals and not force:
         raise PacsError("plan restore", "; ".join(refusals) + ". Restore onto an Orthanc at least as new, "
                         "or set force to restore anyway")
-    targets = {"config": target_config}
     if described["backend"] == "sqlite":
         targets["index"] = described["index_directory"]
     if described["storage"] == "filesystem":
         targets["storage"] = described["storage_directory"]
     return {"backup": backup, "manifest": manifest, "config_is_folder": bool(is_folder), "targets": targets,
             "refusals_overridden": refusals, "counts": manifest.get("counts", {}), "database": database,
-            "deleted_during_capture": manifest.get("storage", {}).get("deleted_during_capture") or []}
+            "deleted_during_capture": manifest.get("storage", {}).get("deleted_during_capture") or [],
+            # mount sources (a volume's _data, a bind-mounted folder): emptied and refilled, never moved
+            "keep_folders": sorted((container or {}).get("keep_folders") or [])}
 
 
 def _aside_roots(targets: dict) -> list:
@@ -151,13 +189,17 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
             if aside and os.path.lexists(aside):
                 raise PacsError("move current data aside", f"{aside} exists already")
             entry = {"path": path, "aside": aside}
+            if path in plan_result.get("keep_folders", []):
+                entry["mode"] = "contents"  # the folder stays (a volume's _data): its contents move
             journal["roots"].append(entry)
             _write_journal(journal_path, journal)
             if aside:
                 _move_aside(path, aside, entry, journal, journal_path)
-        # configuration, as it was (modes and owners by name)
+        # configuration, as it was (modes and owners by name); none for a container (its own)
         config_copy = os.path.join(backup, _layout.CONFIG)
-        if plan_result["config_is_folder"]:
+        if "config" not in targets:
+            pass
+        elif plan_result["config_is_folder"]:
             copy_tree_as_is(config_copy, targets["config"])
         else:
             os.makedirs(os.path.dirname(targets["config"]), exist_ok=True)
@@ -165,7 +207,7 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
             shutil.copy2(os.path.join(config_copy, name), targets["config"])
             st = os.stat(os.path.join(config_copy, name))
             os.chown(targets["config"], st.st_uid, st.st_gid)
-        for rel, info in plan_result["manifest"].get("config_files", {}).items():
+        for rel, info in (plan_result["manifest"].get("config_files", {}) if "config" in targets else {}).items():
             dest = os.path.join(targets["config"], rel) if plan_result["config_is_folder"] else targets["config"]
             if os.path.lexists(dest):
                 os.lchown(dest, *resolve_ids(info["owner"], info["group"]))
@@ -207,6 +249,13 @@ def _move_aside(path: str, aside: str, entry: dict, journal: dict, journal_path:
     """Rename ``path`` to ``aside``; a folder that cannot be renamed (a mount point, a folder of
     a container's image layer: EBUSY, EXDEV) is copied aside instead, then emptied in place. The
     journal says which, and when the copy was whole, so that a rollback knows what to do."""
+    if entry.get("mode") == "contents":
+        os.mkdir(aside, 0o700)
+        for name in sorted(os.listdir(path)):
+            os.rename(os.path.join(path, name), os.path.join(aside, name))
+        entry["contents_moved"] = True
+        _write_journal(journal_path, journal)
+        return
     try:
         os.rename(path, aside)
         return
@@ -235,6 +284,23 @@ def rollback(journal_path: str) -> dict:
             path, aside = root["path"], root["aside"]
             if aside and not os.path.lexists(aside):
                 continue  # never moved: still the live data
+            if root.get("mode") == "contents":
+                # whatever the restore put there goes; what was set aside comes back (a move that
+                # was cut short left some names in place: they are the live data, kept)
+                aside_names = set(os.listdir(aside))
+                for name in os.listdir(path):
+                    if name in aside_names or root.get("contents_moved"):
+                        child = os.path.join(path, name)
+                        if os.path.isdir(child) and not os.path.islink(child):
+                            shutil.rmtree(child)
+                        else:
+                            os.unlink(child)
+                for name in sorted(aside_names):
+                    os.rename(os.path.join(aside, name), os.path.join(path, name))
+                os.rmdir(aside)
+                removed.append(path)
+                moved_back.append(path)
+                continue
             if root.get("mode") == "copied":
                 if not root.get("copy_complete"):
                     shutil.rmtree(aside)  # the copy was cut short: the live data was never emptied

@@ -21,3 +21,10 @@ COMPLETION = dict(
     md5=dict(type="str", choices=["new", "all", "none"], default="new"),
     workers=dict(type="int", default=2),
 )
+
+# pacs.orthanc.container: Orthanc in a container, stopped and started alone (orthanc_control,
+# stopped_capture, orthanc_probe)
+CONTAINER = dict(
+    container=dict(type="str"),
+    container_engine=dict(type="str", choices=["auto", "docker", "podman"], default="auto"),
+)

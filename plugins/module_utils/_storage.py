@@ -61,8 +61,30 @@ def walk_storage(root: str):
                     yield entry.name, entry
 
 
+def mount_point(path: str) -> str | None:
+    """The mount point that holds ``path`` (from /proc/self/mountinfo), None where that is unknown."""
+    path = os.path.realpath(path)
+    best = None
+    try:
+        with open("/proc/self/mountinfo", "r", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) < 5:
+                    continue
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if path == point or path.startswith(point.rstrip("/") + "/"):
+                    if best is None or len(point) >= len(best):
+                        best = point
+    except OSError:
+        return None
+    return best
+
+
 def same_filesystem(a: str, b: str) -> bool:
-    return os.stat(a).st_dev == os.stat(b).st_dev
+    """Whether a file of ``a`` can be hard-linked into ``b``: the same device AND the same mount
+    (Linux refuses link() across two mounts of one filesystem, such as the bind mount dockerd makes
+    of its data root, where the volumes are)."""
+    return os.stat(a).st_dev == os.stat(b).st_dev and mount_point(a) == mount_point(b)
 
 
 class Placer:

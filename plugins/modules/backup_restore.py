@@ -73,6 +73,15 @@ options:
         own environment is used.
     type: dict
     version_added: 0.2.0
+  container:
+    description:
+      - The target is the Orthanc in a container - M(pacs.orthanc.orthanc_info)'s RV(pacs.orthanc.orthanc_info#module:container)
+        for that container. The index and storage go into the host folders behind its volumes; a
+        volume's own folder (its C(_data), a bind-mounted folder) is never moved - its contents are
+        moved aside into C(<folder>.pre-restore-<restore_id>) beside it, and moved back on a rollback.
+        The configuration is not restored (the image, entrypoint and compose files make it; the
+        backup's C(config/) keeps it); O(config_path) is then ignored.
+    type: dict
 attributes:
   check_mode:
     support: full
@@ -165,7 +174,7 @@ def act(module):
     if not p["backup"]:
         raise PacsError("plan restore", f"state={p['state']} needs 'backup'")
     planned = _restore.plan(p["backup"], p["config_path"], p["orthanc_version"], p["database_version"], p["force"],
-                            p["environment"])
+                            p["environment"], p["container"])
     result = {"changed": False, "backup": planned["backup"], "targets": planned["targets"],
               "counts": planned["counts"], "refusals_overridden": planned["refusals_overridden"],
               "backup_orthanc_version": planned["manifest"].get("orthanc", {}).get("version"),
@@ -197,6 +206,7 @@ def main():
             group=dict(type="str"),
             workers=dict(type="int", default=4),
             environment=dict(type="dict"),
+            container=dict(type="dict"),
         ),
         supports_check_mode=True,
     )

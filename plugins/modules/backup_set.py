@@ -48,7 +48,14 @@ options:
     description: The backup's name (its UTC timestamp), as returned by C(prepare). Required for C(complete) and C(discard).
     type: str
   config_path:
-    description: Orthanc's configuration file or folder, copied by C(prepare).
+    description:
+      - Orthanc's configuration file or folder, copied by C(prepare).
+      - Not used for an Orthanc in a container (O(orthanc) holds M(pacs.orthanc.orthanc_info)'s
+        C(container)); C(config/) then receives the configuration Orthanc runs with
+        (C(effective/<path in the container>)), the container's C(/etc/orthanc) (C(etc-orthanc/))
+        and C(/run/secrets) (C(secrets/)), the compose file(s) and C(.env) (C(compose/)), and
+        C(container/inspect.json), C(container/environment) and C(container/image.json) (reference
+        and digest), every file 0600.
     type: path
   index_directory:
     description: Orthanc's SQLite index folder, for the free space estimate of C(prepare). Omit for a database index.
@@ -207,7 +214,7 @@ def act(module):
     p = module.params
     state = STATE_ALIASES.get(p["state"], p["state"])
     if state == "prepare":
-        if not p["config_path"]:
+        if not p["config_path"] and not (p["orthanc"] or {}).get("container"):
             raise PacsError("prepare backup folder", f"state={p['state']} needs 'config_path'")
         return _backupset.open_backup(p["root"], p["config_path"], p["index_directory"], p["storage_directory"],
                                       p["expected_storage_bytes"], p["min_free_bytes"], p["stale_lock_seconds"],

@@ -50,6 +50,7 @@ attributes:
     description: Says whether it would stop or start Orthanc; does neither.
 extends_documentation_fragment:
   - pacs.orthanc.rest
+  - pacs.orthanc.container
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -65,6 +66,11 @@ EXAMPLES = r"""
     state: started
     command: /opt/orthanc/start.sh
     url: http://127.0.0.1:8043
+
+- name: Start Orthanc's container (docker or podman, whichever has it)
+  pacs.orthanc.orthanc_control:
+    state: started
+    container: orthanc-orthanc-1
 """
 
 RETURN = r"""
@@ -102,14 +108,15 @@ orthanc_http_status:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _control, _rest
+from ansible_collections.pacs.orthanc.plugins.module_utils import _control, _rest, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
 
 
 def control(module):
     p = module.params
     controller = _control.Controller(p["url"], p["username"], p["password"], p["service_name"],
-                                     stop_command=p["command"], start_command=p["command"])
+                                     stop_command=p["command"], start_command=p["command"],
+                                     container=p["container"], container_engine=p["container_engine"])
     if p["state"] == "stopped":
         return controller.stop(p["index_file"], p["timeout"], module.check_mode)
     result = controller.start(p["timeout"], p["grace"], module.check_mode)
@@ -131,6 +138,7 @@ def main():
             index_file=dict(type="path"),
             timeout=dict(type="float", default=60),
             grace=dict(type="float", default=3),
+            **_specs.CONTAINER,
         ),
         supports_check_mode=True,
     )

@@ -43,6 +43,31 @@ options:
         as on a fresh host before a restore.
     type: bool
     default: true
+  container:
+    description:
+      - The container (name or id) that runs Orthanc. The configuration is then the one named on
+        Orthanc's own command line inside the container (whatever generated it), read with Orthanc's
+        own environment; O(config_path) and O(environment) are ignored. The storage and index
+        folders are reported as the host folders behind the container's volumes or bind mounts,
+        and a folder on no volume is reported in RV(unsupported).
+    type: str
+  compose_project:
+    description: A compose project whose service O(compose_service) runs Orthanc (found by the labels
+      C(com.docker.compose.project) and C(com.docker.compose.service)), instead of O(container).
+    type: str
+  compose_file:
+    description: The compose file the project was brought up with, instead of O(compose_project).
+    type: path
+  compose_service:
+    description: The compose service that runs Orthanc.
+    type: str
+    default: orthanc
+  container_engine:
+    description: C(docker), C(podman) or C(auto) (every installed engine is asked; C(DOCKER_HOST) and
+      C(CONTAINER_HOST) are honoured).
+    type: str
+    choices: [auto, docker, podman]
+    default: auto
 extends_documentation_fragment:
   - pacs.orthanc.rest
   - pacs.orthanc.rest.READ_ONLY
@@ -54,6 +79,13 @@ EXAMPLES = r"""
 - name: Describe the Orthanc of this host
   pacs.orthanc.orthanc_info:
     config_path: /etc/orthanc
+    url: http://127.0.0.1:8042
+  register: orthanc
+
+- name: Describe the Orthanc of a compose project (Docker or Podman)
+  pacs.orthanc.orthanc_info:
+    compose_project: pacs
+    compose_service: orthanc
     url: http://127.0.0.1:8042
   register: orthanc
 
@@ -153,6 +185,17 @@ unsupported:
   type: list
   elements: str
   returned: always
+container:
+  description:
+    - For a container, what the engine and the container say - engine, id, name, status, image,
+      image_id, image_digest, mounts, labels, compose_project, compose_service, compose_files,
+      effective_config (the configuration Orthanc runs with, as a path inside the container),
+      effective_config_files, orthanc_argv, volumes (what holds the storage and the index - role,
+      path in the container, host_path, type, name), keep_folders (mount sources, which a restore
+      empties and refills but never moves) and environment_names (names only, never values).
+    - Null when no container is named.
+  type: dict
+  returned: always
 warnings_found:
   description: Things worth knowing that do not stop a backup.
   type: list
@@ -166,18 +209,32 @@ import urllib.error
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _probe, _rest, _sqlite
+from ansible_collections.pacs.orthanc.plugins.module_utils import _config, _container, _probe, _rest, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_command, run_module
+
+
+def find_container(p):
+    """The container named by the module's options, or None when none is named."""
+    if not (p["container"] or p["compose_project"] or p["compose_file"]):
+        return None
+    return _container.find_container(p["container_engine"], container=p["container"],
+                                     compose_project=p["compose_project"], compose_file=p["compose_file"],
+                                     compose_service=p["compose_service"])
 
 
 def describe_host(module):
     p = module.params
-    if not p["require_config"] and not os.path.exists(p["config_path"]):
+    container = find_container(p)
+    if container is not None:
+        info = _config.describe_container(container)
+        info["config_found"] = True
+    elif not p["require_config"] and not os.path.exists(p["config_path"]):
         info = {"config_found": False, "config_path": p["config_path"], "backend": None, "storage": None,
                 "warnings": [], "unsupported": [], "plugins": [], "index_file": ""}
     else:
         info = _config.describe(p["config_path"], p["environment"])
         info["config_found"] = True
+    info.setdefault("container", None)
     info.update({"running": False, "version": None, "database_version": None, "statistics": {},
                  "system": {}, "index_lock_holder": None, "rest_error": None})
     answer = _probe.ask(p["url"], p["username"], p["password"], p["timeout"])
@@ -202,7 +259,12 @@ def describe_host(module):
         info["index_lock_holder"] = _sqlite.lock_holder(info["index_file"])
         if info["database_version"] is None and info["index_lock_holder"] is None:
             info["database_version"] = _sqlite.read_summary(info["index_file"])["schema_version"]
-    if info["version"] is None:
+    if info["version"] is None and container is not None:
+        rc, out, _err = container.engine.exec(container, ["Orthanc", "--version"], "ask Orthanc its version",
+                                              check=False)
+        match = re.search(r"Orthanc\s+(\S+)", out) if rc == 0 else None
+        info["version"] = match.group(1) if match else None
+    elif info["version"] is None:
         binary = module.get_bin_path(p["orthanc_binary"]) if "/" not in p["orthanc_binary"] else p["orthanc_binary"]
         if binary:
             _rc, out, _err = run_command([binary, "--version"], "ask the Orthanc program its version", check=False)
@@ -224,7 +286,13 @@ def main():
             environment=dict(type="dict"),
             orthanc_binary=dict(type="str", default="Orthanc"),
             require_config=dict(type="bool", default=True),
+            container=dict(type="str"),
+            compose_project=dict(type="str"),
+            compose_file=dict(type="path"),
+            compose_service=dict(type="str", default="orthanc"),
+            container_engine=dict(type="str", choices=["auto", "docker", "podman"], default="auto"),
         ),
+        mutually_exclusive=[("container", "compose_project", "compose_file")],
         supports_check_mode=True,
     )
     run_module(module, describe_host)

@@ -41,6 +41,7 @@ options:
 extends_documentation_fragment:
   - pacs.orthanc.rest
   - pacs.orthanc.rest.READ_ONLY
+  - pacs.orthanc.container
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -105,11 +106,14 @@ import shlex
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _control, _probe, _rest
+from ansible_collections.pacs.orthanc.plugins.module_utils import _control, _probe, _rest, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
-def start_hint(service_name: str, start_command) -> str:
+def start_hint(service_name: str, start_command, container=None, container_engine=None) -> str:
+    if container:
+        engine = container_engine if container_engine in ("docker", "podman") else "docker"
+        return f"{engine} start {container}"
     if start_command:
         return start_command
     try:
@@ -125,7 +129,7 @@ def probe(module):
     p = module.params
     record = _probe.probe(p["url"], p["username"], p["password"], p["timeout"], p["config_path"], p["index_file"])
     record.pop("system", None)
-    record["start_hint"] = start_hint(p["service_name"], p["start_command"])
+    record["start_hint"] = start_hint(p["service_name"], p["start_command"], p["container"], p["container_engine"])
     record["message"] = _probe.sentence(record)
     record["changed"] = False
     return record
@@ -140,6 +144,7 @@ def main():
             timeout=dict(type="float", default=5),
             service_name=dict(type="str", default="orthanc"),
             start_command=dict(type="str"),
+            **_specs.CONTAINER,
         ),
         supports_check_mode=True,
     )

@@ -23,6 +23,7 @@ description:
 extends_documentation_fragment:
   - pacs.orthanc.rest
   - pacs.orthanc.capture
+  - pacs.orthanc.container
 options:
   stop:
     description: Stop Orthanc first (and start it after). False for an Orthanc that is not running.
@@ -129,7 +130,8 @@ def capture_window(module):
 def _capture_window(module):
     p = module.params
     controller = _control.Controller(p["url"], p["username"], p["password"], p["service_name"],
-                                     p["stop_command"], p["start_command"])
+                                     p["stop_command"], p["start_command"],
+                                     container=p["container"], container_engine=p["container_engine"])
     index_file = f"{p['index_directory'].rstrip('/')}/index"
     phases, result = {}, {"changed": True, "running_after": False}
     stopped = None
@@ -224,6 +226,7 @@ def main():
             index_directory=dict(type="path", required=True),
             storage_source=dict(type="path", required=True),
             **_specs.CAPTURE,
+            **_specs.CONTAINER,
         ),
         supports_check_mode=False,
     )
