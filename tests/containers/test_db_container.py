@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 import secrets
 import shutil
 import subprocess
@@ -23,32 +22,16 @@ import time
 
 import pytest
 
+from tests.containers.conftest import DATA, IMAGE, engine_ready
 from tests.support import checks, databases, procs
 from tests.support.orthanc_server import OrthancServer, free_port, stop_all
 from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
 
 pytestmark = pytest.mark.slow
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-DATA = pathlib.Path(__file__).resolve().parent / "data"
-IMAGE = "localhost/pacs-orthanc-debian12"
-DEFAULT_DOCKER_HOST = "unix:///work/main/.work/docker/docker.sock"
-os.environ.setdefault("CONTAINERS_CONF", str(REPO / "extensions" / "molecule" / "containers.conf"))
-if not os.environ.get("DOCKER_HOST") and os.path.exists(DEFAULT_DOCKER_HOST[len("unix://"):]):
-    os.environ["DOCKER_HOST"] = DEFAULT_DOCKER_HOST
 CONFIRM = {"orthanc_restore_confirm": True}
 DUMP_TOOLS = {"pg_dump", "mysqldump", "mariadb-dump"}
 RESTORE_TOOLS = {"pg_restore", "mysql", "mariadb"}
-
-
-def _engine_problem(engine: str) -> str | None:
-    if shutil.which(engine) is None:
-        return f"{engine} is not installed"
-    proc = subprocess.run([engine, "image", "inspect", IMAGE], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, check=False, timeout=60)
-    if proc.returncode != 0:
-        return f"{engine} has no image {IMAGE}: run scripts/containers.sh ({proc.stderr.strip()[-200:]})"
-    return None
 
 
 class DbContainer:
@@ -130,11 +113,9 @@ def db_containers():
     made = []
 
     def make(engine: str, kind: str) -> DbContainer:
-        problem = _engine_problem(engine)
+        problem = engine_ready(engine)
         if problem:
-            if engine == "docker":
-                pytest.skip(problem)  # the Docker daemon is started by scripts/containers.sh
-            pytest.fail(problem)
+            pytest.fail(problem)  # scripts/containers.sh prepares both engines
         one = DbContainer(engine, kind)
         made.append(one)
         return one.start()
