@@ -18,11 +18,12 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.containers.conftest import DATA, IMAGE, engine_ready
+from tests.containers.conftest import DATA, IMAGE, OrthancContainer, engine_ready
 from tests.support import checks, databases, procs
 from tests.support.orthanc_server import OrthancServer, free_port, stop_all
 from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
@@ -225,3 +226,48 @@ def test_the_database_container_found_from_the_compose_project(db_containers, or
     assert db.password not in json.dumps(dumped)
     other = run_module("db_dump", dict(args, dest=str(tmp_path / "x.pgdump"), compose_project=db.project + "-other"))
     assert other["failed"] and "compose service 'db' of project" in other["msg"] and "not found" in other["msg"]
+
+
+def test_containerised_orthanc_beside_its_postgresql_container(db_containers, tmp_path):
+    """The compose layout of Orthanc Team's samples: Orthanc (the orthancteam-like entrypoint, its
+    effective configuration generated inside the container) and PostgreSQL as the services
+    "orthanc" and "db" of one project, the configuration's host being "db". The backup role finds
+    both by the compose labels and dumps with the db container's pg_dump; the studies are then
+    deleted through Orthanc, and the restore role replaces the database inside its container
+    (orthanc_restore_db_replace) between the Orthanc container's stop and start."""
+    db = db_containers("podman", "postgresql")
+    labels = ["--label", f"com.docker.compose.project={db.project}", "--label", "com.docker.compose.service=orthanc",
+              "--add-host", "db:127.0.0.1"]  # "db" as the project's network would resolve it
+    orthanc = OrthancContainer("podman", tmp_path, volume=True, extra=labels)
+    section = dict(db.orthanc_config(storage_in_database=True)["PostgreSQL"], Host="db")
+    (orthanc.etc / "postgresql.json").write_text(json.dumps({
+        "Plugins": ["/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so",
+                    "/usr/share/orthanc/plugins/libOrthancPostgreSQLStorage.so"], "PostgreSQL": section}))
+    try:
+        orthanc.run()
+        assert orthanc.rest("GET", "/system")["DatabaseBackendPlugin"]
+        orthanc.store(tmp_path, patients=2)
+        stored = orthanc.contents()
+        assert len(stored) == 6
+        inventory = write_inventory(tmp_path / "inventory.json", {"c": {
+            "ansible_connection": "local", "ansible_python_interpreter": sys.executable, "orthanc_url": orthanc.url,
+            "orthanc_backup_root": str(tmp_path / "backups"), "orthanc_backup_settle_seconds": 0,
+            "orthanc_compose_project": db.project, "orthanc_container_engine": "podman",
+            "orthanc_restore_db_replace": True}})
+        with procs.SecretWatch(db.secrets, DUMP_TOOLS | RESTORE_TOOLS, host_environ_only=True) as watch:
+            backed_up = run_playbook(inventory)
+            assert backed_up.returncode == 0, backed_up.stdout
+            for patient in orthanc.rest("GET", "/patients"):
+                orthanc.rest("DELETE", f"/patients/{patient}")
+            assert orthanc.rest("GET", "/statistics")["CountInstances"] == 0
+            restored = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+            assert restored.returncode == 0, restored.stdout
+        assert watch.seen & {"pg_dump"} and watch.seen & {"pg_restore"}
+        assert not watch.leaks, watch.leaks
+        manifest = checks.read_manifest((tmp_path / "backups" / "latest").resolve())
+        assert manifest["strategy"] == "dump" and manifest["dump"]["container"] == db.name
+        assert manifest["downtime_seconds"] == 0
+        orthanc.wait()
+        assert orthanc.contents() == stored
+    finally:
+        orthanc.remove()
