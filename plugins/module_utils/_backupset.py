@@ -259,14 +259,17 @@ def _container_record(container):
 
 def _dump_record(dump, path: str):
     """What the manifest keeps of db_dump's result: the dump relative to the backup, its size,
-    SHA-256, format and the engine's and tool's versions (never the connection's password)."""
+    SHA-256, format, the engine's and tool's versions and the database container whose tool made
+    it (never the connection's password)."""
     if not dump:
         return None
-    keep = ("engine", "format", "bytes", "sha256", "server_version", "tool", "tool_version", "dump_seconds")
+    keep = ("engine", "format", "bytes", "sha256", "server_version", "tool", "tool_version", "dump_seconds",
+            "container")
     record = {k: dump.get(k) for k in keep}
     record["path"] = os.path.relpath(dump["path"], path) if dump.get("path") else None
     connection = dump.get("connection") or {}
-    record["database"] = {k: connection.get(k) for k in ("host", "port", "database", "username", "unix_socket")}
+    kept = ("host", "port", "database", "username", "unix_socket", "container")
+    record["database"] = {k: connection.get(k) for k in kept}
     return record
 
 

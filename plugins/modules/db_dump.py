@@ -21,6 +21,9 @@ description:
   - The password reaches the tool only through a private 0600 file (C(PGPASSFILE), or MySQL's
     C(--defaults-extra-file)) that is removed afterwards; it is never on a command line, in the
     result or in a log.
+  - With O(container) (or O(compose_project)), the database container's own C(pg_dump) or C(mysqldump)
+    dumps it (C(exec -i)), so the tool's version is the server's; the dump comes back on its standard
+    output (PostgreSQL custom format only).
   - The dump is written as O(dest)C(.part) and renamed to O(dest) only when the tool succeeded and
     the dump reads back (C(pg_restore --list) reads it and it holds Orthanc's tables; a MySQL dump
     ends with C(-- Dump completed)). A failed dump leaves nothing behind.
@@ -69,6 +72,17 @@ EXAMPLES = r"""
     username: backup
     password: "{{ vault_orthanc_db_backup_password }}"
     dest: /var/backups/orthanc-db/orthanc.sql
+- name: PostgreSQL in its own container, dumped with that container's pg_dump
+  pacs.orthanc.db_dump:
+    config_path: /srv/pacs/orthanc.json
+    container: pacs-db-1
+    dest: /var/backups/orthanc-db/orthanc.pgdump
+- name: The database service that the configuration's host names, in a compose project
+  pacs.orthanc.db_dump:
+    config_path: /srv/pacs/orthanc.json
+    compose_project: pacs
+    container_engine: podman
+    dest: /var/backups/orthanc-db/orthanc.pgdump
 """
 
 RETURN = r"""
@@ -118,6 +132,10 @@ check:
   description: What the read-back found (tables and large objects; or that the MySQL dump is complete).
   type: dict
   returned: success, not in check mode
+container:
+  description: The database container whose tool made the dump, or null (the host's tool).
+  type: str
+  returned: success, not in check mode
 files:
   description: Directory format, each file of the dump and its SHA-256.
   type: dict
@@ -127,7 +145,8 @@ files:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _record
-from ansible_collections.pacs.orthanc.plugins.module_utils._db import client as db_client, connection as db_connection, dump as db_dump
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import (
+    client as db_client, connection as db_connection, container as db_container, dump as db_dump)
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
 
 
@@ -135,14 +154,15 @@ def run(module):
     p = module.params
     conn = db_connection.from_config(p["config_path"], p["environment"], p["engine"],
                                      {k: p[k] for k in db_connection.CONNECTION_KEYS})
+    conn, where = db_container.from_params(conn, p)
     if module.check_mode:
-        with db_client.Client(conn, p["bin_dir"], "dump the database") as client:
+        with db_client.Client(conn, p["bin_dir"], "dump the database", container=where) as client:
             client.tool("pg_dump" if conn["engine"] == "postgresql" else "mysqldump")
             version = client.server_version()
         return {"changed": True, "engine": conn["engine"], "server_version": version,
                 "connection": db_connection.public(conn)}
     with _backupset.Heartbeat(p["dest"]):
-        result = db_dump.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"])
+        result = db_dump.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"], container=where)
     _record.record_beside(p["dest"], "dump", result)
     result["changed"] = True
     return result

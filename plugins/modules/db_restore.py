@@ -46,6 +46,9 @@ options:
         and C(log_bin_trust_function_creators) is off."
       - Every one of these is checked first, in check mode too; a missing one fails before anything
         changes, with the C(GRANT) or C(ALTER) statement to run.
+      - With O(container) (or O(compose_project)), the default is the server's superuser as the container's
+        environment names it (C(POSTGRES_USER), default C(postgres), with C(POSTGRES_PASSWORD); C(root) with
+        C(MARIADB_ROOT_PASSWORD) or C(MYSQL_ROOT_PASSWORD)), else the connection's user.
     type: str
   admin_password:
     description: Password of O(admin_username). Never logged nor returned.
@@ -99,6 +102,12 @@ EXAMPLES = r"""
     dump: /var/backups/orthanc/20261129T080000Z/database/orthanc.sql
     config_path: /etc/orthanc
     admin_unix_socket: /run/mysqld/mysqld.sock
+
+- name: Into the PostgreSQL container of a compose project (its own pg_restore; admin from its environment)
+  pacs.orthanc.db_restore:
+    dump: /var/backups/orthanc/latest
+    config_path: /var/backups/orthanc/latest/config
+    container: pacs-db-1
 """
 
 RETURN = r"""
@@ -142,6 +151,10 @@ connection:
   description: The connection of the target, without the password.
   type: dict
   returned: always
+container:
+  description: The database container whose tools restored the dump, or null (the host's tools).
+  type: str
+  returned: always
 dump:
   description: The dump restored.
   type: str
@@ -154,7 +167,8 @@ import pwd
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
-from ansible_collections.pacs.orthanc.plugins.module_utils._db import connection as db_connection, dump as db_dump, restore as db_restore
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import (
+    connection as db_connection, container as db_container, dump as db_dump, restore as db_restore)
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -177,21 +191,25 @@ def run(module):
                                      {k: p[k] for k in db_connection.CONNECTION_KEYS}, step="read the target database")
     if conn["engine"] != dump_engine:
         raise PacsError("read the target database", f"the dump is a {dump_engine} dump but the target is {conn['engine']}")
+    conn, where = db_container.from_params(conn, p)
     admin = dict(conn)
+    if where is not None and not p["admin_username"]:
+        admin = db_container.admin_inside(conn, where)
     if p["admin_username"]:
         admin.update({"username": p["admin_username"], "password": p["admin_password"]})
-    elif p["admin_unix_socket"] and conn["engine"] == "mysql":
+    elif p["admin_unix_socket"] and conn["engine"] == "mysql" and where is None:
         # the socket alone: the account this module runs as (root with become), which MariaDB
         # authenticates by the socket (unix_socket), without a password
         admin.update({"username": pwd.getpwuid(os.geteuid()).pw_name, "password": None})
     for key in ("host", "port"):
         if p[f"admin_{key}"]:
             admin[key] = p[f"admin_{key}"]
-    if p["admin_unix_socket"]:
+    if p["admin_unix_socket"] and where is None:
         admin.update({"unix_socket": p["admin_unix_socket"], "host": "localhost"})
     admin["maintenance_db"] = p["maintenance_db"]
     result = db_restore.restore(conn, admin, path, fmt, owner=p["owner"], replace=p["replace"], jobs=p["jobs"],
-                                bin_dir=p["bin_dir"], check_mode=module.check_mode, timeout=p["timeout"])
+                                bin_dir=p["bin_dir"], check_mode=module.check_mode, timeout=p["timeout"],
+                                container=where)
     result["dump"] = path
     return result
 

@@ -55,15 +55,27 @@ class SecretWatch:
     """While in use (``with SecretWatch(secret, tools) as watch: ...``), a thread reads every
     process's command line and environment from /proc: ``watch.seen`` gets the names of the
     ``tools`` it saw run (proof that it looked at the right moment), ``watch.leaks`` every
-    (pid, program) whose argv or environment held ``secret``."""
+    (pid, program, 'argv' or 'environ') whose argv or environment held ``secret`` (one, or a list of them).
 
-    def __init__(self, secret, tools):
-        self.secret = secret.encode() if isinstance(secret, str) else secret
+    ``host_environ_only``: environments are read only of processes in this process's PID
+    namespace, not of those inside containers (whose environment the container's owner gave
+    them: POSTGRES_PASSWORD is the database container's own); command lines are read of all."""
+
+    def __init__(self, secret, tools, host_environ_only: bool = False):
+        secrets = secret if isinstance(secret, (list, tuple)) else [secret]
+        self.secrets = [s.encode() if isinstance(s, str) else s for s in secrets]
         self.tools = set(tools)
         self.seen: set = set()
         self.leaks: list = []
+        self.namespace = os.readlink("/proc/self/ns/pid") if host_environ_only else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample)
+
+    def _environ(self, pid: str) -> bytes:
+        if self.namespace is not None and os.readlink(f"/proc/{pid}/ns/pid") != self.namespace:
+            return b""
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            return handle.read()
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -73,15 +85,17 @@ class SecretWatch:
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as handle:
                         argv = handle.read()
-                    with open(f"/proc/{pid}/environ", "rb") as handle:
-                        environ = handle.read()
+                    environ = self._environ(pid)
                 except OSError:
                     continue
                 name = os.path.basename(argv.split(b"\0")[0]).decode(errors="replace")
                 if name in self.tools:
                     self.seen.add(name)
-                if self.secret in argv or self.secret in environ:
-                    self.leaks.append((pid, name))
+                for secret in self.secrets:
+                    if secret in argv:
+                        self.leaks.append((pid, name, "argv"))
+                    if secret in environ:
+                        self.leaks.append((pid, name, "environ"))
 
     def __enter__(self) -> "SecretWatch":
         self._thread.start()

@@ -4,7 +4,12 @@
 """The engines' command-line clients for one connection (psql, mysql and the dump tools), the
 password in a private 0600 file in a 0700 folder (PGPASSFILE, or MySQL's --defaults-extra-file),
 never a command line, a result or a log; and what their error output means, in words an
-administrator can act on."""
+administrator can act on.
+
+With ``container`` (a ``_db.container.InContainer``) the tools are the database container's own,
+run through the engine's ``exec -i``: the password is then the first line of their standard input
+(see ``_db.container``), a dump they read follows it, and what they write comes back on their
+standard output."""
 
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_command
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, Program, os_error_cause
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.connection import where
 
 __metaclass__ = type
@@ -23,17 +29,21 @@ class Client:
     """Runs one engine's command-line tools for one connection, the password in a private file.
     Use as a context manager: the file and its folder are removed at the end."""
 
-    def __init__(self, conn: dict, bin_dir: str | None = None, step: str = "database"):
+    def __init__(self, conn: dict, bin_dir: str | None = None, step: str = "database", container=None):
         self.conn = conn
         self.bin_dir = bin_dir
         self.step = step
+        self.container = container
         self.tmp = None
         self.env: dict = {}
         self.auth_args: list = []
+        self.secret_line = b""
 
     def __enter__(self):
-        self.tmp = tempfile.mkdtemp(prefix="pacs-orthanc-db-")  # mode 0700
         conn = self.conn
+        if self.container is not None:
+            return self._enter_container()
+        self.tmp = tempfile.mkdtemp(prefix="pacs-orthanc-db-")  # mode 0700
         if conn["engine"] == "postgresql":
             passfile = os.path.join(self.tmp, "pgpass")
             self._write_private(passfile, self._pgpass_line())
@@ -57,8 +67,29 @@ class Client:
             self.auth_args = [f"--defaults-extra-file={defaults}"]  # must come first
         return self
 
+    def _enter_container(self):
+        """Inside the database container: the server over TCP, the password as the first line of
+        the tool's standard input (a line break cannot be part of it)."""
+        conn = self.conn
+        password = str(conn.get("password") or "")
+        if "\n" in password or "\r" in password:
+            raise PacsError(self.step, "the database password holds a line break, which cannot be handed to the "
+                            f"tools inside the container {self.container.name}")
+        self.env = self.container.env
+        if conn["engine"] == "postgresql":
+            self.auth_args = ["-h", str(conn["host"]), "-p", str(conn["port"]), "-U", str(conn["username"]),
+                              "--no-password"]
+            line = password
+        else:
+            self.auth_args = [f"--user={conn['username']}", f"--host={conn['host']}", f"--port={conn['port']}",
+                              "--protocol=tcp"]
+            line = f"password={self._mysql_value(password)}" if password else ""
+        self.secret_line = (line + "\n").encode("utf-8")
+        return self
+
     def __exit__(self, *exc):
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 
     @staticmethod
@@ -79,12 +110,20 @@ class Client:
         return f'"{escaped}"'
 
     def tool(self, name: str) -> str:
-        """Full path of one of the engine's programs; a clear error when it is missing."""
+        """Full path of one of the engine's programs (inside the container: its name there); a
+        clear error when it is missing."""
         names = [name]
         if name == "mysqldump":
             names.append("mariadb-dump")
         elif name == "mysql":
             names.append("mariadb")
+        if self.container is not None:
+            # MariaDB 11's images have only the mariadb* names
+            found = self.container.tool(names[::-1] if len(names) > 1 else names, self.step)
+            if found:
+                return found
+            raise PacsError(self.step, f"{name} was not found in the database container {self.container.name}: "
+                            "its image has no client tools (the official postgres, mariadb and mysql images have them)")
         for candidate in names:
             if self.bin_dir:
                 path = os.path.join(self.bin_dir, candidate)
@@ -99,13 +138,54 @@ class Client:
         place = f"in {self.bin_dir}" if self.bin_dir else "on the PATH"
         raise PacsError(self.step, f"{name} was not found {place}: install {package} on this host")
 
-    def argv(self, tool: str, *args) -> list:
-        """The tool's argument list with the connection (MySQL's --defaults-extra-file comes first)."""
-        return [self.tool(tool), *self.auth_args, *args]
+    def argv(self, tool: str, *args, auth: bool = True) -> list:
+        """The tool's argument list with the connection (MySQL's --defaults-extra-file comes first);
+        inside the container, the engine's exec of it."""
+        auth_args = self.auth_args if auth else []
+        if self.container is not None:
+            return self.container.argv(self.conn["engine"], self.tool(tool), [*auth_args, *args])
+        return [self.tool(tool), *auth_args, *args]
+
+    def start(self, tool: str, args: list, step: str | None = None, source: str | None = None,
+              output: str | None = None, auth: bool = True) -> "Running":
+        """Start one of the tools (see ``run``); the caller waits for it."""
+        step = step or self.step
+        engine = self.conn["engine"]
+        args = list(args)
+        if self.container is None:
+            stdin_path = None
+            if source is not None:
+                if tool == "mysql":
+                    stdin_path = source
+                else:
+                    args.append(source)
+            if output is not None:
+                args += ["-f", output] if tool == "pg_dump" else [f"--result-file={output}"]
+            return Running(self.argv(tool, *args, auth=auth), step, self.env, stdin_path=stdin_path, name=tool)
+        if engine == "mysql" or auth:
+            prefix = self.secret_line
+        else:
+            prefix = b"\n"
+        return Running(self.argv(tool, *args, auth=auth), step, self.env, prefix=prefix, stdin_path=source,
+                       output=output, name=tool)
+
+    def run(self, tool: str, args: list, step: str | None = None, source: str | None = None,
+            output: str | None = None, auth: bool = True, timeout: float | None = None, timeout_hint: str = ""):
+        """Run one of the tools to its end: (rc, stdout, stderr). ``source``: a dump file it reads
+        (pg_restore's file argument, mysql's standard input; inside the container, its standard
+        input after the password). ``output``: a file it writes (pg_dump -f, mysqldump
+        --result-file; inside the container, its standard output). ``auth``: with the connection."""
+        with self.start(tool, args, step, source, output, auth) as running:
+            rc = running.wait(timeout, timeout_hint)
+            return rc, running.output(), running.errors()
 
     def explain(self, text: str) -> str:
         """A tool's error output turned into a cause an administrator can act on."""
         lowered = text.lower()
+        if self.container is not None:
+            found = self.container.explain(text)
+            if found:
+                return found
         if "access denied" in lowered and "to database" in lowered:
             return f"{self.conn['username']!r} may not use the database {self.conn['database']!r} ({where(self.conn)})"
         if "permission denied for database" in lowered:
@@ -129,11 +209,10 @@ class Client:
         step = step or self.step
         db = database or self.conn["database"]
         if self.conn["engine"] == "postgresql":
-            argv = self.argv("psql", "-d", db, "-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1",
-                             "-c", sql)
+            tool, args = "psql", ["-d", db, "-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1", "-c", sql]
         else:
-            argv = self.argv("mysql", "-N", "-B", "--default-character-set=utf8mb4", "-e", sql, db)
-        rc, out, err = run_command(argv, step, env=self.env, check=False, timeout=120)
+            tool, args = "mysql", ["-N", "-B", "--default-character-set=utf8mb4", "-e", sql, db]
+        rc, out, err = self.run(tool, args, step, timeout=120)
         if rc != 0:
             raise PacsError(step, self.explain(err or out))
         return [line.split("\t") for line in out.splitlines() if line != ""]
@@ -144,7 +223,7 @@ class Client:
         return rows[0][0] if rows else "unknown"
 
     def tool_version(self, tool: str) -> str:
-        rc, out, _err = run_command([self.tool(tool), "--version"], self.step, check=False, timeout=30)
+        rc, out, _err = self.run(tool, ["--version"], auth=False, timeout=30)
         return out.strip().splitlines()[0] if rc == 0 and out.strip() else "unknown"
 
 
@@ -156,3 +235,96 @@ def ident(engine: str, name: str) -> str:
 
 def literal(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+class Running:
+    """One client tool started by ``Client.start``: on the host, or inside the database container
+    (``prefix``, the password line, then the ``stdin_path`` file fed to its standard input by a
+    thread; its standard output into ``output``). Without ``output`` its standard output is kept
+    in a temporary file for ``output()``. As a context manager: killed if still running."""
+
+    def __init__(self, argv: list, step: str, env: dict, prefix: bytes | None = None, stdin_path: str | None = None,
+                 output: str | None = None, name: str | None = None):
+        self.step = step
+        self.files: list = []
+        self.feeder = None
+        self.out_file = None
+        try:
+            source = open(stdin_path, "rb") if stdin_path else None  # pylint: disable=consider-using-with
+            if source is not None:
+                self.files.append(source)
+            if output is not None:
+                # created by the caller (0600); the tool writes it through this process's descriptor
+                out = os.fdopen(os.open(output, os.O_WRONLY | os.O_TRUNC), "wb")
+                self.files.append(out)
+            else:
+                out = self.out_file = tempfile.TemporaryFile()  # pylint: disable=consider-using-with
+        except OSError as exc:
+            self.close_files()
+            raise PacsError(step, os_error_cause(exc))
+        try:
+            if prefix is None:
+                self.program = Program(argv, step, env=env, stdin=source, stdout=out)
+            else:
+                self.program = Program(argv, step, env=env, data=True, stdout=out)
+                self.feeder = threading.Thread(target=self._feed, args=(self.program.proc.stdin, prefix, source))
+                self.feeder.daemon = True
+                self.feeder.start()
+        except BaseException:
+            self.close_files()
+            raise
+        if name:
+            self.program.name = name  # in messages: pg_dump, not the engine's client
+        self.name = self.program.name
+
+    @staticmethod
+    def _feed(pipe, prefix: bytes, source) -> None:
+        try:
+            pipe.write(prefix)
+            pipe.flush()
+            if source is not None:
+                while True:
+                    chunk = source.read(1024 * 1024)
+                    if not chunk:
+                        break
+                    pipe.write(chunk)
+        except (OSError, ValueError):
+            pass  # the tool stopped reading: its exit status and error output say why
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def poll(self):
+        return self.program.poll()
+
+    def wait(self, timeout: float | None = None, hint: str = "") -> int:
+        rc = self.program.wait(timeout=timeout, hint=hint)
+        if self.feeder is not None:
+            self.feeder.join()
+        return rc
+
+    def output(self) -> str:
+        if self.out_file is None:
+            return ""
+        self.out_file.seek(0)
+        return self.out_file.read().decode("utf-8", "replace")
+
+    def errors(self) -> str:
+        return self.program.errors()
+
+    def close_files(self) -> None:
+        for handle in self.files + ([self.out_file] if self.out_file else []):
+            handle.close()
+        self.files, self.out_file = [], None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.program.close()
+        if self.feeder is not None:
+            self.feeder.join(timeout=10)
+        self.close_files()
+        return False

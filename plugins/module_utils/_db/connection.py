@@ -26,6 +26,10 @@ CONNECTION_SPEC = dict(
     unix_socket=dict(type="str"),
     bin_dir=dict(type="path"),
     timeout=dict(type="float"),
+    container=dict(type="str"),
+    container_engine=dict(type="str", choices=["auto", "docker", "podman"], default="auto"),
+    compose_project=dict(type="str"),
+    compose_file=dict(type="path"),
 )
 CONNECTION_KEYS = ("host", "port", "database", "username", "password", "unix_socket")
 
@@ -97,6 +101,8 @@ def where(conn: dict) -> str:
         place = conn["unix_socket"]
     else:
         place = f"{conn['host']}:{conn['port']}"
+    if conn.get("container"):
+        place += f" in the container {conn['container']}"
     return f"{ENGINES[conn['engine']]} database {conn['database']!r} as {conn['username']!r} at {place}"
 
 

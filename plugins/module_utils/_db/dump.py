@@ -16,7 +16,7 @@ import time
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    Program, PacsError, fsync_dir, os_error_cause, run_command, sha256_file)
+    PacsError, fsync_dir, os_error_cause, run_command, sha256_file)
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.client import Client
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.connection import public
 
@@ -36,15 +36,16 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _write_and_follow(argv: list, env: dict, part: str, step: str, client: Client, timeout: float | None) -> dict:
-    """Run a dump tool that writes ``part`` itself, front to back (mysqldump --result-file), and
-    hash the file as it grows: no copy through this process, and the hash keeps pace with the
-    tool on the other core. Returns bytes, sha256 and the last bytes (for the MySQL trailer)."""
+def _write_and_follow(tool: str, args: list, part: str, step: str, client: Client, timeout: float | None) -> dict:
+    """Run a dump tool that writes ``part`` front to back (mysqldump --result-file, or its standard
+    output inside a container), and hash the file as it grows: no copy through this process, and
+    the hash keeps pace with the tool on the other core. Returns bytes, sha256 and the last bytes
+    (for the MySQL trailer)."""
     digest = hashlib.sha256()
     size = 0
     deadline = time.monotonic() + timeout if timeout else None
     os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # the tool keeps the mode
-    with Program(argv, step, env=env) as program:
+    with client.start(tool, args, step, output=part) as program:
         try:
             with open(part, "rb") as handle:
                 while True:
@@ -71,7 +72,6 @@ def _write_and_follow(argv: list, env: dict, part: str, step: str, client: Clien
         rc = program.wait()
         err = program.errors()
     if rc != 0:
-        tool = os.path.basename(argv[0])
         cause = f"{tool} was killed by signal {-rc}. " if rc < 0 else f"{tool} exited with {rc}: "
         raise PacsError(step, cause + client.explain(err))
     return {"bytes": size, "sha256": digest.hexdigest(), "tail": tail, "stderr": err}
@@ -88,14 +88,18 @@ def _tree_stats(path: str) -> dict:
 
 
 def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str | None = None,
-         timeout: float | None = None) -> dict:
-    """Dump the database into ``dest`` (a file, or a folder for the directory format)."""
+         timeout: float | None = None, container=None) -> dict:
+    """Dump the database into ``dest`` (a file, or a folder for the directory format), with the
+    host's tools, or with those of the database's ``container`` (a ``_db.container.InContainer``)."""
     step = "dump the database"
     engine = conn["engine"]
     if engine == "mysql":
         fmt = "sql"
     elif fmt not in ("custom", "directory"):
         raise PacsError(step, f"unknown PostgreSQL dump format {fmt!r}: use custom or directory")
+    elif fmt == "directory" and container is not None:
+        raise PacsError(step, f"the directory format is written as a folder by pg_dump itself, which runs inside the "
+                        f"container {container.name}: use the custom format (orthanc_backup_dump_format: custom)")
     if os.path.lexists(dest):
         raise PacsError(step, f"{dest} exists already; a dump never overwrites a file")
     parent = os.path.dirname(dest) or "."
@@ -106,7 +110,7 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
     part = dest + PART
     _remove(part)  # a leftover of an interrupted run
     started = time.monotonic()
-    with Client(conn, bin_dir, step) as client:
+    with Client(conn, bin_dir, step, container=container) as client:
         tool_name = "pg_dump" if engine == "postgresql" else "mysqldump"
         client.tool(tool_name)  # a clear message when it is missing, before anything else
         if engine == "postgresql":
@@ -128,9 +132,11 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
                 if engine == "postgresql" and fmt == "custom":
                     # written by pg_dump itself (-f): a seekable archive records where each table's
                     # data starts, which selective and parallel restores need
+                    # (inside a container it writes to its standard output: no table offsets, which
+                    # only selective and parallel restores of a custom archive miss)
                     os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # pg_dump keeps the mode
-                    argv = client.argv("pg_dump", "-d", conn["database"], "-Fc", "-f", part)
-                    rc, out, err = run_command(argv, step, env=client.env, check=False, timeout=timeout)
+                    rc, out, err = client.run("pg_dump", ["-d", conn["database"], "-Fc"], step, output=part,
+                                              timeout=timeout)
                     if rc != 0:
                         raise PacsError(step, f"pg_dump exited with {rc}: {client.explain(err or out)}")
                     hashed = side.submit(sha256_file, part)  # beside the read-back check below
@@ -148,10 +154,9 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
                     info["sha256"] = hashlib.sha256("".join(f"{k}  {v}\n" for k, v in sorted(info["files"].items()))
                                                     .encode()).hexdigest()
                 else:
-                    argv = client.argv("mysqldump", "--single-transaction", "--routines", "--triggers", "--hex-blob",
-                                       "--no-tablespaces", "--default-character-set=utf8mb4", "--quick",
-                                       "--skip-dump-date", f"--result-file={part}", conn["database"])
-                    info = _write_and_follow(argv, client.env, part, step, client, timeout)
+                    args = ["--single-transaction", "--routines", "--triggers", "--hex-blob", "--no-tablespaces",
+                            "--default-character-set=utf8mb4", "--quick", "--skip-dump-date", conn["database"]]
+                    info = _write_and_follow("mysqldump", args, part, step, client, timeout)
                 dumped = time.monotonic()
                 if fmt != "custom":
                     check = check_dump(engine, part, fmt, client=client, tail=info.get("tail"))
@@ -165,6 +170,7 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
                   "duration_seconds": round(time.monotonic() - started, 3),
                   "dump_seconds": round(dumped - started, 3),
                   "server_version": version, "tool": os.path.basename(client.tool(tool_name)),
+                  "container": container.name if container is not None else None,
                   "tool_version": tool_version, "connection": public(conn),
                   "check": check}
         if fmt == "directory":
@@ -180,8 +186,7 @@ def check_dump(engine: str, path: str, fmt: str, client: Client | None = None, t
     if engine == "postgresql":
         client = client or Client({"engine": "postgresql", "host": "", "port": 0, "username": "", "database": "-"},
                                   bin_dir, step)
-        argv = [client.tool("pg_restore"), "--list", path]
-        rc, out, err = run_command(argv, step, check=False, timeout=600)
+        rc, out, err = client.run("pg_restore", ["--list"], step, source=path, auth=False, timeout=600)
         if rc != 0:
             raise PacsError(step, f"pg_restore cannot read {path}: {' '.join(err.strip().splitlines()[-2:])}")
         tables = set(re.findall(r"TABLE DATA \S+ (\w+) ", out))

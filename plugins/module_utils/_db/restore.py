@@ -13,7 +13,7 @@ import os
 import re
 import time
 
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import DEVNULL, PacsError, run_command
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.client import Client, ident, literal
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.connection import public, where
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.listing import PLUGIN_RESOURCE_TYPES
@@ -56,8 +56,8 @@ def _pg_membership(version_num: int) -> str:
 
 def _pg_dump_extensions(path: str, client: Client) -> list:
     """Extensions that the dump creates (Orthanc's PostgreSQL plugin 4 creates pg_trgm)."""
-    rc, out, err = run_command([client.tool("pg_restore"), "--list", path], "check the target database",
-                               check=False, timeout=600)
+    rc, out, err = client.run("pg_restore", ["--list"], "check the target database", source=path, auth=False,
+                              timeout=600)
     if rc != 0:
         raise PacsError("check the target database",
                         f"pg_restore cannot read {path}: {' '.join(err.strip().splitlines()[-2:])}")
@@ -159,7 +159,7 @@ def _pg_plan(admin: Client, conn: dict, owner: str, state: dict, replace: bool, 
     plan["extensions"] = extensions
     if plan["filled_by"] != current:
         # the owner's own connection must work (checked with its credentials, as Orthanc will)
-        with Client(conn, admin.bin_dir, step) as own:
+        with Client(conn, admin.bin_dir, step, container=admin.container) as own:
             try:
                 own.query("SELECT 1", database=name if state["exists"] and not plan["drop"] else maintenance, step=step)
             except PacsError as exc:
@@ -269,22 +269,34 @@ def _mysql_plan(admin: Client, conn: dict, owner: str, state: dict, path: str) -
 
 
 def restore(conn: dict, admin_conn: dict, path: str, fmt: str, owner: str | None = None, replace: bool = False,
-            jobs: int = 1, bin_dir: str | None = None, check_mode: bool = False, timeout: float | None = None) -> dict:
+            jobs: int = 1, bin_dir: str | None = None, check_mode: bool = False, timeout: float | None = None,
+            container=None) -> dict:
     """Restore a dump into conn's database, created when missing (MySQL: utf8mb4 with
     utf8mb4_unicode_ci), refused when it holds tables unless ``replace``. The tables belong to
     ``owner`` (default: the connection's user). Every privilege the restore needs is checked
-    first, in check mode too, and a missing one is refused with the statement that grants it."""
+    first, in check mode too, and a missing one is refused with the statement that grants it.
+    ``container`` (a ``_db.container.InContainer``): the tools are those of the database's
+    container, the dump streamed to them."""
     step = "restore the database"
     engine = conn["engine"]
     name = conn["database"]
     owner = owner or conn["username"]
     if not os.path.exists(path):
         raise PacsError(step, f"there is no dump at {path}")
-    with Client(admin_conn, bin_dir, step) as admin:
+    if container is not None and fmt == "directory":
+        raise Refused("check the target database", f"{path} is a directory-format dump, which pg_restore inside the "
+                      f"container {container.name} cannot read from this host: restore it with the host's pg_restore "
+                      "(without orthanc_db_container), or dump again in the custom format")
+    if engine == "postgresql" and (admin_conn.get("maintenance_db") or "postgres") == name:
+        # Orthanc's database is the maintenance database itself (the postgres image's default):
+        # drop and create it from another one
+        admin_conn = dict(admin_conn, maintenance_db="template1")
+    with Client(admin_conn, bin_dir, step, container=container) as admin:
         admin.tool("pg_restore" if engine == "postgresql" else "mysql")
         state = database_state(admin, name)
         result = {"changed": False, "database": name, "owner": owner, "before": state,
-                  "connection": public(conn), "created": False, "replaced": False}
+                  "connection": public(conn), "created": False, "replaced": False,
+                  "container": container.name if container is not None else None}
         if state["exists"] and (state["tables"] or state.get("large_objects")) and not replace:
             raise PacsError(step, f"the database {name!r} is not empty ({state['tables']} tables): "
                             "refusing to restore over it; set replace to drop and recreate it")
@@ -330,23 +342,20 @@ def restore(conn: dict, admin_conn: dict, path: str, fmt: str, owner: str | None
             with contextlib.ExitStack() as stack:
                 filler = admin
                 if plan["filled_by"] != plan["admin"]:
-                    filler = stack.enter_context(Client(conn, bin_dir, step))
+                    filler = stack.enter_context(Client(conn, bin_dir, step, container=container))
                 args = ["-d", name, "--no-owner", "--exit-on-error"]
                 if plan["role"]:
                     args.append(f"--role={plan['role']}")
                 args += ["-j", str(jobs)] if fmt == "directory" and jobs > 1 else ["--single-transaction"]
-                rc, out, err = run_command(filler.argv("pg_restore", *args, path), step, env=filler.env, check=False,
-                                           timeout=timeout)
+                rc, out, err = filler.run("pg_restore", args, step, source=path, timeout=timeout)
                 if rc != 0:
                     raise PacsError(step, f"pg_restore exited with {rc}: {filler.explain(err or out)}")
                 result["duration_seconds"] = round(time.monotonic() - started, 3)
                 result["counts"] = _count_resources(filler, name)
         else:
-            with open(path, "rb") as dump_file:
-                rc, _out, err = run_command(admin.argv("mysql", "--default-character-set=utf8mb4", name), step,
-                                            env=admin.env, check=False, timeout=timeout, stdin=dump_file,
-                                            stdout=DEVNULL, timeout_hint=f"; the database {name!r} is partly "
-                                            "restored: run again with replace")
+            rc, _out, err = admin.run("mysql", ["--default-character-set=utf8mb4", name], step, source=path,
+                                      timeout=timeout, timeout_hint=f"; the database {name!r} is partly "
+                                      "restored: run again with replace")
             if rc != 0:
                 raise PacsError(step, f"mysql exited with {rc}: {admin.explain(err)}")
             result["duration_seconds"] = round(time.monotonic() - started, 3)
