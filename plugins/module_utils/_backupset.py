@@ -289,6 +289,8 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
         "backend": facts.get("backend", "sqlite"),
         "strategy": facts.get("strategy", "stop"),
         "capture": facts.get("capture"),
+        # how the SQLite index files were taken: reflink (FICLONE) or copy; None for a dump
+        "index_capture": facts.get("index_capture"),
         "storage_compression": facts.get("storage_compression"),
         "source": {"config_path": facts.get("config_path"), "storage_directory": facts.get("storage_directory"),
                    "index_directory": facts.get("index_directory"), "config_is_folder": facts.get("config_is_folder"),
