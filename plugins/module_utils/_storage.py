@@ -270,9 +270,11 @@ class State:
         """Every (uuid, size, origin), by uuid."""
         return self.conn.execute("SELECT uuid, size, origin FROM placed ORDER BY uuid")
 
-    def new_uuids(self) -> set:
-        """The files not linked from the previous backup (what changed: verified with md5=new)."""
-        return {u for (u,) in self.conn.execute("SELECT uuid FROM placed WHERE origin != ?", (ORIGIN_PREVIOUS,))}
+    def is_new(self, uuid: str) -> bool:
+        """Whether a file was placed and not linked from the previous backup (one look-up: what
+        a verification with md5=new asks about each file, instead of holding the set of them)."""
+        row = self.conn.execute("SELECT origin FROM placed WHERE uuid = ?", (uuid,)).fetchone()
+        return row is not None and row[0] != ORIGIN_PREVIOUS
 
     def summary(self) -> dict:
         totals = {"files": 0, "bytes": 0, "new_files": 0, "new_bytes": 0, "linked_files": 0,
