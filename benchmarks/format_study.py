@@ -45,7 +45,7 @@ def relpath(uuid: str) -> str:
 def write_files(root: Path, count: int, rng: random.Random, made: set) -> list:
     """``count`` new files of 100-400 bytes under root/xx/yy/; their uuids."""
     names = []
-    for _ in range(count):
+    for _number in range(count):
         name = str(uuidlib.UUID(int=rng.getrandbits(128), version=4))
         folder = root / name[0:2] / name[2:4]
         if name[0:4] not in made:

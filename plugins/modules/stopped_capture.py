@@ -15,7 +15,7 @@ description:
     take the whole C(index*) set as it is (M(pacs.orthanc.sqlite_capture)'s logic), run the storage
     delta pass against that copy (M(pacs.orthanc.storage_copy)'s logic), and start Orthanc again.
   - The index files are taken by reflink (C(FICLONE)) where the backup is on the index's filesystem
-    and that filesystem shares extents (XFS made with C(reflink=1), btrfs): milliseconds whatever the
+    and that filesystem shares extents (XFS made with C(reflink=1), btrfs), in milliseconds whatever the
     index size. Elsewhere (another filesystem, ext4) their bytes are copied. Either way the write-ahead
     log is replayed into the copy only after Orthanc was started again, and the integrity check runs
     later still (M(pacs.orthanc.backup_set) C(complete)). The manifest says which (C(index_capture)).
