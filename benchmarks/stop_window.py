@@ -20,6 +20,7 @@ The work folder is deleted at the end. Results on stdout (a table), progress on 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -73,8 +74,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def add_files(storage: Path, index: Path, count: int, rng: random.Random, age: float, keep: bool = True) -> list:
-    """Write ``count`` files of 100-400 bytes and their rows; returns their uuids (``keep``)."""
+def add_files(storage: Path, index: Path, count: int, rng: random.Random, age: float, keep: bool = True,
+              md5: bool = False) -> list:
+    """Write ``count`` files of 100-400 bytes and their rows; returns their uuids (``keep``).
+    ``md5``: record each file's MD5 in the index, as Orthanc does (for verification)."""
     conn = sqlite3.connect(index, isolation_level=None)
     conn.execute("PRAGMA synchronous = OFF")
     next_id = conn.execute("SELECT COALESCE(MAX(internalId), 0) + 1 FROM Resources").fetchone()[0]
@@ -89,11 +92,13 @@ def add_files(storage: Path, index: Path, count: int, rng: random.Random, age: f
             folder.mkdir(parents=True, exist_ok=True)
             made.add(name[0:4])
         path = folder / name
-        path.write_bytes(os.urandom(size))
+        data = os.urandom(size)
+        path.write_bytes(data)
         os.utime(path, (stamp, stamp))
         rid = next_id + number
+        digest = hashlib.md5(data).hexdigest() if md5 else ""
         rows.append((rid, INSTANCE, f"{rid:08x}-bench", None))
-        files.append((rid, 1, name, size, size, 1, "", ""))
+        files.append((rid, 1, name, size, size, 1, digest, digest))
         if keep:
             uuids.append(name)
         if len(rows) >= 20000:

@@ -287,14 +287,13 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
     except (OSError, ValueError) as exc:
         raise PacsError(step, f"cannot read the records of {path}: {exc}")
     facts = dict(facts or {}, **_record.facts_from(records))
-    with _storage.State(_layout.state_file(path), readonly=True) as state:
-        new_files = state.new_uuids()  # what changed: the files not linked from the previous backup
-        storage_totals = state.summary()
     deleted_during_capture = _record.deleted_during_capture(records)
     lost_in_live_storage = _record.lost_in_live_storage(records)
     lock_taken_over = records.get("lock") or None
-    with Heartbeat(path):
-        report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=lambda u: u in new_files,
+    with _storage.State(_layout.state_file(path), readonly=True) as state, Heartbeat(path):
+        storage_totals = state.summary()
+        # what changed: the files not linked from the previous backup, asked of the state file per file
+        report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=state.is_new,
                                        known_missing=set(deleted_during_capture))
     if not report["ok"]:
         raise PacsError(step, f"the backup in {path} failed its check: "
@@ -321,6 +320,8 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
         "backend": facts.get("backend", "sqlite"),
         "strategy": facts.get("strategy", "stop"),
         "capture": facts.get("capture"),
+        # how the SQLite index files were taken: reflink (FICLONE) or copy; None for a dump
+        "index_capture": facts.get("index_capture"),
         "storage_compression": facts.get("storage_compression"),
         "source": {"config_path": facts.get("config_path"), "storage_directory": facts.get("storage_directory"),
                    "index_directory": facts.get("index_directory"), "config_is_folder": facts.get("config_is_folder"),

@@ -101,7 +101,8 @@ def facts_from(records: dict) -> dict:
         facts.update({"strategy": "stop", "stopped_at": stopped.get("stopped_at"),
                       "restarted_at": stopped.get("restarted_at"),
                       "downtime_seconds": stopped.get("downtime_seconds"),
-                      "downtime_phases": stopped.get("phases") or {}, "dump": None, "capture": None})
+                      "downtime_phases": stopped.get("phases") or {}, "dump": None, "capture": None,
+                      "index_capture": stopped.get("index_capture")})
         if snapshot is not None and snapshot.get("precondition_failed"):
             facts["capture"] = {
                 "fallback_from": "snapshot", "snapshot_kind": snapshot.get("kind"),
@@ -110,7 +111,8 @@ def facts_from(records: dict) -> dict:
     elif snapshot is not None and not snapshot.get("precondition_failed"):
         facts.update({"strategy": "snapshot", "stopped_at": None, "restarted_at": None,
                       "downtime_seconds": snapshot.get("downtime_seconds"), "downtime_phases": {},
-                      "dump": None, "capture": snapshot.get("details") or {}})
+                      "dump": None, "capture": snapshot.get("details") or {},
+                      "index_capture": (snapshot.get("details") or {}).get("index_capture")})
     elif dump is not None:
         delta = records.get("delta") or {}
         in_database = (orthanc or {}).get("storage") not in (None, "filesystem")

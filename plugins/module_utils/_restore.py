@@ -218,7 +218,9 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
                 os.chown(folder, uid, gid)
         if targets.get("index"):
             index_target = os.path.join(targets["index"], "index")
-            shutil.copyfile(os.path.join(backup, _layout.INDEX, "index"), index_target)
+            index_source = os.path.join(backup, _layout.INDEX, "index")
+            if not _sqlite.clone_file(index_source, index_target):  # a reflink where the filesystem can
+                shutil.copyfile(index_source, index_target)
             os.chmod(index_target, 0o640)
             os.chown(index_target, uid, gid)
         files = 0

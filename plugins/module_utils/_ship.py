@@ -115,21 +115,26 @@ def prepare(folder: str, name: str, check_mode: bool = False) -> dict:
     return result
 
 
-def new_storage_files(path: str, previous: str | None) -> set:
-    """Storage uuids of ``path`` that are not the same file (inode) as in ``previous``."""
-    fresh = set()
-    if not os.path.isdir(os.path.join(path, _layout.STORAGE)):
-        return fresh  # a database dump that holds the files itself
-    prev_storage = os.path.join(previous, _layout.STORAGE) if previous else None
-    for uuid, entry in _storage.walk_storage(os.path.join(path, _layout.STORAGE)):
-        if prev_storage:
+class NewFiles:
+    """``new(uuid)``: whether a storage file of ``path`` is not the same file (inode) as in
+    ``previous``; it counts the new ones it was asked about (``count``). Nothing is held per
+    file: a verification asks it about each file it checks."""
+
+    def __init__(self, path: str, previous: str | None):
+        self.storage = os.path.join(path, _layout.STORAGE)
+        self.previous = os.path.join(previous, _layout.STORAGE) if previous else None
+        self.count = 0
+
+    def __call__(self, uuid: str) -> bool:
+        rel = _storage.relpath(uuid)
+        if self.previous:
             try:
-                if os.stat(os.path.join(prev_storage, _storage.relpath(uuid))).st_ino == entry.inode():
-                    continue
+                if os.stat(os.path.join(self.previous, rel)).st_ino == os.stat(os.path.join(self.storage, rel)).st_ino:
+                    return False
             except FileNotFoundError:
                 pass
-        fresh.add(uuid)
-    return fresh
+        self.count += 1
+        return True
 
 
 def complete(folder: str, name: str, host: str, keep_last: int, keep_daily: int, keep_weekly: int,
@@ -154,14 +159,13 @@ def complete(folder: str, name: str, host: str, keep_last: int, keep_daily: int,
                             f"{manifest.get('host')}, not {name} of {host}")
         older = [n for n in _layout.complete_backups(folder) if n < name]
         previous = os.path.join(folder, older[-1]) if older else None
-        fresh = new_storage_files(path, previous) if md5 == "new" else None
-        report = _verify.verify_backup(path, md5=md5, workers=workers,
-                                       hash_filter=(lambda u: u in fresh) if fresh is not None else None)
+        fresh = NewFiles(path, previous) if md5 == "new" else None
+        report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=fresh)
         if not report["ok"]:
             raise PacsError(step, f"the copy in {path} failed its check: "
                             f"{_verify.describe_problems(report['problems'])}", verification=report)
         result = {"changed": True, "path": final, "verification": report, "already_complete": False,
-                  "previous": previous, "new_files": len(fresh) if fresh is not None else None,
+                  "previous": previous, "new_files": fresh.count if fresh is not None else None,
                   "deleted_by_retention": []}
         if check_mode:
             return result

@@ -439,5 +439,6 @@ def capture(kind: str, index_directory: str, storage_directory: str, name: str, 
                    "details": {"kind": kind, "snapshot": info, "polls": polls,
                                "orphans_dropped": result["orphans_dropped"],
                                "index_integrity_check": integrity,
-                               "index_source_files": index["source_files"]}})
+                               "index_source_files": index["source_files"],
+                               "index_capture": index["index_capture"]}})
     return result

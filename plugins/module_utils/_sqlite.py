@@ -2,10 +2,18 @@
 # Copyright: pacs.orthanc contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Orthanc's SQLite index: who holds it, a consistent copy of the whole ``index*`` set,
-and what the copy says (schema version, counts, attachments)."""
+and what the copy says (schema version, counts, attachments).
+
+The copy is taken in two steps. ``capture_index_set`` takes every ``index*`` file as it is, while
+nobody holds the index: by reflink (``FICLONE``) where the filesystem shares extents (XFS with
+``reflink=1``, btrfs), which takes milliseconds whatever the index size, else by copying the
+bytes. ``finish_capture`` then replays the write-ahead log into the copy and leaves one
+self-contained file: it works on the copy only, so it can run once Orthanc runs again. A
+captured set that is not finished yet can already be read (SQLite replays the log as it reads)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -24,6 +32,12 @@ _LOCK_LEN = 512
 _FLOCK = "hhqqi4x"  # struct flock on Linux 64-bit: type, whence, start, len, pid
 
 RESOURCE_TYPES = {1: "patients", 2: "studies", 3: "series", 4: "instances"}
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int): share the source's extents (linux/fs.h)
+# what FICLONE answers where it cannot clone: another filesystem, or one without shared extents
+_CANNOT_CLONE = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS, errno.EPERM}
+CAPTURE_REFLINK = "reflink"
+CAPTURE_COPY = "copy"
 
 
 def index_files(index_dir: str) -> list:
@@ -91,26 +105,60 @@ def consolidate(index_file: str) -> None:
             os.unlink(index_file + suffix)
 
 
-def copy_index_set(index_dir: str, dest_dir: str) -> dict:
-    """Copy every ``index*`` file together, then consolidate the copy into one file.
+def clone_file(src: str, dest: str) -> bool:
+    """Reflink ``src`` to ``dest`` (created 0600); False, and no ``dest``, where the filesystem
+    cannot (another filesystem, or one without shared extents)."""
+    with open(src, "rb") as source:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fcntl.ioctl(fd, FICLONE, source.fileno())
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(dest)
+            if exc.errno in _CANNOT_CLONE:
+                return False
+            raise
+        os.close(fd)
+    return True
 
-    The caller makes sure nobody holds the index (``wait_until_free``)."""
+
+def capture_index_set(index_dir: str, dest_dir: str, reflink: bool = True) -> dict:
+    """Take every ``index*`` file together, as it is: by reflink where the filesystem can
+    (``index_capture: reflink``), else by copy (``copy``). The set is not consolidated yet: call
+    ``finish_capture`` (it can wait until Orthanc runs again). The caller makes sure nobody holds
+    the index (``wait_until_free``)."""
     names = index_files(index_dir)
     if "index" not in names:
         raise PacsError("find index", f"there is no SQLite index file 'index' in {index_dir}")
     os.makedirs(dest_dir, mode=0o700, exist_ok=True)
-    copied = {}
+    copied, cloned = {}, reflink
     for name in names:
-        src = os.path.join(index_dir, name)
+        src, dest = os.path.join(index_dir, name), os.path.join(dest_dir, name)
         try:
-            shutil.copyfile(src, os.path.join(dest_dir, name))
+            if not (cloned and clone_file(src, dest)):
+                cloned = False  # one refusal is enough: the other files live on the same filesystems
+                shutil.copyfile(src, dest)
+                os.chmod(dest, 0o600)
             copied[name] = os.path.getsize(src)
         except OSError as exc:
             raise PacsError("copy index", os_error_cause(exc))
-    target = os.path.join(dest_dir, "index")
+    return {"source_files": copied, "path": os.path.join(dest_dir, "index"),
+            "index_capture": CAPTURE_REFLINK if cloned else CAPTURE_COPY}
+
+
+def finish_capture(captured: dict) -> dict:
+    """Consolidate a captured set (``capture_index_set``'s result) into one file; adds its size."""
+    target = captured["path"]
     consolidate(target)
     os.chmod(target, 0o600)
-    return {"source_files": copied, "path": target, "size": os.path.getsize(target)}
+    captured["size"] = os.path.getsize(target)
+    return captured
+
+
+def copy_index_set(index_dir: str, dest_dir: str) -> dict:
+    """Capture every ``index*`` file together (by reflink where possible), then consolidate the
+    copy into one file. The caller makes sure nobody holds the index (``wait_until_free``)."""
+    return finish_capture(capture_index_set(index_dir, dest_dir))
 
 
 def check_integrity(path: str, level: str = "full") -> list:
@@ -150,13 +198,52 @@ def read_summary(path: str) -> dict:
 
 
 def attachments(path: str) -> dict:
-    """{uuid: (compressedSize, compressedMD5 or '')} for every file the index lists."""
+    """{uuid: (compressedSize, compressedMD5 or '')} for every file the index lists (small
+    indexes and tests: it holds every file; ``iter_attachments`` streams them)."""
+    return {uuid: (size, md5) for uuid, size, md5 in iter_attachments(path)}
+
+
+def iter_attachments(path: str):
+    """(uuid, compressedSize, compressedMD5 or '') of every file the index lists, one at a time."""
     try:
         conn = connect(path)
         try:
-            return {uuid: (int(size), md5 or "") for uuid, size, md5 in conn.execute(
-                "SELECT uuid, compressedSize, compressedMD5 FROM AttachedFiles")}
+            for uuid, size, md5 in conn.execute("SELECT uuid, compressedSize, compressedMD5 FROM AttachedFiles"):
+                yield uuid, int(size), md5 or ""
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {path}: {exc}")
+
+
+def uuids_are_distinct(path: str) -> bool:
+    """Whether no uuid is listed twice (SQLite sorts on disk: nothing held in Python)."""
+    try:
+        conn = connect(path)
+        try:
+            return conn.execute("SELECT 1 FROM AttachedFiles GROUP BY uuid HAVING COUNT(*) > 1 LIMIT 1").fetchone() is None
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise PacsError("read index", f"cannot list the attachments of {path}: {exc}")
+
+
+class UuidSet:
+    """The uuids an index lists, for ``in`` tests, kept by SQLite in a temporary file (not in
+    memory): the slow path of a verification that found storage files the index may not list."""
+
+    def __init__(self, path: str):
+        try:
+            self.conn = sqlite3.connect("", isolation_level=None)  # "": a private temporary database on disk
+            self.conn.execute("ATTACH DATABASE ? AS idx", (f"file:{path}?mode=ro",))
+            self.conn.execute("CREATE TABLE listed (uuid TEXT PRIMARY KEY) WITHOUT ROWID")
+            self.conn.execute("INSERT OR IGNORE INTO listed SELECT uuid FROM idx.AttachedFiles")
+            self.conn.execute("DETACH DATABASE idx")
+        except sqlite3.Error as exc:
+            raise PacsError("read index", f"cannot list the attachments of {path}: {exc}")
+
+    def __contains__(self, uuid: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM listed WHERE uuid = ?", (uuid,)).fetchone() is not None
+
+    def close(self) -> None:
+        self.conn.close()

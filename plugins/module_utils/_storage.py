@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import os
 import re
 import shutil
@@ -291,9 +292,11 @@ class State:
         """Every (uuid, size, origin), by uuid."""
         return self.conn.execute("SELECT uuid, size, origin FROM placed ORDER BY uuid")
 
-    def new_uuids(self) -> set:
-        """The files not linked from the previous backup (what changed: verified with md5=new)."""
-        return {u for (u,) in self.conn.execute("SELECT uuid FROM placed WHERE origin != ?", (ORIGIN_PREVIOUS,))}
+    def is_new(self, uuid: str) -> bool:
+        """Whether a file was placed and not linked from the previous backup (one look-up: what
+        a verification with md5=new asks about each file, instead of holding the set of them)."""
+        row = self.conn.execute("SELECT origin FROM placed WHERE uuid = ?", (uuid,)).fetchone()
+        return row is not None and row[0] != ORIGIN_PREVIOUS
 
     def summary(self) -> dict:
         totals = {"files": 0, "bytes": 0, "new_files": 0, "new_bytes": 0, "linked_files": 0,
@@ -321,12 +324,21 @@ class State:
             raise PacsError("read index", f"cannot list the attachments of {index}: {exc}")
         self.listing = "(SELECT uuid, compressedSize AS size FROM idx.AttachedFiles)"
 
-    def load_listing(self, wanted: dict) -> None:
-        """List the {uuid: size} given (a dump's list of files)."""
-        self.conn.execute("CREATE TEMP TABLE wanted (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
-        with self.conn:
-            self.conn.execute("BEGIN")
-            self.conn.executemany("INSERT OR REPLACE INTO temp.wanted VALUES (?, ?)", wanted.items())
+    def load_listing(self, wanted) -> None:
+        """List the (uuid, size) pairs given, a {uuid: size} or any iterable of pairs (a dump's
+        attachments, streamed: they go to SQLite in batches and are not kept in Python)."""
+        pairs = iter(wanted.items() if isinstance(wanted, dict) else wanted)
+        try:
+            self.conn.execute("CREATE TEMP TABLE wanted (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
+            with self.conn:
+                self.conn.execute("BEGIN")
+                while True:
+                    batch = list(itertools.islice(pairs, BATCH))
+                    if not batch:
+                        break
+                    self.conn.executemany("INSERT OR REPLACE INTO temp.wanted VALUES (?, ?)", batch)
+        except sqlite3.Error as exc:
+            raise _state_failure(self.step, self.path, exc)
         self.listing = "temp.wanted"
 
     def differences(self) -> list:
@@ -478,12 +490,13 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
 
 class Delta:
     """The delta pass, in two steps: ``fetch`` places what the captured index (``index``, a
-    SQLite file) or a dump's list (``wanted``, {uuid: size}) lists and the hot pass did not place
+    SQLite file) or a dump's list (``wanted``: {uuid: size} or an iterable of (uuid, size), see
+    ``_db.listing.attachment_sizes``) lists and the hot pass did not place
     (or placed with another size): the only step that must run while Orthanc is stopped, its
     work follows what changed since the hot pass. ``tidy`` removes what the hot pass placed and
     the index no longer lists, and sums up the storage: it can wait until Orthanc runs again."""
 
-    def __init__(self, source: str, dest: str, state_file: str, wanted: dict | None = None,
+    def __init__(self, source: str, dest: str, state_file: str, wanted=None,
                  index: str | None = None, previous: str | None = None, link_mode: str = "auto",
                  workers: int = 4, check_mode: bool = False):
         if (wanted is None) == (index is None):
@@ -565,11 +578,12 @@ class Delta:
         return result
 
 
-def delta_pass(source: str, dest: str, state_file: str, wanted: dict | None = None, previous: str | None = None,
+def delta_pass(source: str, dest: str, state_file: str, wanted=None, previous: str | None = None,
                link_mode: str = "auto", workers: int = 4, check_mode: bool = False,
                missing_out: list | None = None, index: str | None = None) -> dict:
     """The whole delta pass at once (``Delta``'s fetch, then tidy), for a capture during which
-    Orthanc runs on. ``wanted``: {uuid: size} (a dump's list), or ``index``: the captured index.
+    Orthanc runs on. ``wanted``: {uuid: size} or (uuid, size) pairs (a dump's list), or ``index``:
+    the captured index.
     Every uuid that the source lacks is appended to ``missing_out`` when given."""
     with Delta(source, dest, state_file, wanted=wanted, index=index, previous=previous, link_mode=link_mode,
                workers=workers, check_mode=check_mode) as delta:

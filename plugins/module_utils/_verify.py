@@ -61,57 +61,95 @@ def check_manifest_files(backup: str, manifest: dict, report: Report) -> None:
             report.add("files outside storage with a wrong SHA-256", rel)
 
 
+HASH_WINDOW = 2048  # files handed to the hashing threads at once: memory stays flat however many
+
+
+class _Hasher:
+    """Hashes files in windows of HASH_WINDOW on ``workers`` threads and reports wrong MD5s."""
+
+    def __init__(self, report: Report, workers: int):
+        self.report = report
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        self.window: list = []
+
+    def add(self, uuid: str, path: str, md5: str, size: int) -> None:
+        self.window.append((uuid, path, md5, size))
+        if len(self.window) >= HASH_WINDOW:
+            self.flush()
+
+    def flush(self) -> None:
+        window, self.window = self.window, []
+        if self.pool is None:  # a pool of one thread only adds its own cost
+            digests = (md5_file(item[1]) for item in window)
+        else:
+            digests = self.pool.map(lambda item: md5_file(item[1]), window)
+        for (uuid, _path, expected, size), actual in zip(window, digests):
+            self.report.stats["files_hashed"] += 1
+            self.report.stats["bytes_hashed"] += size
+            if actual != expected:
+                self.report.add("storage files with a wrong MD5", uuid)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def check_storage(backup: str, index_file: str | None, report: Report, hash_filter=None,
                   workers: int = 2, orphans: bool = True, listed: dict | None = None,
-                  known_missing=frozenset()) -> dict:
+                  known_missing=frozenset()) -> None:
     """Every attachment the index lists is in storage/ with its size, and, for the uuids that
-    ``hash_filter(uuid)`` accepts (all when None), its MD5. Returns {uuid: size} of the index.
-    ``listed`` ({uuid: (size, md5)}) replaces the index file (a database dump's listing);
-    ``known_missing`` are files that the manifest records as deleted while the dump ran."""
+    ``hash_filter(uuid)`` accepts (all when None), its MD5. ``listed`` ({uuid: (size, md5)})
+    replaces the index file (a database dump's listing); ``known_missing`` are files that the
+    manifest records as deleted while the dump ran.
+
+    The index's attachments are read one at a time and hashed in bounded windows, and orphans
+    (files the index does not list) are found by counting: when the storage holds as many files
+    as the index lists and finds present, and the index lists no uuid twice, there is none; only
+    otherwise are they looked up, in a set that SQLite keeps on disk. Memory does not grow with
+    the number of files (benchmarks/memory.py)."""
     storage = os.path.join(backup, _layout.STORAGE)
     if listed is None:
-        listed = _sqlite.attachments(index_file)
-    to_hash = []
-    for uuid, (size, md5) in listed.items():
-        path = os.path.join(storage, _storage.relpath(uuid))
-        try:
-            actual = os.stat(path).st_size
-        except FileNotFoundError:
-            if uuid in known_missing:
-                report.stats["known_missing"] = report.stats.get("known_missing", 0) + 1
+        rows = _sqlite.iter_attachments(index_file)
+    else:
+        rows = ((uuid, size, md5) for uuid, (size, md5) in listed.items())
+    present = 0  # listed files found in storage/, whatever their size
+    hasher = _Hasher(report, workers)
+    try:
+        for uuid, size, md5 in rows:
+            path = os.path.join(storage, _storage.relpath(uuid))
+            try:
+                actual = os.stat(path).st_size
+            except FileNotFoundError:
+                if uuid in known_missing:
+                    report.stats["known_missing"] = report.stats.get("known_missing", 0) + 1
+                    continue
+                report.add("missing storage files", uuid)
                 continue
-            report.add("missing storage files", uuid)
-            continue
-        report.stats["files_checked"] += 1
-        report.stats["bytes_checked"] += actual
-        if actual != size:
-            report.add("storage files with a wrong size", f"{uuid} ({actual} bytes, index says {size})")
-            continue
-        if md5 and (hash_filter is None or hash_filter(uuid)):
-            to_hash.append((uuid, path, md5, size))
-    if to_hash:
-        if workers <= 1:  # a pool of one thread only adds its own cost
-            digests = (md5_file(item[1]) for item in to_hash)
-            pool = None
-        else:
-            pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-            digests = pool.map(lambda item: md5_file(item[1]), to_hash)
-        try:
-            for (uuid, _path, expected, size), actual in zip(to_hash, digests):
-                report.stats["files_hashed"] += 1
-                report.stats["bytes_hashed"] += size
-                if actual != expected:
-                    report.add("storage files with a wrong MD5", uuid)
-        finally:
-            if pool:
-                pool.shutdown(wait=True, cancel_futures=True)
+            present += 1
+            report.stats["files_checked"] += 1
+            report.stats["bytes_checked"] += actual
+            if actual != size:
+                report.add("storage files with a wrong size", f"{uuid} ({actual} bytes, index says {size})")
+                continue
+            if (hash_filter is None or hash_filter(uuid)) and md5:  # the filter sees every file in place
+                hasher.add(uuid, path, md5, size)
+        hasher.flush()
+    finally:
+        hasher.close()
     if orphans and os.path.isdir(storage):
-        for uuid, _entry in _storage.walk_storage(storage):
-            if uuid not in listed:
-                report.stats["orphans"] += 1
-                if len(report.orphan_examples) < MAX_EXAMPLES:
-                    report.orphan_examples.append(uuid)
-    return {uuid: size for uuid, (size, _md5) in listed.items()}
+        stored = sum(1 for _entry in _storage.walk_storage(storage))
+        distinct = True if listed is not None else _sqlite.uuids_are_distinct(index_file)
+        if stored != present or not distinct:
+            members = listed if listed is not None else _sqlite.UuidSet(index_file)
+            try:
+                for uuid, _entry in _storage.walk_storage(storage):
+                    if uuid not in members:
+                        report.stats["orphans"] += 1
+                        if len(report.orphan_examples) < MAX_EXAMPLES:
+                            report.orphan_examples.append(uuid)
+            finally:
+                if listed is None:
+                    members.close()
 
 
 def _hash_none(_uuid: str) -> bool:

@@ -12,9 +12,13 @@ version_added: 0.1.0
 description:
   - The part of a SQLite backup that needs Orthanc stopped, done in one process so that the
     downtime holds no task start-up, stop Orthanc (M(pacs.orthanc.orthanc_control)'s logic),
-    take a consistent copy of the whole C(index*) set (M(pacs.orthanc.sqlite_capture)'s logic,
-    without the integrity check, which belongs after the restart), run the storage delta pass
-    against that copy (M(pacs.orthanc.storage_copy)'s logic), and start Orthanc again.
+    take the whole C(index*) set as it is (M(pacs.orthanc.sqlite_capture)'s logic), run the storage
+    delta pass against that copy (M(pacs.orthanc.storage_copy)'s logic), and start Orthanc again.
+  - The index files are taken by reflink (C(FICLONE)) where the backup is on the index's filesystem
+    and that filesystem shares extents (XFS made with C(reflink=1), btrfs), in milliseconds whatever the
+    index size. Elsewhere (another filesystem, ext4) their bytes are copied. Either way the write-ahead
+    log is replayed into the copy only after Orthanc was started again, and the integrity check runs
+    later still (M(pacs.orthanc.backup_set) C(complete)). The manifest says which (C(index_capture)).
   - Orthanc is started again whatever failed after the stop; the task then fails with the first
     cause. Its result says whether Orthanc was started again (C(restarted)), so that a role's
     C(always) block starts it only when this process could not (killed, for instance).
@@ -87,8 +91,8 @@ phases:
   returned: success
   sample: {"stop": 1.21, "capture": 0.08, "delta": 0.02, "start": 0.24}
 after_start_seconds:
-  description: Seconds spent after the start on what could wait (index summary, removal of files deleted
-    since the hot pass, storage totals).
+  description: Seconds spent after the start on what could wait (replay of the write-ahead log into the
+    index copy, index summary, removal of files deleted since the hot pass, storage totals).
   type: float
   returned: success
 stopped_at:
@@ -104,9 +108,11 @@ running_after:
   type: bool
   returned: always
 capture:
-  description: The index copy, its path, size, schema version and counts.
+  description: The index copy, its path, size, schema version and counts, and how the index files were
+    taken (C(index_capture), C(reflink) or C(copy)).
   type: dict
   returned: success
+  sample: {"path": "/var/backups/orthanc/20261129T070000Z.incomplete/index/index", "index_capture": "reflink"}
 delta:
   description: The delta pass, as M(pacs.orthanc.storage_copy) returns it.
   type: dict
@@ -148,7 +154,9 @@ def _capture_window(module):
             phases["stop"] = stopped["seconds"]
         t0 = time.monotonic()
         _sqlite.wait_until_free(index_file, 0 if p["stop"] else p["stop_timeout"])
-        copied = _sqlite.copy_index_set(p["index_directory"], p["index_dest"])
+        # by reflink where the filesystem can: milliseconds whatever the index size; the WAL is
+        # replayed into the copy after the start (SQLite reads the set as it is meanwhile)
+        copied = _sqlite.capture_index_set(p["index_directory"], p["index_dest"])
         phases["capture"] = round(time.monotonic() - t0, 3)
         t0 = time.monotonic()
         # only what the hot pass lacks is fetched here: the removal of files deleted meanwhile,
@@ -194,8 +202,10 @@ def _capture_window(module):
     if failure is None:
         try:  # Orthanc runs again: what can wait for it
             t0 = time.monotonic()
-            result["capture"].update(_sqlite.read_summary(result["capture"]["path"]))
             result["delta"].update(delta_step.tidy())
+            delta_step.close()  # it reads the index copy: closed before the copy is consolidated
+            _sqlite.finish_capture(result["capture"])
+            result["capture"].update(_sqlite.read_summary(result["capture"]["path"]))
             result["after_start_seconds"] = round(time.monotonic() - t0, 3)
         except (PacsError, OSError) as exc:
             failure = exc if isinstance(exc, PacsError) else PacsError("copy storage (delta pass)", str(exc))
@@ -209,6 +219,7 @@ def _capture_window(module):
     _record.record_beside(p["storage_dest"], "stopped", {
         "stopped_at": result.get("stopped_at"), "restarted_at": result.get("restarted_at"),
         "downtime_seconds": result["downtime_seconds"], "phases": phases,
+        "index_capture": result["capture"]["index_capture"],
         "lost_in_live_storage": result["delta"].get("lost_in_live_storage") or []})
     return result
 

@@ -190,8 +190,8 @@ def _snapshot_phase(module, p, state_file, common):
     else:
         if p["dump"]:
             engine = _layout.dump_engine(p["dump"])
-            listing = db_listing.read_dump(engine, p["dump"], with_contents=False)["attachments"]
-            wanted = {uuid: size for uuid, (size, _md5) in listing.items()}
+            # streamed from the dump into SQLite: no dict of every file (issue 15)
+            wanted = db_listing.attachment_sizes(engine, p["dump"])
         elif p["index"]:
             wanted = None  # SQLite compares the captured index with the state itself
         else:

@@ -41,6 +41,7 @@ def test_two_hosts_are_backed_up_incrementally(servers, tmp_path):
         manifest = checks.assert_backup_matches(server, latest.resolve(), compressed=compressed)
         assert manifest["host"] == name and manifest["storage_compression"] is compressed
         assert manifest["downtime_seconds"] > 0 and manifest["storage"]["linked_files"] == 0
+        assert manifest["index_capture"] == "copy"  # ext4, no reflinks (XFS and btrfs: test_reflink)
         assert f"{name}: ok, sqlite, {manifest['counts']['instances']} instances" in first.stdout
     first_alpha = (roots["alpha"] / "latest").resolve()
 

@@ -24,34 +24,23 @@ import time
 
 import pytest
 
-from tests.support import checks, dicomgen
+from tests.support import checks, dicomgen, loopfs
 from tests.support.orthanc_server import OrthancError, OrthancServer, stop_all
 from tests.support.playbook import _env, local_host, run_playbook, write_inventory
 from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.geteuid() != 0, reason="loop-mounts a btrfs image: needs root"),
-              pytest.mark.skipif(shutil.which("mkfs.btrfs") is None, reason="btrfs-progs is not installed")]
+              pytest.mark.skipif(not loopfs.available("btrfs"), reason="loop-mounts a btrfs image: needs root and btrfs-progs")]
 
 SNAPSHOT_VARS = {"orthanc_backup_snapshot": "btrfs", "orthanc_backup_md5": "all"}
 PREFIX = ".pacs-orthanc-snapshot."
 
 
-class Btrfs:
-    """A btrfs filesystem in a sparse image file, loop-mounted under a test's tmp_path."""
+class Btrfs(loopfs.LoopFilesystem):
+    """A loop-mounted btrfs filesystem under a test's tmp_path, with its subvolumes."""
 
     def __init__(self, tmp_path: pathlib.Path, size: str = "512M"):
-        self.image = tmp_path / "btrfs.img"
-        self.mount_point = tmp_path / "btrfs"
-        self.loop = None
-        self.mounted = False
-        subprocess.run(["truncate", "-s", size, str(self.image)], check=True)
-        self.loop = subprocess.run(["losetup", "--find", "--show", str(self.image)], check=True,
-                                   capture_output=True, text=True).stdout.strip()
-        subprocess.run(["mkfs.btrfs", "-q", self.loop], check=True, capture_output=True)
-        self.mount_point.mkdir()
-        subprocess.run(["mount", self.loop, str(self.mount_point)], check=True)
-        self.mounted = True
+        super().__init__(tmp_path, "btrfs", size)
 
     def subvolume(self, name: str) -> pathlib.Path:
         path = self.mount_point / name
@@ -65,15 +54,6 @@ class Btrfs:
 
     def snapshots(self) -> list:
         return [s for s in self.subvolumes() if PREFIX in s]
-
-    def close(self) -> None:
-        if self.mounted:
-            if subprocess.run(["umount", str(self.mount_point)], check=False).returncode != 0:
-                subprocess.run(["umount", "-l", str(self.mount_point)], check=False)
-            self.mounted = False
-        if self.loop:  # only the loop device this object attached
-            subprocess.run(["losetup", "-d", self.loop], check=False)
-            self.loop = None
 
 
 @pytest.fixture
@@ -200,6 +180,8 @@ def test_backups_from_snapshots_while_orthanc_keeps_receiving(btrfs, orthancs, t
             assert snapshot["volume"] == str(volume) and snapshot["released_at"] >= snapshot["created_at"]
             assert snapshot["path"] == f"{volume}/{PREFIX}{backup.name}"
             assert "index" in capture["index_source_files"]
+            # the backup root is on another filesystem than the snapshot: a reflink is refused, the index copied
+            assert capture["index_capture"] == "copy" == manifest["index_capture"]
             assert snapshot["removed_leftovers"] == ([str(leftover)] if round_no == 1 else [])
             assert btrfs.snapshots() == []  # released
             assert server.pid() == pid  # never stopped

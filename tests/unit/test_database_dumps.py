@@ -52,6 +52,14 @@ def test_without_contents_the_files_are_not_read(name):
     assert len(found["attachments"]) == 2
 
 
+@pytest.mark.parametrize("name", params(DUMPS))
+def test_attachment_sizes_stream_what_the_reader_finds(name):
+    """The storage delta pass of a dump reads the attachments one by one (no dict of every file)."""
+    stream = listing.attachment_sizes(engine_of(name), str(FIXTURES / name))
+    assert iter(stream) is stream  # a generator, not a list or dict
+    assert dict(stream) == {uuid: a["size"] for uuid, a in EXPECTED[name]["attachments"].items()}
+
+
 @needs_pg_restore
 def test_a_large_object_missing_from_the_sql_is_named():
     """storagearea lists a file whose large object the SQL does not hold: (None, None), so that

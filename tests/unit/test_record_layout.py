@@ -40,7 +40,7 @@ def test_open_records_what_orthanc_info_found_and_close_builds_the_manifest_from
     written = _record.record_beside(opened["storage_path"], "stopped", {
         "stopped_at": "2026-11-30T05:00:00.000000Z", "restarted_at": "2026-11-30T05:00:02.500000Z",
         "downtime_seconds": 2.5, "phases": {"stop": 1.0, "capture": 0.5, "delta": 0.2, "start": 0.8},
-        "lost_in_live_storage": ["b-lost", "a-lost"]})
+        "index_capture": "reflink", "lost_in_live_storage": ["b-lost", "a-lost"]})
     assert written == os.path.join(opened["path"], ".work", "records", "stopped.json")
     closed = _backupset.close_backup(str(root), opened["name"], "unit-host", None, 7)
     manifest = json.loads((root / opened["name"] / "manifest.json").read_text())
@@ -48,6 +48,7 @@ def test_open_records_what_orthanc_info_found_and_close_builds_the_manifest_from
     assert manifest["orthanc"]["version"] == "1.10.1" and manifest["orthanc"]["name"] == "unit-orthanc"
     assert manifest["strategy"] == "stop" and manifest["capture"] is None and manifest["dump"] is None
     assert manifest["downtime_seconds"] == 2.5 and manifest["downtime_phases"]["start"] == 0.8
+    assert manifest["index_capture"] == "reflink"
     assert manifest["stopped_at"] == "2026-11-30T05:00:00.000000Z"
     assert manifest["started_at"] == opened["started_at"]
     assert manifest["source"]["storage_owner"] == INFO["storage_owner"]

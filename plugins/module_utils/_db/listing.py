@@ -3,7 +3,12 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Offline readers of a dump (no database server): what Orthanc's index lists (resource counts,
 attachments with their size and MD5, the schema version) and the size and MD5 of every file kept
-in the database, from ``pg_restore --list`` and the SQL it writes, or from a mysqldump file."""
+in the database, from ``pg_restore --list`` and the SQL it writes, or from a mysqldump file.
+
+Each reader is a stream of events, ``("resource", type)``, ``("attachment", uuid, size, md5)``,
+``("property", property, value)``, ``("stored", uuid, size, md5)``: ``read_dump`` gathers them
+into one summary (for verification), ``attachment_sizes`` passes the attachments on one by one
+(for the storage delta pass, which holds none of them in memory)."""
 
 from __future__ import annotations
 
@@ -45,6 +50,19 @@ class _Listing:
         if str(prop) == SCHEMA_VERSION_PROPERTY:
             self.schema_version = str(value)
 
+    def consume(self, events) -> dict:
+        for event in events:
+            kind = event[0]
+            if kind == "resource":
+                self.resource(event[1])
+            elif kind == "attachment":
+                self.attachment(*event[1:])
+            elif kind == "property":
+                self.global_property(*event[1:])
+            elif kind == "stored":
+                self.stored[event[1]] = tuple(event[2:])
+        return self.as_dict()
+
 
 def _pg_copy_field(value: str):
     if value == "\\N":
@@ -57,6 +75,10 @@ def _pg_copy_field(value: str):
 def read_pg_dump(path: str, with_contents: bool = True, bin_dir: str | None = None) -> dict:
     """What a pg_dump archive holds, read with pg_restore (no server needed): resource counts,
     attachments, and the size and MD5 of every file stored as a large object."""
+    return _Listing().consume(_pg_dump_events(path, with_contents, bin_dir))
+
+
+def _pg_dump_events(path: str, with_contents: bool, bin_dir: str | None):
     step = "read the dump"
     client = Client({"engine": "postgresql"}, bin_dir, step)
     pg_restore = client.tool("pg_restore")
@@ -74,20 +96,22 @@ def read_pg_dump(path: str, with_contents: bool = True, bin_dir: str | None = No
         list_file = handle.name
     try:
         with Program([pg_restore, "-L", list_file, "-f", "-", path], step, stdout=PIPE) as program:
-            result = parse_pg_sql(program.stdout, with_contents)
+            yield from _pg_events(program.stdout, with_contents)
             if program.wait() != 0:
                 raise PacsError(step, f"pg_restore cannot read {path}: "
                                 f"{' '.join(program.errors().strip().splitlines()[-2:])}")
     finally:
         os.unlink(list_file)
-    return result
 
 
 def parse_pg_sql(lines, with_contents: bool = True) -> dict:
     """What the SQL that pg_restore writes of Orthanc's tables and large objects holds (lines as
     bytes): the COPY data of resources, attachedfiles, globalproperties and storagearea, and the
     lo_open / lowrite / lo_close calls of the large objects."""
-    listing = _Listing()
+    return _Listing().consume(_pg_events(lines, with_contents))
+
+
+def _pg_events(lines, with_contents: bool):
     blob_of: dict = {}  # oid -> uuid
     blobs: dict = {}    # oid -> [size, md5]
     table = None
@@ -101,11 +125,11 @@ def parse_pg_sql(lines, with_contents: bool = True) -> dict:
             fields = [_pg_copy_field(v) for v in raw.rstrip(b"\n").decode("utf-8").split("\t")]
             row = dict(zip(columns, fields))
             if table == "resources":
-                listing.resource(row["resourcetype"])
+                yield ("resource", row["resourcetype"])
             elif table == "attachedfiles":
-                listing.attachment(row["uuid"], row.get("compressedsize"), row.get("compressedhash"))
+                yield ("attachment", row["uuid"], row.get("compressedsize"), row.get("compressedhash"))
             elif table == "globalproperties":
-                listing.global_property(row["property"], row["value"])
+                yield ("property", row["property"], row["value"])
             elif table == "storagearea":
                 blob_of[row["content"]] = row["uuid"]
             continue
@@ -126,10 +150,9 @@ def parse_pg_sql(lines, with_contents: bool = True) -> dict:
             current = None
     for oid, uuid in blob_of.items():
         if oid in blobs:
-            listing.stored[uuid] = (blobs[oid][0], blobs[oid][1].hexdigest())
+            yield ("stored", uuid, blobs[oid][0], blobs[oid][1].hexdigest())
         elif with_contents:
-            listing.stored[uuid] = (None, None)  # listed in StorageArea, its large object is missing
-    return listing.as_dict()
+            yield ("stored", uuid, None, None)  # listed in StorageArea, its large object is missing
 
 
 _MYSQL_TOKEN = re.compile(rb"'(?:[^'\\]|\\.)*'|0x[0-9A-Fa-f]*|NULL|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|[(),;]")
@@ -150,8 +173,11 @@ def _mysql_value(token: bytes):
 def read_mysql_dump(path: str, with_contents: bool = True) -> dict:
     """What a mysqldump file holds, parsed offline: resource counts, attachments, and the size
     and MD5 of every file stored in the StorageArea table."""
+    return _Listing().consume(_mysql_events(path, with_contents))
+
+
+def _mysql_events(path: str, with_contents: bool):
     step = "read the dump"
-    listing = _Listing()
     tables = {"Resources", "AttachedFiles", "GlobalProperties"}
     if with_contents:
         tables.add("StorageArea")
@@ -176,30 +202,37 @@ def read_mysql_dump(path: str, with_contents: bool = True) -> dict:
                     row = []
                 elif token == b")":
                     depth -= 1
-                    _mysql_row(listing, table, row)
+                    yield _mysql_event(table, row)
                 elif token == b";" and depth == 0:
                     table = None
                     break
                 elif token != b",":
                     row.append(_mysql_value(token))
-    return listing.as_dict()
 
 
-def _mysql_row(listing: _Listing, table: str, row: list) -> None:
+def _mysql_event(table: str, row: list) -> tuple:
     text = [v.decode("utf-8") if isinstance(v, bytes) and table != "StorageArea" else v for v in row]
     if table == "Resources":
-        listing.resource(text[1])
-    elif table == "AttachedFiles":
-        listing.attachment(text[2], text[3], text[7] if len(text) > 7 else None)
-    elif table == "GlobalProperties":
-        listing.global_property(text[0], text[1])
-    elif table == "StorageArea":
-        uuid = row[0].decode("utf-8") if isinstance(row[0], bytes) else row[0]
-        content = row[1] if isinstance(row[1], bytes) else b""
-        listing.stored[uuid] = (len(content), hashlib.md5(content).hexdigest())
+        return ("resource", text[1])
+    if table == "AttachedFiles":
+        return ("attachment", text[2], text[3], text[7] if len(text) > 7 else None)
+    if table == "GlobalProperties":
+        return ("property", text[0], text[1])
+    uuid = row[0].decode("utf-8") if isinstance(row[0], bytes) else row[0]
+    content = row[1] if isinstance(row[1], bytes) else b""
+    return ("stored", uuid, len(content), hashlib.md5(content).hexdigest())
 
 
 def read_dump(engine: str, path: str, with_contents: bool = True, bin_dir: str | None = None) -> dict:
     if engine == "postgresql":
         return read_pg_dump(path, with_contents, bin_dir)
     return read_mysql_dump(path, with_contents)
+
+
+def attachment_sizes(engine: str, path: str, bin_dir: str | None = None):
+    """(uuid, compressed size) of every attachment a dump lists, one at a time, nothing held:
+    what the storage delta pass of a dump compares with its state (``_storage.Delta``)."""
+    events = _pg_dump_events(path, False, bin_dir) if engine == "postgresql" else _mysql_events(path, False)
+    for event in events:
+        if event[0] == "attachment":
+            yield event[1], int(event[2]) if event[2] is not None else 0

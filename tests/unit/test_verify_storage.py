@@ -1,0 +1,69 @@
+"""The storage check of a verification on real files and a real SQLite index: it streams the
+index's attachments, hashes in bounded windows, and finds orphans by counting, looking them up
+(in a set SQLite keeps on disk) only when the counts differ or the index lists a uuid twice."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+
+import pytest
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
+from tests.support.storage_tree import at, put
+
+pytestmark = pytest.mark.quick
+
+
+def backup_with(tmp_path, files: int):
+    """A backup folder: storage/ with ``files`` files, index/index listing each with size and MD5."""
+    storage = tmp_path / "backup" / "storage"
+    storage.mkdir(parents=True)
+    (tmp_path / "backup" / "index").mkdir()
+    index = tmp_path / "backup" / "index" / "index"
+    conn = sqlite3.connect(index)
+    conn.execute("CREATE TABLE AttachedFiles (id INTEGER, fileType INTEGER, uuid TEXT, compressedSize INTEGER, "
+                 "uncompressedSize INTEGER, compressionType INTEGER, uncompressedMD5 TEXT, compressedMD5 TEXT)")
+    for number in range(files):
+        data = os.urandom(50 + number)
+        name = put(storage, data)
+        md5 = hashlib.md5(data).hexdigest()
+        conn.execute("INSERT INTO AttachedFiles VALUES (?, 1, ?, ?, ?, 1, ?, ?)", (number, name, len(data), len(data), md5, md5))
+    conn.commit()
+    return storage, index, conn
+
+
+def check(storage, index, **kwargs) -> dict:
+    report = _verify.Report()
+    _verify.check_storage(str(storage.parent), str(index), report, **kwargs)
+    return report.as_dict()
+
+
+def test_every_file_hashed_across_windows_and_a_wrong_md5_found(tmp_path, monkeypatch):
+    monkeypatch.setattr(_verify, "HASH_WINDOW", 4)  # 11 files: three windows
+    storage, index, conn = backup_with(tmp_path, 11)
+    victim = conn.execute("SELECT uuid FROM AttachedFiles LIMIT 1 OFFSET 6").fetchone()[0]
+    conn.close()
+    data = bytearray(at(storage, victim).read_bytes())
+    data[0] ^= 1
+    at(storage, victim).write_bytes(bytes(data))
+    result = check(storage, index)
+    assert result["files_hashed"] == result["files_checked"] == 11 and result["orphans"] == 0
+    assert result["problems"] == {"storage files with a wrong MD5": {"count": 1, "examples": [victim]}}
+    asked = []
+    result = check(storage, index, hash_filter=lambda u: asked.append(u) or False, workers=1)
+    assert result["files_hashed"] == 0 and len(asked) == 11  # the filter is asked about every file
+
+
+def test_orphans_found_when_counts_differ_and_when_a_uuid_is_listed_twice(tmp_path):
+    storage, index, conn = backup_with(tmp_path, 5)
+    orphan = put(storage, b"not in the index")
+    assert check(storage, index)["orphan_examples"] == [orphan]  # 6 stored, 5 listed and present
+    # the index lists one uuid twice: 6 stored and 6 "present" by count, yet one is an orphan
+    dup, size, md5 = conn.execute("SELECT uuid, compressedSize, compressedMD5 FROM AttachedFiles LIMIT 1").fetchone()
+    conn.execute("INSERT INTO AttachedFiles VALUES (99, 1, ?, ?, ?, 1, ?, ?)", (dup, size, size, md5, md5))
+    conn.commit()
+    conn.close()
+    result = check(storage, index)
+    assert result["files_checked"] == 6 and result["orphans"] == 1 and result["orphan_examples"] == [orphan]
