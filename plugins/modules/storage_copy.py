@@ -49,6 +49,12 @@ options:
         returned in RV(deleted_during_capture) and, when O(dest) is inside an incomplete backup, written
         to its record of this step, from which M(pacs.orthanc.backup_set) records them in the manifest.
     type: path
+  dump_container:
+    description:
+      - The database container whose C(pg_dump) made O(dump) (C(db_dump)'s RV(pacs.orthanc.db_dump#module:container)).
+        Its own C(pg_restore) reads the dump when it runs on this host, so that the host needs no
+        C(postgresql-client) and the versions match; otherwise the host's C(pg_restore) does.
+    type: str
   previous:
     description: The previous backup's storage folder; files of the same name and size are linked from it.
     type: path
@@ -190,7 +196,8 @@ def _snapshot_phase(module, p, state_file, common):
     else:
         if p["dump"]:
             engine = _layout.dump_engine(p["dump"])
-            listing = db_listing.read_dump(engine, p["dump"], with_contents=False)["attachments"]
+            listing = db_listing.read_dump(engine, p["dump"], with_contents=False,
+                                           container=p["dump_container"])["attachments"]
             wanted = {uuid: size for uuid, (size, _md5) in listing.items()}
         elif p["index"]:
             wanted = None  # SQLite compares the captured index with the state itself
@@ -230,6 +237,7 @@ def main():
             phase=dict(type="str", choices=["hot", "delta"], required=True),
             index=dict(type="path"),
             dump=dict(type="path"),
+            dump_container=dict(type="str"),
             previous=dict(type="path"),
             state_file=dict(type="path"),
             link_mode=dict(type="str", choices=["auto", "hardlink", "copy"], default="auto"),

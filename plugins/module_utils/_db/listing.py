@@ -13,6 +13,7 @@ import re
 import tempfile
 
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PIPE, PacsError, Program, os_error_cause, run_command
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import container as db_container
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.client import Client
 
 __metaclass__ = type
@@ -54,10 +55,24 @@ def _pg_copy_field(value: str):
     return value
 
 
-def read_pg_dump(path: str, with_contents: bool = True, bin_dir: str | None = None) -> dict:
+def read_pg_dump(path: str, with_contents: bool = True, bin_dir: str | None = None,
+                 container: str | None = None) -> dict:
     """What a pg_dump archive holds, read with pg_restore (no server needed): resource counts,
-    attachments, and the size and MD5 of every file stored as a large object."""
+    attachments, and the size and MD5 of every file stored as a large object. ``container``: the
+    database container that made it, whose pg_restore reads it when it runs here (the archive
+    streamed to it; its data read whole, as no list file can be handed to it)."""
     step = "read the dump"
+    with db_container.reader(container, bin_dir, step) as client:
+        if client.container is not None:
+            rc, out, err = client.run("pg_restore", ["--list"], step, source=path, auth=False, timeout=600)
+            if rc != 0:
+                raise PacsError(step, f"pg_restore cannot read {path}: {client.explain(err)}")
+            with client.start("pg_restore", ["--data-only", "-f", "-"], step, source=path, auth=False,
+                              pipe=True) as running:
+                result = parse_pg_sql(running.stdout, with_contents)
+                if running.wait() != 0:
+                    raise PacsError(step, f"pg_restore cannot read {path}: {client.explain(running.errors())}")
+            return result
     client = Client({"engine": "postgresql"}, bin_dir, step)
     pg_restore = client.tool("pg_restore")
     rc, out, err = run_command([pg_restore, "--list", path], step, check=False, timeout=600)
@@ -199,7 +214,8 @@ def _mysql_row(listing: _Listing, table: str, row: list) -> None:
         listing.stored[uuid] = (len(content), hashlib.md5(content).hexdigest())
 
 
-def read_dump(engine: str, path: str, with_contents: bool = True, bin_dir: str | None = None) -> dict:
+def read_dump(engine: str, path: str, with_contents: bool = True, bin_dir: str | None = None,
+              container: str | None = None) -> dict:
     if engine == "postgresql":
-        return read_pg_dump(path, with_contents, bin_dir)
+        return read_pg_dump(path, with_contents, bin_dir, container)
     return read_mysql_dump(path, with_contents)
