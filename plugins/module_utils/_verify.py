@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, md5_file, safe_relative, sha256_file
 
@@ -181,9 +181,18 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
     """A backup whose index is a database dump: the dump reads back and lists what the backup
     holds, whether the files are in the dump (large objects, LONGBLOBs) or in storage/."""
     engine, fmt, path = found
+    # the database container that made the dump reads it, when it runs here (versions match); an
+    # incomplete backup being checked before it is called complete has its dump's record instead
+    dump_record = (manifest or {}).get("dump")
+    if not dump_record:
+        try:
+            dump_record = _record.read_records(backup).get("dump")
+        except (OSError, ValueError):
+            dump_record = None
+    container = (dump_record or {}).get("container")
     try:
-        db_dump.check_dump(engine, path, fmt)
-        listing = db_listing.read_dump(engine, path, with_contents=True)
+        db_dump.check_dump(engine, path, fmt, container=container)
+        listing = db_listing.read_dump(engine, path, with_contents=True, container=container)
     except PacsError as exc:
         report.add("unreadable database dump", exc.cause)
         return report.as_dict()

@@ -49,6 +49,12 @@ options:
         returned in RV(deleted_during_capture) and, when O(dest) is inside an incomplete backup, written
         to its record of this step, from which M(pacs.orthanc.backup_set) records them in the manifest.
     type: path
+  dump_container:
+    description:
+      - The database container whose C(pg_dump) made O(dump) (C(db_dump)'s RV(pacs.orthanc.db_dump#module:container)).
+        Its own C(pg_restore) reads the dump when it runs on this host, so that the host needs no
+        C(postgresql-client) and the versions match; otherwise the host's C(pg_restore) does.
+    type: str
   previous:
     description: The previous backup's storage folder; files of the same name and size are linked from it.
     type: path
@@ -191,7 +197,7 @@ def _snapshot_phase(module, p, state_file, common):
         if p["dump"]:
             engine = _layout.dump_engine(p["dump"])
             # streamed from the dump into SQLite: no dict of every file (issue 15)
-            wanted = db_listing.attachment_sizes(engine, p["dump"])
+            wanted = db_listing.attachment_sizes(engine, p["dump"], container=p["dump_container"])
         elif p["index"]:
             wanted = None  # SQLite compares the captured index with the state itself
         else:
@@ -230,6 +236,7 @@ def main():
             phase=dict(type="str", choices=["hot", "delta"], required=True),
             index=dict(type="path"),
             dump=dict(type="path"),
+            dump_container=dict(type="str"),
             previous=dict(type="path"),
             state_file=dict(type="path"),
             link_mode=dict(type="str", choices=["auto", "hardlink", "copy"], default="auto"),

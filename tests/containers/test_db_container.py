@@ -27,6 +27,7 @@ from tests.containers.conftest import DATA, IMAGE, OrthancContainer, engine_read
 from tests.support import checks, databases, procs
 from tests.support.orthanc_server import OrthancServer, free_port, stop_all
 from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import container as db_container, listing
 
 pytestmark = pytest.mark.slow
 
@@ -197,6 +198,13 @@ def test_round_trip_with_the_database_in_its_own_container(db_containers, orthan
     version = db.sql("SHOW server_version" if kind == "postgresql" else "SELECT VERSION()").stdout.strip()
     assert dump["server_version"] == version
     assert hashlib.sha256((backup / dump["path"]).read_bytes()).hexdigest() == dump["sha256"]
+    if kind == "postgresql":
+        # the container's pg_restore reads the dump (verification, delta pass) as the host's does
+        with db_container.reader(db.name, None, "read") as reader:
+            assert reader.container is not None and reader.container.name == db.name
+        through_container = listing.read_pg_dump(str(backup / dump["path"]), container=db.name)
+        assert through_container == listing.read_pg_dump(str(backup / dump["path"]))
+        assert len(through_container["stored"]) == 6  # every DICOM file, with its size and MD5
 
     assert server.answers()
     assert contents(server) == stored  # every instance, byte for byte
@@ -209,32 +217,14 @@ def test_round_trip_with_the_database_in_its_own_container(db_containers, orthan
         assert collation == "utf8mb4_unicode_ci"
 
 
-def test_the_database_container_found_from_the_compose_project(db_containers, orthancs, tmp_path):
-    """An Orthanc of a compose project whose configuration names the database by its service
-    ("Host": "db"): db_dump finds the container by the compose labels and dumps with its pg_dump;
-    a project without that service is a clear failure."""
-    db = db_containers("podman", "postgresql")
-    server = orthancs("pacs", extra_config=db.orthanc_config(storage_in_database=False))
-    checks.store_studies(server, tmp_path, patients=1, via="rest")
-    compose_config = tmp_path / "compose-orthanc.json"
-    section = dict(db.orthanc_config(storage_in_database=False)["PostgreSQL"], Host="db")
-    compose_config.write_text(json.dumps({"PostgreSQL": section}))
-    args = {"config_path": str(compose_config), "compose_project": db.project, "container_engine": "podman"}
-    dumped = run_module("db_dump", dict(args, dest=str(tmp_path / "orthanc.pgdump")))
-    assert not dumped["failed"], dumped
-    assert dumped["container"] == db.name and dumped["check"]["tables"] > 0
-    assert db.password not in json.dumps(dumped)
-    other = run_module("db_dump", dict(args, dest=str(tmp_path / "x.pgdump"), compose_project=db.project + "-other"))
-    assert other["failed"] and "compose service 'db' of project" in other["msg"] and "not found" in other["msg"]
-
-
 def test_containerised_orthanc_beside_its_postgresql_container(db_containers, tmp_path):
     """The compose layout of Orthanc Team's samples: Orthanc (the orthancteam-like entrypoint, its
     effective configuration generated inside the container) and PostgreSQL as the services
     "orthanc" and "db" of one project, the configuration's host being "db". The backup role finds
     both by the compose labels and dumps with the db container's pg_dump; the studies are then
     deleted through Orthanc, and the restore role replaces the database inside its container
-    (orthanc_restore_db_replace) between the Orthanc container's stop and start."""
+    (orthanc_restore_db_replace) between the Orthanc container's stop and start. A project
+    without the database service is a clear failure."""
     db = db_containers("podman", "postgresql")
     labels = ["--label", f"com.docker.compose.project={db.project}", "--label", "com.docker.compose.service=orthanc",
               "--add-host", "db:127.0.0.1"]  # "db" as the project's network would resolve it
@@ -269,5 +259,10 @@ def test_containerised_orthanc_beside_its_postgresql_container(db_containers, tm
         assert manifest["downtime_seconds"] == 0
         orthanc.wait()
         assert orthanc.contents() == stored
+        # a project without the service that the configuration's host names: a clear failure
+        other = run_module("db_dump", {"config_path": str(orthanc.etc / "postgresql.json"),
+                                       "compose_project": db.project + "-other", "dest": str(tmp_path / "x.pgdump")})
+        assert other["failed"] and "compose service 'db' of project" in other["msg"] and "not found" in other["msg"]
+        assert not (tmp_path / "x.pgdump").exists()
     finally:
         orthanc.remove()

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, Program, os_error_cause
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PIPE, PacsError, Program, os_error_cause
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.connection import where
 
 __metaclass__ = type
@@ -147,8 +147,9 @@ class Client:
         return [self.tool(tool), *auth_args, *args]
 
     def start(self, tool: str, args: list, step: str | None = None, source: str | None = None,
-              output: str | None = None, auth: bool = True) -> "Running":
-        """Start one of the tools (see ``run``); the caller waits for it."""
+              output: str | None = None, auth: bool = True, pipe: bool = False) -> "Running":
+        """Start one of the tools (see ``run``); the caller waits for it. ``pipe``: its standard
+        output is ``Running.stdout``, to read as it comes."""
         step = step or self.step
         engine = self.conn["engine"]
         args = list(args)
@@ -161,13 +162,14 @@ class Client:
                     args.append(source)
             if output is not None:
                 args += ["-f", output] if tool == "pg_dump" else [f"--result-file={output}"]
-            return Running(self.argv(tool, *args, auth=auth), step, self.env, stdin_path=stdin_path, name=tool)
+            return Running(self.argv(tool, *args, auth=auth), step, self.env, stdin_path=stdin_path, name=tool,
+                           pipe=pipe)
         if engine == "mysql" or auth:
             prefix = self.secret_line
         else:
             prefix = b"\n"
         return Running(self.argv(tool, *args, auth=auth), step, self.env, prefix=prefix, stdin_path=source,
-                       output=output, name=tool)
+                       output=output, name=tool, pipe=pipe)
 
     def run(self, tool: str, args: list, step: str | None = None, source: str | None = None,
             output: str | None = None, auth: bool = True, timeout: float | None = None, timeout_hint: str = ""):
@@ -244,7 +246,7 @@ class Running:
     in a temporary file for ``output()``. As a context manager: killed if still running."""
 
     def __init__(self, argv: list, step: str, env: dict, prefix: bytes | None = None, stdin_path: str | None = None,
-                 output: str | None = None, name: str | None = None):
+                 output: str | None = None, name: str | None = None, pipe: bool = False):
         self.step = step
         self.files: list = []
         self.feeder = None
@@ -253,7 +255,9 @@ class Running:
             source = open(stdin_path, "rb") if stdin_path else None  # pylint: disable=consider-using-with
             if source is not None:
                 self.files.append(source)
-            if output is not None:
+            if pipe:
+                out = PIPE
+            elif output is not None:
                 # created by the caller (0600); the tool writes it through this process's descriptor
                 out = os.fdopen(os.open(output, os.O_WRONLY | os.O_TRUNC), "wb")
                 self.files.append(out)
@@ -295,6 +299,10 @@ class Running:
                 pipe.close()
             except OSError:
                 pass
+
+    @property
+    def stdout(self):
+        return self.program.stdout
 
     def poll(self):
         return self.program.poll()

@@ -206,3 +206,21 @@ def from_params(conn: dict, params: dict) -> tuple:
     where = find(conn, params.get("container"), params.get("container_engine") or "auto",
                  params.get("compose_project"), params.get("compose_file"))
     return connection_inside(conn, where, host=params.get("host"), port=params.get("port")), where
+
+
+def reader(container_name: str | None, bin_dir: str | None, step: str):
+    """A Client that reads a PostgreSQL dump offline (pg_restore, no server): inside the database
+    container that made the dump when it is named and runs here (its pg_restore matches its
+    pg_dump), else the host's. Use as a context manager."""
+    # pylint: disable=import-outside-toplevel
+    from ansible_collections.pacs.orthanc.plugins.module_utils._db.client import Client
+    bare = {"engine": "postgresql", "host": "127.0.0.1", "port": 5432, "username": "-", "database": "-",
+            "password": None}
+    if container_name:
+        try:
+            found = _container.find_container("auto", container=container_name, step=step)
+        except PacsError:
+            found = None
+        if found is not None and found.running:
+            return Client(dict(bare, container=found.name), bin_dir, step, container=InContainer(found))
+    return Client(bare, bin_dir, step)

@@ -17,6 +17,7 @@ import time
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, fsync_dir, os_error_cause, run_command, sha256_file)
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import container as db_container
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.client import Client
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.connection import public
 
@@ -179,13 +180,15 @@ def dump(conn: dict, dest: str, fmt: str = "custom", jobs: int = 1, bin_dir: str
 
 
 def check_dump(engine: str, path: str, fmt: str, client: Client | None = None, tail: bytes | None = None,
-               bin_dir: str | None = None) -> dict:
+               bin_dir: str | None = None, container: str | None = None) -> dict:
     """A dump reads back: pg_restore lists it and it holds Orthanc's tables; a MySQL dump ends
-    with mysqldump's completion line and holds Orthanc's tables and procedures."""
+    with mysqldump's completion line and holds Orthanc's tables and procedures. ``container``:
+    the database container that made it, whose pg_restore reads it when it runs here."""
     step = "check the dump"
     if engine == "postgresql":
-        client = client or Client({"engine": "postgresql", "host": "", "port": 0, "username": "", "database": "-"},
-                                  bin_dir, step)
+        if client is None:
+            with db_container.reader(container, bin_dir, step) as own:
+                return check_dump(engine, path, fmt, client=own)
         rc, out, err = client.run("pg_restore", ["--list"], step, source=path, auth=False, timeout=600)
         if rc != 0:
             raise PacsError(step, f"pg_restore cannot read {path}: {' '.join(err.strip().splitlines()[-2:])}")

@@ -18,6 +18,7 @@ import re
 import tempfile
 
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PIPE, PacsError, Program, os_error_cause, run_command
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import container as db_container
 from ansible_collections.pacs.orthanc.plugins.module_utils._db.client import Client
 
 __metaclass__ = type
@@ -72,14 +73,28 @@ def _pg_copy_field(value: str):
     return value
 
 
-def read_pg_dump(path: str, with_contents: bool = True, bin_dir: str | None = None) -> dict:
+def read_pg_dump(path: str, with_contents: bool = True, bin_dir: str | None = None,
+                 container: str | None = None) -> dict:
     """What a pg_dump archive holds, read with pg_restore (no server needed): resource counts,
-    attachments, and the size and MD5 of every file stored as a large object."""
-    return _Listing().consume(_pg_dump_events(path, with_contents, bin_dir))
+    attachments, and the size and MD5 of every file stored as a large object. ``container``: the
+    database container that made it, whose pg_restore reads it when it runs here (the archive
+    streamed to it; its data read whole, as no list file can be handed to it)."""
+    return _Listing().consume(_pg_dump_events(path, with_contents, bin_dir, container))
 
 
-def _pg_dump_events(path: str, with_contents: bool, bin_dir: str | None):
+def _pg_dump_events(path: str, with_contents: bool, bin_dir: str | None, container: str | None = None):
     step = "read the dump"
+    with db_container.reader(container, bin_dir, step) as client:
+        if client.container is not None:
+            rc, out, err = client.run("pg_restore", ["--list"], step, source=path, auth=False, timeout=600)
+            if rc != 0:
+                raise PacsError(step, f"pg_restore cannot read {path}: {client.explain(err)}")
+            with client.start("pg_restore", ["--data-only", "-f", "-"], step, source=path, auth=False,
+                              pipe=True) as running:
+                yield from _pg_events(running.stdout, with_contents)
+                if running.wait() != 0:
+                    raise PacsError(step, f"pg_restore cannot read {path}: {client.explain(running.errors())}")
+            return
     client = Client({"engine": "postgresql"}, bin_dir, step)
     pg_restore = client.tool("pg_restore")
     rc, out, err = run_command([pg_restore, "--list", path], step, check=False, timeout=600)
@@ -223,16 +238,18 @@ def _mysql_event(table: str, row: list) -> tuple:
     return ("stored", uuid, len(content), hashlib.md5(content).hexdigest())
 
 
-def read_dump(engine: str, path: str, with_contents: bool = True, bin_dir: str | None = None) -> dict:
+def read_dump(engine: str, path: str, with_contents: bool = True, bin_dir: str | None = None,
+              container: str | None = None) -> dict:
     if engine == "postgresql":
-        return read_pg_dump(path, with_contents, bin_dir)
+        return read_pg_dump(path, with_contents, bin_dir, container)
     return read_mysql_dump(path, with_contents)
 
 
-def attachment_sizes(engine: str, path: str, bin_dir: str | None = None):
+def attachment_sizes(engine: str, path: str, bin_dir: str | None = None, container: str | None = None):
     """(uuid, compressed size) of every attachment a dump lists, one at a time, nothing held:
     what the storage delta pass of a dump compares with its state (``_storage.Delta``)."""
-    events = _pg_dump_events(path, False, bin_dir) if engine == "postgresql" else _mysql_events(path, False)
+    events = (_pg_dump_events(path, False, bin_dir, container) if engine == "postgresql"
+              else _mysql_events(path, False))
     for event in events:
         if event[0] == "attachment":
             yield event[1], int(event[2]) if event[2] is not None else 0
