@@ -168,12 +168,14 @@ def complete(folder: str, name: str, host: str, keep_last: int, keep_daily: int,
         try:
             _layout.complete_folder(folder, name)
             names = _layout.complete_backups(folder)
-            kept = select_kept(names, keep_last, keep_daily, keep_weekly, keep_monthly)
+            held = [n for n in names if _layout.held_for_upgrade(os.path.join(folder, n))]
+            kept = select_kept([n for n in names if n not in held], keep_last, keep_daily, keep_weekly, keep_monthly)
             for doomed in names:
-                if doomed not in kept and doomed != name:
+                if doomed not in kept and doomed not in held and doomed != name:
                     _layout.remove_backup(folder, doomed, ignore_errors=True)
                     result["deleted_by_retention"].append(doomed)
             result["kept"] = kept
+            result["kept_for_upgrade"] = held
         except OSError as exc:
             raise PacsError(step, os_error_cause(exc))
     return result
@@ -281,6 +283,8 @@ def remove_local(root: str, name: str, check_mode: bool = False, stale_lock_seco
     path = os.path.join(root, name)
     if not os.path.isdir(path):
         return {"changed": False, "removed": None}
+    if _layout.held_for_upgrade(path):
+        return {"changed": False, "removed": None, "kept_for_upgrade": path}
     lock = os.path.join(root, _backupset.LOCK)
     if not _lock.holder_is_dead(lock, stale_lock_seconds):
         raise PacsError(step, f"another backup of {root} is running ({lock}); the local copy {path} is kept")
