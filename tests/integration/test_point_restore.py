@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 
 import pytest
 
 from tests.support import checks
+from tests.support.orthanc_server import free_port
 from tests.support.playbook import local_host, run_playbook, write_inventory
 
 pytestmark = pytest.mark.slow
@@ -54,3 +57,75 @@ def test_pre_upgrade_backup_outlives_retention_and_the_guard_names_it(servers, t
     assert "written by Orthanc 1.12.9, this host runs 1.10.1" in line
     assert f"the newest pre-upgrade backup that Orthanc 1.10.1 can open is {root / marked}" in line
     assert f"orthanc_restore_backup={marked}" in line and "Nothing was changed" in line
+
+
+def md5s_over_rest(server) -> dict:
+    """{instance id: MD5 that Orthanc's REST API gives for its DICOM file}."""
+    return {i: server.instance_md5(i) for i in server.instances()}
+
+
+def recap_changed(output: str, host: str) -> int:
+    return int(re.search(rf"^{host}\s*:.*changed=(\d+)", output, re.M).group(1))
+
+
+def test_point_restore_of_a_deleted_study_while_production_answers(servers, tmp_path):
+    server = servers("prod")
+    checks.store_studies(server, tmp_path, patients=3, via="rest")
+    root = tmp_path / "backups"
+    inventory = write_inventory(tmp_path / "inventory.json", {
+        "prod": local_host(server, root, orthanc_backup_settle_seconds=0,
+                           orthanc_restore_items_workdir=str(tmp_path / "scratch"))})
+    assert run_playbook(inventory).returncode == 0
+    before, pid = md5s_over_rest(server), server.pid()
+    assert len(before) == 9
+    study = server.rest("GET", "/studies?expand")[0]
+    uid = study["MainDicomTags"]["StudyInstanceUID"]
+    lost = {i["ID"] for i in server.rest("GET", f"/studies/{study['ID']}/instances")}
+    answers, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            answers.append(server.answers())
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        server.rest("DELETE", f"/studies/{study['ID']}")
+        after_loss = md5s_over_rest(server)
+        assert set(before) - set(after_loss) == lost and len(lost) == 3
+        selection = {"orthanc_restore_study_uids": [uid]}
+
+        listed = run_playbook(inventory, playbook="restore_items.yml", extra_vars=selection, check=True)
+        assert listed.returncode == 0, listed.stdout
+        assert f"prod: would restore 3 of 3 instances from {(root / 'latest').resolve()}" in listed.stdout
+        assert uid in listed.stdout and md5s_over_rest(server) == after_loss
+
+        restored = run_playbook(inventory, playbook="restore_items.yml", extra_vars=selection)
+        assert restored.returncode == 0, restored.stdout
+        assert "prod: restored 3 of 3 instances" in restored.stdout and "(3 with the MD5 of the backup)" in restored.stdout
+        assert md5s_over_rest(server) == before  # the study is back, byte for byte; the others untouched
+
+        again = run_playbook(inventory, playbook="restore_items.yml", extra_vars=selection)
+        assert again.returncode == 0, again.stdout
+        assert "prod: restored 0 of 3 instances" in again.stdout and "3 already in production" in again.stdout
+        assert recap_changed(again.stdout, "prod") == 0
+
+        unknown = run_playbook(inventory, playbook="restore_items.yml",
+                               extra_vars={"orthanc_restore_study_uids": [uid, "1.2.3.4.5"]})
+        assert unknown.returncode != 0
+        line = re.search(r"Point restore of prod failed at step .*", unknown.stdout).group(0)
+        assert "'find the selection in the backup'" in line
+        assert "holds no study with StudyInstanceUID 1.2.3.4.5" in line and "as it was before this run" in line
+    finally:
+        stop.set()
+        poller.join()
+    assert len(answers) > 20 and all(answers)  # production answered throughout
+    assert server.pid() == pid and md5s_over_rest(server) == before
+    assert not any((tmp_path / "scratch").iterdir())  # every scratch Orthanc is gone
+
+    closed = write_inventory(tmp_path / "closed.json", {
+        "prod": local_host(server, root, orthanc_url=f"http://127.0.0.1:{free_port()}")})
+    unreachable = run_playbook(closed, playbook="restore_items.yml", extra_vars={"orthanc_restore_study_uids": [uid]})
+    line = re.search(r"Point restore of prod failed at step .*", unreachable.stdout).group(0)
+    assert "'ask production Orthanc'" in line and "ORTHANC IS NOT ANSWERING" in line
