@@ -38,10 +38,10 @@ class Production:
     def __init__(self, url: str, username: str | None, password: str | None, timeout: float = 60):
         self.url, self.username, self.password, self.timeout = url, username, password, timeout
 
-    def check_answers(self) -> dict:
+    def check_answers(self, consequence: str = "nothing was restored") -> dict:
         record = _probe.ask(self.url, self.username, self.password, min(self.timeout, 10))
         if record["state"] != _probe.ANSWERING:
-            raise PacsError("ask production Orthanc", _probe.sentence(record) + ": nothing was restored",
+            raise PacsError("ask production Orthanc", f"{_probe.sentence(record)}: {consequence}",
                             orthanc_state=record["state"])
         return record["system"]
 

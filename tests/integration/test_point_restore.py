@@ -4,14 +4,18 @@ production Orthanc; reconciliation with a modality after a restore."""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import io
 import json
 import re
 import threading
 import time
 
+import pydicom
 import pytest
 
-from tests.support import checks
+from tests.support import checks, dicomgen
 from tests.support.orthanc_server import free_port
 from tests.support.playbook import local_host, run_playbook, write_inventory
 
@@ -129,3 +133,75 @@ def test_point_restore_of_a_deleted_study_while_production_answers(servers, tmp_
     unreachable = run_playbook(closed, playbook="restore_items.yml", extra_vars={"orthanc_restore_study_uids": [uid]})
     line = re.search(r"Point restore of prod failed at step .*", unreachable.stdout).group(0)
     assert "'ask production Orthanc'" in line and "ORTHANC IS NOT ANSWERING" in line
+
+
+def datasets(server) -> dict:
+    """{SOPInstanceUID: (MD5 of the pixel data, StudyDate)} of every instance."""
+    found = {}
+    for instance in server.instances():
+        ds = pydicom.dcmread(io.BytesIO(server.instance_file(instance)))
+        found[ds.SOPInstanceUID] = (hashlib.md5(ds.PixelData).hexdigest(), ds.StudyDate)
+    return found
+
+
+def lacking_line(output: str, host: str, modality: str) -> str:
+    return re.search(rf'"msg": "{host} {modality}: .*"', output).group(0)
+
+
+def test_reconcile_with_a_modality_after_a_full_restore(servers, tmp_path):
+    prod_dicom, modality_dicom = free_port(), free_port()
+    pacs = servers("pacs", dicom_port=prod_dicom,
+                   extra_config={"DicomModalities": {"scanner": ["MODALITY", "127.0.0.1", modality_dicom]}})
+    scanner = servers("scanner", dicom_port=modality_dicom, extra_config={
+        "DicomAet": "MODALITY", "DicomModalities": {"pacs": ["ORTHANC", "127.0.0.1", prod_dicom]}})
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+
+    def study(name, date=today, instances=2):
+        files = dicomgen.make_study(tmp_path / name, name, f"Test^{name}", instances_per_series=instances, study_date=date)
+        for path in files:
+            scanner.store_rest(path)  # the modality holds every study it made
+        return files
+
+    def uid(files):
+        return pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+
+    kept, grown = study("kept"), study("grown", instances=3)
+    study("old", date="20240101")  # outside the window: never reported
+    for path in kept + grown[:2]:
+        pacs.store_rest(path)
+    root = tmp_path / "backups"
+    inventory = write_inventory(tmp_path / "inventory.json", {
+        "pacs": local_host(pacs, root, orthanc_backup_settle_seconds=0)})
+    assert run_playbook(inventory).returncode == 0
+    # after the backup the modality sends two new studies and the last instance of "grown"
+    late = [study("late1"), study("late2")]
+    for path in late[0] + late[1] + grown[2:]:
+        pacs.store_rest(path)
+    assert run_playbook(inventory, playbook="restore.yml", extra_vars={"orthanc_restore_confirm": True}).returncode == 0
+    assert pacs.statistics()["CountInstances"] == 4  # what the backup held
+
+    report = run_playbook(inventory, playbook="reconcile.yml")
+    assert report.returncode == 0, report.stdout
+    line = lacking_line(report.stdout, "pacs", "scanner")
+    assert f"4 studies since {today}, 3 lacking" in line
+    assert set(re.findall(r"\d+(?:\.\d+){5,}", line)) == {uid(late[0]), uid(late[1]), uid(grown)}
+    assert f"{uid(grown)} (incomplete, {today}, 2 of 3 instances)" in line
+    assert f"{uid(late[0])} (missing, {today}, 0 of 2 instances)" in line
+
+    dry = run_playbook(inventory, playbook="reconcile.yml", extra_vars={"orthanc_reconcile_retrieve": True}, check=True)
+    assert dry.returncode == 0 and pacs.statistics()["CountInstances"] == 4
+
+    pulled = run_playbook(inventory, playbook="reconcile.yml", extra_vars={"orthanc_reconcile_retrieve": True})
+    assert pulled.returncode == 0, pulled.stdout
+    assert f"4 studies since {today}, 0 lacking after the retrieve" in lacking_line(pulled.stdout, "pacs", "scanner")
+    # C-STORE rewrites the file meta header (the sender's AET...): compare the datasets themselves
+    assert datasets(pacs) == {sop: data for sop, data in datasets(scanner).items() if data[1] == today}
+
+    again = run_playbook(inventory, playbook="reconcile.yml", extra_vars={"orthanc_reconcile_retrieve": True})
+    assert "0 lacking" in lacking_line(again.stdout, "pacs", "scanner") and recap_changed(again.stdout, "pacs") == 0
+
+    scanner.stop()
+    silent = run_playbook(inventory, playbook="reconcile.yml")
+    assert silent.returncode != 0
+    failure = re.search(r"Reconciliation of pacs failed at step .*", silent.stdout).group(0)
+    assert "'ask the modalities (C-FIND)'" in failure and "modality scanner: HTTP" in failure
