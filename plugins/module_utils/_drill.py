@@ -79,6 +79,19 @@ def write_scratch_config(backup_config: str, dest: str, settings: dict) -> None:
         json.dump(rest, handle, indent=2)
 
 
+def attachment_uuids(index_file: str, instances) -> list:
+    """The storage uuids of every attachment (the DICOM file and any other) of ``instances``
+    (public ids), read from the backup's index."""
+    wanted = set(instances)
+    conn = sqlite3.connect(f"file:{index_file}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT r.publicId, a.uuid FROM Resources r JOIN AttachedFiles a ON a.id = r.internalId "
+                            "WHERE r.resourceType = 4")
+        return sorted({uuid for public, uuid in rows if public in wanted})
+    finally:
+        conn.close()
+
+
 def dicom_md5s(index_file: str) -> dict:
     """{instance public id: MD5 of its DICOM file} from the backup's index."""
     conn = sqlite3.connect(f"file:{index_file}?mode=ro", uri=True)
@@ -97,7 +110,7 @@ class Scratch:
     folder removed on exit, whatever happened. Used by the drill and by the point restore."""
 
     def __init__(self, backup: str, workdir: str, orthanc_binary: str, keep: bool = False,
-                 start_timeout: float = 60):
+                 start_timeout: float = 60, all_files: bool = True):
         self.backup = os.path.realpath(backup)
         try:
             self.manifest = _layout.read_manifest(self.backup)
@@ -108,6 +121,7 @@ class Scratch:
         self.port, self.password = free_port(), secrets.token_urlsafe(18)
         self.url = f"http://127.0.0.1:{self.port}"
         self.user = DRILL_USER
+        self.all_files = all_files  # False: only the files given to place() later (a point restore)
         self.process = None
         self.removed = False
 
@@ -137,11 +151,9 @@ class Scratch:
             write_scratch_config(os.path.join(backup, "config"), os.path.join(scratch, "config"),
                                  overrides(scratch, self.port, self.password))
             shutil.copyfile(os.path.join(backup, "index", "index"), os.path.join(scratch, "index", "index"))
-            link = _storage.same_filesystem(os.path.join(backup, "storage"), scratch)
-            placer = _storage.Placer(os.path.join(backup, "storage"), os.path.join(scratch, "storage"), None, link)
-            for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")):
-                placer.place(uuid, None)
-            placer.finish("copy backup into the scratch folder")
+            os.makedirs(os.path.join(scratch, "storage"), mode=0o700)
+            if self.all_files:
+                self.place(uuid for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")))
         except OSError as exc:
             raise PacsError("prepare scratch Orthanc", os_error_cause(exc))
         log = open(os.path.join(scratch, "log", "stdout.log"), "ab")
@@ -158,6 +170,27 @@ class Scratch:
                 raise PacsError("start scratch Orthanc", f"the scratch Orthanc did not answer at {self.url}: "
                                 f"{_log_tail(scratch)}")
             time.sleep(0.1)
+
+    def place(self, uuids) -> int:
+        """Put these storage files of the backup into the scratch storage (hard links when on the
+        backup's filesystem, else copies). Orthanc reads a file only when it is asked for it: a
+        scratch Orthanc started without files serves the index, and the files placed since."""
+        source = os.path.join(self.backup, "storage")
+        placer = _storage.Placer(source, os.path.join(self.scratch, "storage"), None,
+                                 _storage.same_filesystem(source, self.scratch))
+        count, missing = 0, []
+        try:
+            for uuid in uuids:
+                if placer.place(uuid, None)[0] is None:
+                    missing.append(uuid)
+                count += 1
+            missing += placer.finish("copy backup into the scratch folder")
+            if missing:
+                raise PacsError("copy backup into the scratch folder", f"{len(missing)} files are missing from "
+                                f"{source} (e.g. {missing[0]}): the backup is damaged (run backup_verify)")
+        except OSError as exc:
+            raise PacsError("copy backup into the scratch folder", os_error_cause(exc))
+        return count
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -15,6 +15,7 @@ a failed run leaves production as it was."""
 from __future__ import annotations
 
 import hashlib
+import os
 import urllib.error
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _drill, _probe, _rest
@@ -134,7 +135,9 @@ def resolve(scratch, selection: dict, backup: str) -> list:
 def restore_items(backup: str, selection: dict, production: Production, workdir: str, orthanc_binary: str,
                   check_mode: bool = False, start_timeout: float = 60) -> dict:
     system = production.check_answers()
-    scratch = _drill.Scratch(backup, workdir, orthanc_binary, keep=False, start_timeout=start_timeout)
+    # started on the index alone: only the files of the selection are placed, once it is known
+    scratch = _drill.Scratch(backup, workdir, orthanc_binary, keep=False, start_timeout=start_timeout,
+                             all_files=False)
     result = {"backup": scratch.backup, "backup_started_at": scratch.manifest.get("started_at"),
               "production": production.url, "production_version": system.get("Version"),
               "check_mode": check_mode, "restored": 0, "already_present": 0, "differing": 0, "verified": 0,
@@ -155,6 +158,8 @@ def restore_items(backup: str, selection: dict, production: Production, workdir:
             raise PacsError("compare with production", f"production Orthanc at {production.url}: "
                             f"{_rest.failure(exc)}: nothing was restored")
         differing = sorted(i for i, md5 in present.items() if md5 != expected.get(i))
+        if not check_mode and missing:
+            scratch.place(_drill.attachment_uuids(os.path.join(scratch.backup, "index", "index"), missing))
         for item in items:
             item["already_present"] = sum(1 for i in item["instances"] if i in present)
             item["to_restore"] = sum(1 for i in item["instances"] if i not in present)

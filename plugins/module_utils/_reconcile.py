@@ -23,10 +23,9 @@ QUERY_TAGS = ("StudyInstanceUID", "StudyDate", "PatientID", "AccessionNumber", "
 def study_date(since: str) -> str:
     """The DICOM date (YYYYMMDD) of ``since``: a DICOM date, an ISO date, or an ISO time (UTC)."""
     text = str(since).strip()
-    if re.match(r"^\d{8}$", text):
-        datetime.datetime.strptime(text, "%Y%m%d")
-        return text
     try:
+        if re.match(r"^\d{8}$", text):
+            return datetime.datetime.strptime(text, "%Y%m%d").strftime("%Y%m%d")
         return _layout.parse_time(text).astimezone(datetime.timezone.utc).strftime("%Y%m%d")
     except ValueError:
         raise PacsError("read the time window", f"since={since!r} is neither a date (YYYYMMDD, YYYY-MM-DD) nor an "
