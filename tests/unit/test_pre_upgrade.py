@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _layout, _record, _restore
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _layout, _record, _restore, _ship
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -39,6 +39,14 @@ def test_retention_skips_a_held_pre_upgrade_backup_and_not_an_expired_one(tmp_pa
     backup(tmp_path, "20261105T000000Z")
     doomed = _backupset.retention(str(tmp_path), 1, protect="20261105T000000Z")
     assert doomed == ["20261101T000000Z", "20261103T000000Z", "20261104T000000Z"]
+    assert _layout.complete_backups(str(tmp_path)) == ["20261102T000000Z", "20261105T000000Z"]
+
+
+def test_the_backup_server_keeps_a_held_pre_upgrade_backup_outside_its_retention(tmp_path):
+    for day in range(1, 6):
+        backup(tmp_path, f"202611{day:02d}T000000Z", keep_until=stamp(10) if day == 2 else None)
+    result = _ship.retention(str(tmp_path), "20261105T000000Z", 1, 0, 0, 0)
+    assert result["kept_for_upgrade"] == ["20261102T000000Z"] and result["kept"] == ["20261105T000000Z"]
     assert _layout.complete_backups(str(tmp_path)) == ["20261102T000000Z", "20261105T000000Z"]
 
 
