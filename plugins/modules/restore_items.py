@@ -26,6 +26,8 @@ description:
     must equal the backup's.
   - When a step fails while instances are being sent, the instances this run added are deleted
     again: a failed run leaves production as it was.
+  - Each selection option takes a list; a string is split at commas and at line ends (an AWX
+    survey's textarea gives one value a line).
   - SQLite backups only (the scratch Orthanc runs on a copy of the backup's index).
 options:
   backup:
@@ -159,7 +161,8 @@ SELECTION = ("patient_ids", "study_uids", "accession_numbers", "series_uids", "o
 
 def act(module):
     p = module.params
-    selection = {key: [v for v in p[key] if v] for key in SELECTION if p[key]}
+    # one value a line in an element is several values (an AWX survey's textarea)
+    selection = {key: [v.strip() for item in p[key] for v in item.splitlines() if v.strip()] for key in SELECTION}
     if not any(selection.values()):
         raise PacsError("read the selection", "nothing selected: give patient_ids, study_uids, accession_numbers, "
                         "series_uids or orthanc_ids")

@@ -110,7 +110,8 @@ def test_point_restore_of_a_deleted_study_while_production_answers(servers, tmp_
         assert "prod: restored 3 of 3 instances" in restored.stdout and "(3 with the MD5 of the backup)" in restored.stdout
         assert md5s_over_rest(server) == before  # the study is back, byte for byte; the others untouched
 
-        again = run_playbook(inventory, playbook="restore_items.yml", extra_vars=selection)
+        # one value a line, as an AWX survey's textarea gives it
+        again = run_playbook(inventory, playbook="restore_items.yml", extra_vars={"orthanc_restore_study_uids": f"{uid}\n"})
         assert again.returncode == 0, again.stdout
         assert "prod: restored 0 of 3 instances" in again.stdout and "3 already in production" in again.stdout
         assert recap_changed(again.stdout, "prod") == 0
