@@ -14,13 +14,13 @@ description:
     for its studies since a date, with a C-FIND at study level through Orthanc's REST API
     (C(POST /modalities/<name>/query), C(StudyDate) from O(since) on), and reports, per modality,
     the studies the Orthanc lacks (C(missing)) or holds with fewer instances than the modality
-    reports in C(NumberOfStudyRelatedInstances) (C(incomplete)): study UID, date, PatientID,
+    reports in C(NumberOfStudyRelatedInstances) (C(incomplete)), with the study UID, date, PatientID,
     AccessionNumber and the instance counts on both sides.
   - A modality that does not answer C(NumberOfStudyRelatedInstances) can only show missing
-    studies, not incomplete ones (RV(modalities[].lacking[].instances_modality) is then null).
+    studies, not incomplete ones (C(instances_modality) is then null).
   - With O(retrieve), pulls the lacking studies back with C-MOVE (C(POST /queries/<id>/answers/<n>/retrieve),
-    synchronous), to Orthanc's own AET: the modality must know Orthanc as a move destination (in its
-    own configuration: AET, host, DICOM port). Then compares again and reports what still differs.
+    synchronous), to Orthanc's own AET. The modality must know Orthanc as a move destination (in its
+    own configuration, with its AET, host and DICOM port). Then compares again and reports what still differs.
   - The C-FINDs change nothing and run in check mode too.
 options:
   modalities:

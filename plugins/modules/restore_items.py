@@ -25,7 +25,7 @@ description:
     restored instance's MD5 over production's REST API (C(/instances/<id>/attachments/dicom/md5))
     must equal the backup's.
   - When a step fails while instances are being sent, the instances this run added are deleted
-    again: a failed run leaves production as it was.
+    again, so that a failed run leaves production as it was.
   - Each selection option takes a list; a string is split at commas and at line ends (an AWX
     survey's textarea gives one value a line).
   - SQLite backups only (the scratch Orthanc runs on a copy of the backup's index).
