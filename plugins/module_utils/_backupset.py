@@ -325,7 +325,8 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
         "files": files,
     }
     if records.get("pre_upgrade") is not None:
-        manifest[_layout.PRE_UPGRADE] = dict(records["pre_upgrade"], index_schema_version=report.get("schema_version"))
+        manifest[_layout.PRE_UPGRADE] = dict(records["pre_upgrade"], index_schema_version=report.get("schema_version"),
+                                             index_schema_patch_level=report.get("schema_patch_level"))
     final = os.path.join(root, name)
     result = {"changed": True, "path": final, "manifest": manifest, "verification": report}
     if check_mode:

@@ -121,18 +121,19 @@ class Scratch:
         self.port, self.password = free_port(), secrets.token_urlsafe(18)
         self.url = f"http://127.0.0.1:{self.port}"
         self.user = DRILL_USER
+        self.session = _rest.Session(self.url, self.user, self.password, timeout=120)
         self.all_files = all_files  # False: only the files given to place() later (a point restore)
         self.process = None
         self.removed = False
 
-    def get(self, path: str, timeout: float = 60):
-        return _rest.get(self.url, path, self.user, self.password, timeout=timeout)
+    def get(self, path: str):
+        return self.session.get(path)
 
-    def post(self, path: str, data, timeout: float = 60):
-        return _rest.post(self.url, path, data, self.user, self.password, timeout=timeout)
+    def post(self, path: str, data):
+        return self.session.post(path, data)
 
     def file(self, instance: str) -> bytes:
-        return _rest.request(self.url, f"/instances/{instance}/file", "GET", None, self.user, self.password)
+        return self.session.request(f"/instances/{instance}/file")
 
     def index_md5s(self) -> dict:
         """{instance: MD5 of its DICOM file} as the backup's index records them (the scratch copy
@@ -193,6 +194,7 @@ class Scratch:
         return count
 
     def stop(self) -> None:
+        self.session.close()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -225,11 +227,11 @@ def run_drill(backup: str, workdir: str, orthanc_binary: str, sample: int, keep:
     try:
         with scratch:
             result["pid"] = scratch.process.pid
-            stats = scratch.get("/statistics", timeout=30)
+            stats = scratch.get("/statistics")
             served = {"patients": stats["CountPatients"], "studies": stats["CountStudies"],
                       "series": stats["CountSeries"], "instances": stats["CountInstances"]}
             expected = scratch.index_md5s()
-            ids = sorted(scratch.get("/instances", timeout=60))
+            ids = sorted(scratch.get("/instances"))
             chosen = ids if sample <= 0 or sample >= len(ids) else random.Random(seed).sample(ids, sample)
             mismatches = []
             for instance in chosen:

@@ -38,6 +38,7 @@ class Production:
 
     def __init__(self, url: str, username: str | None, password: str | None, timeout: float = 60):
         self.url, self.username, self.password, self.timeout = url, username, password, timeout
+        self.session = _rest.Session(url, username, password, timeout)
 
     def check_answers(self, consequence: str = "nothing was restored") -> dict:
         record = _probe.ask(self.url, self.username, self.password, min(self.timeout, 10))
@@ -50,24 +51,21 @@ class Production:
         """The MD5 production records for the instance's DICOM file; None when it does not hold
         the instance."""
         try:
-            _rest.request(self.url, f"/instances/{instance}", "GET", None, self.username, self.password, self.timeout)
+            self.session.request(f"/instances/{instance}")
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None
             raise
         try:
-            return _rest.request(self.url, f"/instances/{instance}/attachments/dicom/md5", "GET", None,
-                                 self.username, self.password, self.timeout).decode("ascii").strip()
+            return self.session.request(f"/instances/{instance}/attachments/dicom/md5").decode("ascii").strip()
         except urllib.error.HTTPError:  # StoreMD5ForAttachments false: hash what it serves
-            return hashlib.md5(_rest.request(self.url, f"/instances/{instance}/file", "GET", None, self.username,
-                                             self.password, self.timeout)).hexdigest()
+            return hashlib.md5(self.session.request(f"/instances/{instance}/file")).hexdigest()
 
     def store(self, data: bytes) -> dict:
-        return _rest.post(self.url, "/instances", data, self.username, self.password, self.timeout,
-                          content_type="application/dicom")
+        return self.session.post("/instances", data, content_type="application/dicom")
 
     def delete(self, instance: str) -> None:
-        _rest.request(self.url, f"/instances/{instance}", "DELETE", None, self.username, self.password, self.timeout)
+        self.session.request(f"/instances/{instance}", "DELETE")
 
 
 def _find_exact(scratch, level: str, tag: str, value: str) -> list:
@@ -95,7 +93,7 @@ def _level_of(scratch, orthanc_id: str):
 def _instances_of(scratch, level: str, orthanc_id: str) -> list:
     if level == "Instance":
         return [orthanc_id]
-    return sorted(i["ID"] for i in scratch.get(f"/{LEVEL_PATHS[level]}/{orthanc_id}/instances", timeout=120))
+    return sorted(i["ID"] for i in scratch.get(f"/{LEVEL_PATHS[level]}/{orthanc_id}/instances"))
 
 
 def _describe(scratch, level: str, orthanc_id: str) -> dict:

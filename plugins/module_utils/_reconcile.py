@@ -33,17 +33,14 @@ def study_date(since: str) -> str:
 
 
 class Reconciler:
-    def __init__(self, production, timeout: float = 120):
-        self.production = production  # _items.Production
-        self.timeout = timeout
+    def __init__(self, production):
+        self.production = production  # _items.Production: its session waits up to its timeout per answer
 
     def _get(self, path: str):
-        p = self.production
-        return _rest.get(p.url, path, p.username, p.password, self.timeout)
+        return self.production.session.get(path)
 
     def _post(self, path: str, data):
-        p = self.production
-        return _rest.post(p.url, path, data, p.username, p.password, self.timeout)
+        return self.production.session.post(path, data)
 
     def modalities(self, wanted: list) -> list:
         try:
@@ -112,10 +109,9 @@ def _public(report: dict) -> dict:
     return out
 
 
-def reconcile(production, modalities: list, since: str, retrieve: bool, check_mode: bool = False,
-              timeout: float = 120) -> dict:
+def reconcile(production, modalities: list, since: str, retrieve: bool, check_mode: bool = False) -> dict:
     system = production.check_answers("no modality was asked")
-    reconciler = Reconciler(production, timeout)
+    reconciler = Reconciler(production)
     names = reconciler.modalities(modalities)
     day = study_date(since)
     reports, errors = [], []

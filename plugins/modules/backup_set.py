@@ -102,7 +102,7 @@ options:
       - C(prepare) marks this backup as taken before an upgrade. C(complete) then writes the manifest
         key C(pre_upgrade), an object with the versions of Orthanc (C(orthanc_version)), of every
         plugin it has loaded (C(plugins)), the database schema (C(database_version), as Orthanc
-        reports it, and C(index_schema_version), read from the backup's index or dump), the index
+        reports it, and C(index_schema_version) and C(index_schema_patch_level), read from the backup's index or dump), the index
         plugin (C(index_plugin)) and C(keep_until).
       - Retention (here, on the backup server and off site) keeps such a backup until C(keep_until),
         whatever O(keep) says; it does not count among the O(keep) newest.

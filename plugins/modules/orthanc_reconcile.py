@@ -128,7 +128,7 @@ def act(module):
         if not since:
             raise PacsError("read the time window", f"the manifest of {p['backup']} has no started_at: give since")
     production = _items.Production(p["url"], p["username"], p["password"], p["timeout"])
-    return _reconcile.reconcile(production, p["modalities"], since, p["retrieve"], module.check_mode, p["timeout"])
+    return _reconcile.reconcile(production, p["modalities"], since, p["retrieve"], module.check_mode)
 
 
 def main():

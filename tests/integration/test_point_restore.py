@@ -42,6 +42,7 @@ def test_pre_upgrade_backup_outlives_retention_and_the_guard_names_it(servers, t
     assert marker["orthanc_version"] == system["Version"] == "1.10.1"
     assert marker["plugins"] == {}  # the test Orthancs load no plugin
     assert marker["database_version"] == str(system["DatabaseVersion"]) == marker["index_schema_version"]
+    assert "index_schema_patch_level" in marker
     assert marker["keep_days"] == 30 and marker["keep_until"][:10] > manifest["started_at"][:10]
     assert "pre_upgrade" not in checks.read_manifest(root / older)
     newer = backup()
