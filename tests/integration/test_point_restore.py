@@ -208,7 +208,6 @@ def test_reconcile_with_a_modality_after_a_full_restore(servers, tmp_path):
     # C-STORE rewrites the file meta header (the sender's AET...): compare the datasets themselves
     assert datasets(pacs) == {sop: data for sop, data in datasets(scanner).items() if data[1] == today}
 
-
     scanner.stop()
     silent = run_playbook(inventory, playbook="reconcile.yml")
     assert silent.returncode != 0
