@@ -107,11 +107,14 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
                 expected_storage_bytes: int = 0, min_free_bytes: int = 0,
                 stale_lock_seconds: int = 900, space_check: bool = True,
                 check_mode: bool = False, expected_dump_bytes: int = 0, orthanc: dict | None = None,
-                dump_format: str = "custom") -> dict:
+                dump_format: str = "custom", pre_upgrade_keep_days: int | None = None) -> dict:
     """Take the lock, clean up leftovers, check room, create the incomplete folder, copy the
-    configuration, write the records ``orthanc`` (what ``orthanc_info`` found, when given) and
-    ``open``. Returns the names and paths the later steps use."""
+    configuration, write the records ``orthanc`` (what ``orthanc_info`` found, when given),
+    ``open``, and ``pre_upgrade`` when ``pre_upgrade_keep_days`` is given (a backup before an
+    upgrade). Returns the names and paths the later steps use."""
     step = "prepare backup folder"
+    if pre_upgrade_keep_days is not None and pre_upgrade_keep_days < 1:
+        raise PacsError(step, f"pre_upgrade_keep_days must be at least 1, not {pre_upgrade_keep_days}")
     now = utc_now()
     name = now.strftime("%Y%m%dT%H%M%SZ")
     path = os.path.join(root, name + INCOMPLETE)
@@ -189,6 +192,9 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
         if orthanc:
             _record.write_record(path, "orthanc", _record.orthanc_record(orthanc))
         _record.write_record(path, "open", {"started_at": result["started_at"], "previous": previous})
+        if pre_upgrade_keep_days is not None:
+            result["pre_upgrade"] = _record.pre_upgrade_record(orthanc or {}, now, pre_upgrade_keep_days)
+            _record.write_record(path, "pre_upgrade", result["pre_upgrade"])
     except (OSError, PacsError) as exc:
         # nothing of this run may stay behind: its folder goes, its lock is released
         shutil.rmtree(path, ignore_errors=True)
@@ -237,7 +243,9 @@ def discard_backup(root: str, name: str, check_mode: bool = False) -> dict:
 
 
 def retention(root: str, keep: int, protect: str, check_mode: bool = False) -> list:
-    names = complete_backups(root)
+    """Delete the complete backups beyond the ``keep`` newest, never ``protect`` nor a
+    pre-upgrade backup before its ``keep_until`` (those do not count among the ``keep``)."""
+    names = [n for n in complete_backups(root) if not _layout.held_for_upgrade(os.path.join(root, n))]
     keep = max(1, keep)
     doomed = [n for n in names[:-keep] if n != protect]
     if not check_mode:
@@ -350,6 +358,9 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
                          "files_hashed": report["files_hashed"], "orphans": report["orphans"]},
         "files": files,
     }
+    if records.get("pre_upgrade") is not None:
+        manifest[_layout.PRE_UPGRADE] = dict(records["pre_upgrade"], index_schema_version=report.get("schema_version"),
+                                             index_schema_patch_level=report.get("schema_patch_level"))
     final = os.path.join(root, name)
     result = {"changed": True, "path": final, "manifest": manifest, "verification": report}
     if check_mode:

@@ -91,6 +91,19 @@ def write_scratch_config(backup_config, dest: str, settings: dict) -> None:
         json.dump(rest, handle, indent=2)
 
 
+def attachment_uuids(index_file: str, instances) -> list:
+    """The storage uuids of every attachment (the DICOM file and any other) of ``instances``
+    (public ids), read from the backup's index."""
+    wanted = set(instances)
+    conn = sqlite3.connect(f"file:{index_file}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT r.publicId, a.uuid FROM Resources r JOIN AttachedFiles a ON a.id = r.internalId "
+                            "WHERE r.resourceType = 4")
+        return sorted({uuid for public, uuid in rows if public in wanted})
+    finally:
+        conn.close()
+
+
 def dicom_md5s(index_file: str) -> dict:
     """{instance public id: MD5 of its DICOM file} from the backup's index."""
     conn = sqlite3.connect(f"file:{index_file}?mode=ro", uri=True)
@@ -102,92 +115,158 @@ def dicom_md5s(index_file: str) -> dict:
         conn.close()
 
 
-def _get_file(url: str, instance: str, password: str) -> bytes:
-    from ansible.module_utils.urls import open_url
-    response = open_url(f"{url}/instances/{instance}/file", timeout=60, url_username=DRILL_USER,
-                        url_password=password, force_basic_auth=True)
-    try:
-        return response.read()
-    finally:
-        response.close()
+class Scratch:
+    """A scratch Orthanc serving a copy of a backup (SQLite index; storage files hard-linked when
+    the scratch folder is on the backup's filesystem), on a free loopback port with a random user
+    of its own. As a context manager it is started on entry and, unless ``keep``, stopped and its
+    folder removed on exit, whatever happened. Used by the drill and by the point restore."""
 
-
-def run_drill(backup: str, workdir: str, orthanc_binary: str, sample: int, keep: bool,
-              start_timeout: float = 60, seed=None) -> dict:
-    backup = os.path.realpath(backup)
-    try:
-        manifest = _layout.read_manifest(backup)
-    except (OSError, ValueError) as exc:
-        raise PacsError("read backup", f"{backup} is not a complete backup: {exc}")
-    os.makedirs(workdir, mode=0o700, exist_ok=True)
-    scratch = os.path.join(workdir, f"{manifest.get('name', 'backup')}-{os.getpid()}")
-    port, password = free_port(), secrets.token_urlsafe(18)
-    url = f"http://127.0.0.1:{port}"
-    result = {"backup": backup, "scratch": scratch, "url": url, "kept": keep}
-    process = None
-    try:
+    def __init__(self, backup: str, workdir: str, orthanc_binary: str, keep: bool = False,
+                 start_timeout: float = 60, all_files: bool = True):
+        self.backup = os.path.realpath(backup)
         try:
+            self.manifest = _layout.read_manifest(self.backup)
+        except (OSError, ValueError) as exc:
+            raise PacsError("read backup", f"{self.backup} is not a complete backup: {exc}")
+        self.workdir, self.orthanc_binary, self.keep, self.start_timeout = workdir, orthanc_binary, keep, start_timeout
+        self.scratch = os.path.join(workdir, f"{self.manifest.get('name', 'backup')}-{os.getpid()}")
+        self.port, self.password = free_port(), secrets.token_urlsafe(18)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.user = DRILL_USER
+        self.session = _rest.Session(self.url, self.user, self.password, timeout=120)
+        self.all_files = all_files  # False: only the files given to place() later (a point restore)
+        self.process = None
+        self.removed = False
+
+    def get(self, path: str):
+        return self.session.get(path)
+
+    def post(self, path: str, data):
+        return self.session.post(path, data)
+
+    def file(self, instance: str) -> bytes:
+        return self.session.request(f"/instances/{instance}/file")
+
+    def index_md5s(self) -> dict:
+        """{instance: MD5 of its DICOM file} as the backup's index records them (the scratch copy
+        is locked by the scratch Orthanc)."""
+        return dicom_md5s(os.path.join(self.backup, "index", "index"))
+
+    def start(self) -> None:
+        scratch, backup = self.scratch, self.backup
+        if not os.path.isfile(os.path.join(backup, "index", "index")):
+            raise PacsError("prepare scratch Orthanc", f"{backup} holds no SQLite index (a {self.manifest.get('backend')} "
+                            "backup): a scratch Orthanc serves SQLite backups only")
+        try:
+            os.makedirs(self.workdir, mode=0o700, exist_ok=True)
             os.makedirs(os.path.join(scratch, "index"), mode=0o700)
             os.makedirs(os.path.join(scratch, "log"), mode=0o700)
-            write_scratch_config(backup_config_files(backup, manifest), os.path.join(scratch, "config"),
-                                 overrides(scratch, port, password))
+            write_scratch_config(backup_config_files(backup, self.manifest), os.path.join(scratch, "config"),
+                                 overrides(scratch, self.port, self.password))
             shutil.copyfile(os.path.join(backup, "index", "index"), os.path.join(scratch, "index", "index"))
-            link = _storage.same_filesystem(os.path.join(backup, "storage"), scratch)
-            placer = _storage.Placer(os.path.join(backup, "storage"), os.path.join(scratch, "storage"), None, link)
-            for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")):
-                placer.place(uuid, None)
-            placer.finish("copy backup into the scratch folder")
+            os.makedirs(os.path.join(scratch, "storage"), mode=0o700)
+            if self.all_files:
+                self.place(uuid for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")))
         except OSError as exc:
             raise PacsError("prepare scratch Orthanc", os_error_cause(exc))
         log = open(os.path.join(scratch, "log", "stdout.log"), "ab")
         try:
             # detached: with keep, the scratch Orthanc outlives this module
-            process = Program([orthanc_binary, f"--logdir={os.path.join(scratch, 'log')}",
-                               os.path.join(scratch, "config")], "start scratch Orthanc", stdout=log, stderr=log,
-                              cwd=scratch, detach=True)
+            self.process = Program([self.orthanc_binary, f"--logdir={os.path.join(scratch, 'log')}",
+                                    os.path.join(scratch, "config")], "start scratch Orthanc", stdout=log, stderr=log,
+                                   cwd=scratch, detach=True)
         finally:
             log.close()
-        result["pid"] = process.pid
-        deadline = time.monotonic() + start_timeout
-        while not _rest.answers(url, DRILL_USER, password, timeout=1):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise PacsError("start scratch Orthanc", f"the scratch Orthanc did not answer at {url}: "
+        deadline = time.monotonic() + self.start_timeout
+        while not _rest.answers(self.url, self.user, self.password, timeout=1):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise PacsError("start scratch Orthanc", f"the scratch Orthanc did not answer at {self.url}: "
                                 f"{_log_tail(scratch)}")
             time.sleep(0.1)
-        stats = _rest.get(url, "/statistics", DRILL_USER, password, timeout=30)
-        served = {"patients": stats["CountPatients"], "studies": stats["CountStudies"],
-                  "series": stats["CountSeries"], "instances": stats["CountInstances"]}
-        expected = dicom_md5s(os.path.join(backup, "index", "index"))  # the scratch copy is locked
-        ids = sorted(_rest.get(url, "/instances", DRILL_USER, password, timeout=60))
-        chosen = ids if sample <= 0 or sample >= len(ids) else random.Random(seed).sample(ids, sample)
-        mismatches = []
-        for instance in chosen:
-            digest = hashlib.md5(_get_file(url, instance, password)).hexdigest()
-            if expected.get(instance) != digest:
-                mismatches.append(instance)
-        problems = []
-        if served != manifest.get("counts"):
-            problems.append(f"the scratch Orthanc counts {served}, the manifest {manifest.get('counts')}")
-        if sorted(expected) != ids:
-            problems.append(f"the scratch Orthanc lists {len(ids)} instances, the index {len(expected)}")
-        if mismatches:
-            problems.append(f"{len(mismatches)} of {len(chosen)} instances served with another MD5 than the index "
-                            f"records (e.g. {mismatches[0]})")
-        result.update({"counts": served, "manifest_counts": manifest.get("counts"), "checked_instances": len(chosen),
-                       "mismatched_instances": mismatches[:10], "problems": problems, "ok": not problems,
-                       "orthanc_version": _rest.get(url, "/system", DRILL_USER, password).get("Version")})
-        if problems:
-            raise PacsError("compare scratch Orthanc with the backup", "; ".join(problems), **result)
-        return result
+
+    def place(self, uuids) -> int:
+        """Put these storage files of the backup into the scratch storage (hard links when on the
+        backup's filesystem, else copies). Orthanc reads a file only when it is asked for it: a
+        scratch Orthanc started without files serves the index, and the files placed since."""
+        source = os.path.join(self.backup, "storage")
+        placer = _storage.Placer(source, os.path.join(self.scratch, "storage"), None,
+                                 _storage.same_filesystem(source, self.scratch))
+        count, missing = 0, []
+        try:
+            for uuid in uuids:
+                if placer.place(uuid, None)[0] is None:
+                    missing.append(uuid)
+                count += 1
+            missing += placer.finish("copy backup into the scratch folder")
+            if missing:
+                raise PacsError("copy backup into the scratch folder", f"{len(missing)} files are missing from "
+                                f"{source} (e.g. {missing[0]}): the backup is damaged (run backup_verify)")
+        except OSError as exc:
+            raise PacsError("copy backup into the scratch folder", os_error_cause(exc))
+        return count
+
+    def stop(self) -> None:
+        self.session.close()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except PacsError:
+                pass  # killed after 60 s
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.removed = True
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            if not self.keep:
+                self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if not self.keep:
+            self.stop()
+        return False
+
+
+def run_drill(backup: str, workdir: str, orthanc_binary: str, sample: int, keep: bool,
+              start_timeout: float = 60, seed=None) -> dict:
+    scratch = Scratch(backup, workdir, orthanc_binary, keep, start_timeout)
+    manifest = scratch.manifest
+    result = {"backup": scratch.backup, "scratch": scratch.scratch, "url": scratch.url, "kept": keep}
+    try:
+        with scratch:
+            result["pid"] = scratch.process.pid
+            stats = scratch.get("/statistics")
+            served = {"patients": stats["CountPatients"], "studies": stats["CountStudies"],
+                      "series": stats["CountSeries"], "instances": stats["CountInstances"]}
+            expected = scratch.index_md5s()
+            ids = sorted(scratch.get("/instances"))
+            chosen = ids if sample <= 0 or sample >= len(ids) else random.Random(seed).sample(ids, sample)
+            mismatches = []
+            for instance in chosen:
+                digest = hashlib.md5(scratch.file(instance)).hexdigest()
+                if expected.get(instance) != digest:
+                    mismatches.append(instance)
+            problems = []
+            if served != manifest.get("counts"):
+                problems.append(f"the scratch Orthanc counts {served}, the manifest {manifest.get('counts')}")
+            if sorted(expected) != ids:
+                problems.append(f"the scratch Orthanc lists {len(ids)} instances, the index {len(expected)}")
+            if mismatches:
+                problems.append(f"{len(mismatches)} of {len(chosen)} instances served with another MD5 than the index "
+                                f"records (e.g. {mismatches[0]})")
+            result.update({"counts": served, "manifest_counts": manifest.get("counts"),
+                           "checked_instances": len(chosen), "mismatched_instances": mismatches[:10],
+                           "problems": problems, "ok": not problems,
+                           "orthanc_version": scratch.get("/system").get("Version")})
+            if problems:
+                raise PacsError("compare scratch Orthanc with the backup", "; ".join(problems), **result)
+            return result
     finally:
-        if not keep:
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except PacsError:
-                    pass  # killed after 60 s
-            shutil.rmtree(scratch, ignore_errors=True)
+        if scratch.removed:
             result["removed"] = True
 
 

@@ -14,6 +14,7 @@ reading a manifest. Standard library only."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -117,6 +118,42 @@ def read_manifest(backup: str) -> dict:
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path} is not a manifest")
     return manifest
+
+
+# -- pre-upgrade backups ---------------------------------------------------------------------
+# A backup taken before an upgrade carries the manifest key ``pre_upgrade`` (an object: the
+# versions of Orthanc, of its plugins and of the database schema, and ``keep_until``). Retention,
+# here and on the backup server, keeps it until then, whatever its count or age.
+PRE_UPGRADE = "pre_upgrade"
+
+
+def parse_time(text: str) -> datetime.datetime:
+    """A UTC time written by this collection ('2026-11-30T07:00:00Z', with or without microseconds)."""
+    moment = datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def pre_upgrade_of(backup: str):
+    """The ``pre_upgrade`` object of a backup's manifest, or None (an ordinary backup, or an
+    unreadable manifest)."""
+    try:
+        marker = read_manifest(backup).get(PRE_UPGRADE)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def held_for_upgrade(backup: str, now: datetime.datetime | None = None) -> bool:
+    """True while a pre-upgrade backup must be kept (``keep_until`` not yet reached; a marker
+    without a readable ``keep_until`` is kept: better a backup too many than one lost)."""
+    marker = pre_upgrade_of(backup)
+    if marker is None:
+        return False
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    try:
+        return parse_time(marker["keep_until"]) > now
+    except (KeyError, TypeError, ValueError):
+        return True
 
 
 # -- writing safely ------------------------------------------------------------------------

@@ -16,10 +16,13 @@ playbook. The steps:
 ``stopped``   the downtime (``stopped_capture``): times, phases, files gone from the live storage
 ``snapshot``  a snapshot capture (``snapshot_capture``), or why no snapshot could be taken
 ``dump``      the database dump (``db_dump``)
+``pre_upgrade`` a backup taken before an upgrade: versions of Orthanc, its plugins and schema, and
+              how long it is kept (``backup_set state=prepare pre_upgrade=true``)
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -28,7 +31,7 @@ from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
 
 __metaclass__ = type
 
-STEPS = ("lock", "orthanc", "open", "hot", "delta", "stopped", "snapshot", "dump")
+STEPS = ("lock", "orthanc", "open", "hot", "delta", "stopped", "snapshot", "dump", "pre_upgrade")
 _STEP = re.compile(r"^[a-z_]+$")
 
 
@@ -78,6 +81,25 @@ ORTHANC_KEYS = ("version", "name", "backend", "storage", "storage_compression", 
 def orthanc_record(info: dict) -> dict:
     """The part of ``orthanc_info``'s result that a backup records."""
     return {key: info.get(key) for key in ORTHANC_KEYS}
+
+
+def pre_upgrade_record(info: dict, started_at, keep_days: int) -> dict:
+    """What a pre-upgrade backup records of the Orthanc it was taken from (``orthanc_info``'s
+    result): its version, every loaded plugin's version, the database schema version Orthanc
+    reports (``/system`` DatabaseVersion: for PostgreSQL and MySQL, the plugin's schema), the
+    index plugin and its version, and until when retention keeps the backup."""
+    started = started_at if isinstance(started_at, datetime.datetime) else _layout.parse_time(started_at)
+    plugins = info.get("plugin_versions")
+    backend = info.get("backend")
+    index_plugin = None
+    if backend in ("postgresql", "mysql") and plugins:
+        found = sorted(name for name in plugins if name.startswith(backend) and "index" in name)
+        if found:
+            index_plugin = {"id": found[0], "version": plugins[found[0]]}
+    return {"orthanc_version": info.get("version"), "plugins": plugins,
+            "database_version": info.get("database_version"), "backend": backend, "index_plugin": index_plugin,
+            "keep_days": keep_days,
+            "keep_until": (started + datetime.timedelta(days=keep_days)).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def facts_from(records: dict) -> dict:

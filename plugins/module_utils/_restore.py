@@ -44,6 +44,37 @@ def read_manifest(backup: str) -> dict:
     return manifest
 
 
+def fitting_pre_upgrade(root: str, orthanc_version, database_version=None):
+    """The newest pre-upgrade backup in the folder of backups ``root`` that an Orthanc of
+    ``orthanc_version`` (and schema ``database_version``) can open: (path, manifest), or None."""
+    running, schema = version_tuple(orthanc_version), version_tuple(database_version)
+    for name in reversed(_layout.complete_backups(root)):
+        path = os.path.join(root, name)
+        try:
+            manifest = _layout.read_manifest(path)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(manifest.get(_layout.PRE_UPGRADE), dict):
+            continue
+        written_by = version_tuple(manifest.get("orthanc", {}).get("version"))
+        backup_schema = version_tuple(manifest.get("database_schema_version"))
+        if not written_by or written_by > running or (schema and backup_schema and backup_schema > schema):
+            continue
+        return path, manifest
+    return None
+
+
+def _pre_upgrade_hint(backup: str, orthanc_version, database_version) -> str:
+    root = os.path.dirname(backup)
+    found = fitting_pre_upgrade(root, orthanc_version, database_version)
+    if found is None:
+        return f"; no pre-upgrade backup in {root} was written by Orthanc {orthanc_version} or older"
+    path, manifest = found
+    return (f"; the newest pre-upgrade backup that Orthanc {orthanc_version} can open is {path} (written by Orthanc "
+            f"{manifest.get('orthanc', {}).get('version')}, schema {manifest.get('database_schema_version')}, "
+            f"taken {manifest.get('started_at')}): restore it with orthanc_restore_backup={os.path.basename(path)}")
+
+
 def _nested(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
@@ -131,7 +162,8 @@ def _plan_targets(backup, manifest, described, orthanc_version, database_version
     elif described["storage"] != "filesystem":
         raise PacsError("plan restore", "a SQLite index with the files in a database cannot be restored")
     if refusals and not force:
-        raise PacsError("plan restore", "; ".join(refusals) + ". Restore onto an Orthanc at least as new, "
+        hint = _pre_upgrade_hint(backup, orthanc_version, database_version) if version_tuple(orthanc_version) else ""
+        raise PacsError("plan restore", "; ".join(refusals) + hint + ". Restore onto an Orthanc at least as new, "
                         "or set force to restore anyway")
     if described["backend"] == "sqlite":
         targets["index"] = described["index_directory"]

@@ -171,16 +171,25 @@ def complete(folder: str, name: str, host: str, keep_last: int, keep_daily: int,
             return result
         try:
             _layout.complete_folder(folder, name)
-            names = _layout.complete_backups(folder)
-            kept = select_kept(names, keep_last, keep_daily, keep_weekly, keep_monthly)
-            for doomed in names:
-                if doomed not in kept and doomed != name:
-                    _layout.remove_backup(folder, doomed, ignore_errors=True)
-                    result["deleted_by_retention"].append(doomed)
-            result["kept"] = kept
+            result.update(retention(folder, name, keep_last, keep_daily, keep_weekly, keep_monthly))
         except OSError as exc:
             raise PacsError(step, os_error_cause(exc))
     return result
+
+
+def retention(folder: str, name: str, keep_last: int, keep_daily: int, keep_weekly: int, keep_monthly: int) -> dict:
+    """Remove the complete backups of ``folder`` that ``select_kept`` does not keep, never ``name``
+    (the one just completed) nor a pre-upgrade backup before its ``keep_until`` (those are not
+    counted by ``select_kept`` either)."""
+    names = _layout.complete_backups(folder)
+    held = [n for n in names if _layout.held_for_upgrade(os.path.join(folder, n))]
+    kept = select_kept([n for n in names if n not in held], keep_last, keep_daily, keep_weekly, keep_monthly)
+    deleted = []
+    for doomed in names:
+        if doomed not in kept and doomed not in held and doomed != name:
+            _layout.remove_backup(folder, doomed, ignore_errors=True)
+            deleted.append(doomed)
+    return {"deleted_by_retention": deleted, "kept": kept, "kept_for_upgrade": held}
 
 
 def discard(folder: str, name: str, check_mode: bool = False) -> dict:
@@ -285,6 +294,8 @@ def remove_local(root: str, name: str, check_mode: bool = False, stale_lock_seco
     path = os.path.join(root, name)
     if not os.path.isdir(path):
         return {"changed": False, "removed": None}
+    if _layout.held_for_upgrade(path):
+        return {"changed": False, "removed": None, "kept_for_upgrade": path}
     lock = os.path.join(root, _backupset.LOCK)
     if not _lock.holder_is_dead(lock, stale_lock_seconds):
         raise PacsError(step, f"another backup of {root} is running ({lock}); the local copy {path} is kept")

@@ -183,6 +183,7 @@ def read_summary(path: str) -> dict:
         conn = connect(path)
         try:
             row = conn.execute("SELECT value FROM GlobalProperties WHERE property = 1").fetchone()
+            patch = conn.execute("SELECT value FROM GlobalProperties WHERE property = 4").fetchone()
             counts = {name: 0 for name in RESOURCE_TYPES.values()}
             for rtype, count in conn.execute(
                     "SELECT resourceType, COUNT(*) FROM Resources GROUP BY resourceType"):
@@ -193,8 +194,8 @@ def read_summary(path: str) -> dict:
             conn.close()
     except sqlite3.Error as exc:
         raise PacsError("read index", f"{path} is not a readable Orthanc index: {exc}")
-    return {"schema_version": str(row[0]) if row else None, "counts": counts,
-            "attached_files_columns": columns}
+    return {"schema_version": str(row[0]) if row else None, "patch_level": str(patch[0]) if patch else None,
+            "counts": counts, "attached_files_columns": columns}
 
 
 def attachments(path: str) -> dict:

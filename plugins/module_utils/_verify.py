@@ -219,6 +219,7 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
     _compare_counts(manifest, listing["counts"], report)
     result = report.as_dict()
     result.update({"counts": listing["counts"], "schema_version": listing["schema_version"],
+                   "schema_patch_level": listing.get("patch_level"),
                    "dump": {"engine": engine, "format": fmt, "path": path}, "storage_in_database": in_database})
     return result
 
@@ -266,5 +267,6 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
     summary = _sqlite.read_summary(index_file)
     _compare_counts(manifest, summary["counts"], report)
     result = report.as_dict()
-    result.update({"counts": summary["counts"], "schema_version": summary["schema_version"]})
+    result.update({"counts": summary["counts"], "schema_version": summary["schema_version"],
+                   "schema_patch_level": summary.get("patch_level")})
     return result

@@ -24,6 +24,8 @@ description:
   - Retention keeps the union of the O(keep_last) newest backups and, for each of the
     O(keep_daily) newest days, O(keep_weekly) newest ISO weeks and O(keep_monthly) newest months
     (UTC) that hold a backup, the newest backup of that period. The newest backup is always kept.
+    A pre-upgrade backup (manifest key C(pre_upgrade)) is kept until its C(keep_until), outside
+    that count; after it, it is an ordinary backup.
     A deleted backup is first renamed C(*.incomplete), so that a half-deleted one never looks complete.
   - C(discard) removes C(<name>.incomplete/) (never a complete backup).
   - Each state holds an C(flock) on C(<folder>/.lock) while it acts; the kernel releases it when
@@ -122,6 +124,11 @@ new_files:
   returned: complete
 kept:
   description: The complete backups retention kept, newest first.
+  type: list
+  elements: str
+  returned: complete
+kept_for_upgrade:
+  description: Pre-upgrade backups kept outside retention (their C(keep_until) is not reached).
   type: list
   elements: str
   returned: complete

@@ -104,6 +104,22 @@ options:
     type: str
     choices: [custom, directory]
     default: custom
+  pre_upgrade:
+    description:
+      - C(prepare) marks this backup as taken before an upgrade. C(complete) then writes the manifest
+        key C(pre_upgrade), an object with the versions of Orthanc (C(orthanc_version)), of every
+        plugin it has loaded (C(plugins)), the database schema (C(database_version), as Orthanc
+        reports it, and C(index_schema_version) and C(index_schema_patch_level), read from the backup's index or dump), the index
+        plugin (C(index_plugin)) and C(keep_until).
+      - Retention (here, on the backup server and off site) keeps such a backup until C(keep_until),
+        whatever O(keep) says; it does not count among the O(keep) newest.
+      - The versions come from O(orthanc) (M(pacs.orthanc.orthanc_info) run while Orthanc answers).
+    type: bool
+    default: false
+  pre_upgrade_keep_days:
+    description: Days a pre-upgrade backup is kept from its start (O(pre_upgrade)).
+    type: int
+    default: 90
   facts:
     description:
       - Kept for compatibility. Each capture step (this module's C(prepare), M(pacs.orthanc.storage_copy),
@@ -138,6 +154,15 @@ EXAMPLES = r"""
     index_directory: /var/lib/orthanc/db-v6
     storage_directory: /var/lib/orthanc/db-v6
   register: backup
+
+- name: Prepare a backup before an upgrade, kept 30 days whatever retention says
+  pacs.orthanc.backup_set:
+    state: prepare
+    root: /var/backups/orthanc
+    config_path: /etc/orthanc
+    orthanc: "{{ orthanc_info_result }}"
+    pre_upgrade: true
+    pre_upgrade_keep_days: 30
 
 - name: Complete it, keeping 7 backups
   pacs.orthanc.backup_set:
@@ -185,6 +210,12 @@ lock_taken_over:
   returned: prepare
   sample: {host: pacs-1, pid: 4711, started: "2026-11-29T07:00:00.000000Z", name: 20261129T070000Z,
            age_seconds: 12, provable: true, reason: "its keeper process 4711 on pacs-1 is gone"}
+pre_upgrade:
+  description: What C(prepare) recorded of a pre-upgrade backup (O(pre_upgrade)); the manifest keeps it.
+  type: dict
+  returned: prepare with O(pre_upgrade)
+  sample: {orthanc_version: 1.10.1, plugins: {}, database_version: "6", backend: sqlite, index_plugin: null,
+           keep_days: 90, keep_until: "2027-02-28T07:00:00Z"}
 manifest:
   description: The manifest written by C(complete).
   type: dict
@@ -219,7 +250,8 @@ def act(module):
         return _backupset.open_backup(p["root"], p["config_path"], p["index_directory"], p["storage_directory"],
                                       p["expected_storage_bytes"], p["min_free_bytes"], p["stale_lock_seconds"],
                                       p["space_check"], module.check_mode, p["expected_dump_bytes"], p["orthanc"],
-                                      p["dump_format"])
+                                      p["dump_format"],
+                                      p["pre_upgrade_keep_days"] if p["pre_upgrade"] else None)
     if not p["name"]:
         raise PacsError("complete backup", f"state={p['state']} needs 'name'")
     if state == "discard":
@@ -247,6 +279,8 @@ def main():
             host=dict(type="str"),
             orthanc=dict(type="dict"),
             dump_format=dict(type="str", choices=["custom", "directory"], default="custom"),
+            pre_upgrade=dict(type="bool", default=False),
+            pre_upgrade_keep_days=dict(type="int", default=90),
             facts=dict(type="dict", default={}),
             keep=dict(type="int", default=7),
             **_specs.COMPLETION,

@@ -159,6 +159,13 @@ database_version:
   type: str
   returned: always
   sample: "6"
+plugin_versions:
+  description:
+    - The plugins Orthanc has loaded and their versions (C(GET /plugins), C(/plugins/<id>)), when the
+      REST API answered; null otherwise.
+  type: dict
+  returned: always
+  sample: {postgresql-index: "4.0", dicom-web: "1.13"}
 statistics:
   description: C(GET /statistics) when the REST API answered, else empty.
   type: dict
@@ -235,7 +242,8 @@ def describe_host(module):
         info = _config.describe(p["config_path"], p["environment"])
         info["config_found"] = True
     info.setdefault("container", None)
-    info.update({"running": False, "version": None, "database_version": None, "statistics": {},
+    info.update({"running": False, "version": None, "database_version": None, "plugin_versions": None,
+                 "statistics": {},
                  "system": {}, "index_lock_holder": None, "rest_error": None})
     answer = _probe.ask(p["url"], p["username"], p["password"], p["timeout"])
     info.update({"orthanc_state": answer["state"], "orthanc_http_status": answer["http_status"]})
@@ -246,7 +254,9 @@ def describe_host(module):
         try:
             info["statistics"] = _rest.get(p["url"], "/statistics", p["username"], p["password"], p["timeout"])
             info.update({"running": True, "system": system, "version": system.get("Version"),
-                         "database_version": str(system.get("DatabaseVersion"))})
+                         "database_version": str(system.get("DatabaseVersion")),
+                         "plugin_versions": _rest.plugin_versions(p["url"], p["username"], p["password"],
+                                                                  p["timeout"])})
         except urllib.error.HTTPError as exc:
             info["rest_error"] = f"Orthanc answered HTTP {exc.code} to GET /statistics"
         except (OSError, ValueError) as exc:

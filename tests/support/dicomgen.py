@@ -20,7 +20,8 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 _OVERHEAD = 900
 
 
-def _study_dataset(patient_id: str, patient_name: str, study_uid: str, study_no: int) -> Dataset:
+def _study_dataset(patient_id: str, patient_name: str, study_uid: str, study_no: int,
+                   study_date: str = "20240101") -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.PatientID = patient_id
@@ -29,7 +30,7 @@ def _study_dataset(patient_id: str, patient_name: str, study_uid: str, study_no:
     ds.PatientSex = "O"
     ds.StudyInstanceUID = study_uid
     ds.StudyID = str(study_no)
-    ds.StudyDate = "20240101"
+    ds.StudyDate = study_date
     ds.StudyTime = "120000"
     ds.AccessionNumber = f"ACC{study_no:06d}"
     ds.ReferringPhysicianName = ""
@@ -75,16 +76,17 @@ def _write_instance(template: Dataset, out_dir: Path, series_uid: str, series_no
 
 def make_study(out_dir: Path | str, patient_id: str, patient_name: str, series: int = 1,
                instances_per_series: int = 2, pixel_bytes: int = 64 * 64 * 2,
-               seed: int | None = None) -> list[Path]:
+               seed: int | None = None, study_date: str = "20240101") -> list[Path]:
     """Write one study of ``series`` x ``instances_per_series`` files into ``out_dir``.
 
-    Each file carries about ``pixel_bytes`` of random pixel data. Files are named
+    Each file carries about ``pixel_bytes`` of random pixel data; the study is of ``study_date``
+    (YYYYMMDD). Files are named
     ``<SOPInstanceUID>.dcm``; the list is in series then instance order.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    template = _study_dataset(patient_id, patient_name, generate_uid(), rng.randrange(1, 10**6))
+    template = _study_dataset(patient_id, patient_name, generate_uid(), rng.randrange(1, 10**6), study_date)
     paths = []
     for s in range(1, series + 1):
         series_uid = generate_uid()

@@ -26,6 +26,7 @@ __metaclass__ = type
 # Orthanc's resource types in the database plugins' schema (0-based, unlike the SQLite index)
 PLUGIN_RESOURCE_TYPES = {0: "patients", 1: "studies", 2: "series", 3: "instances"}
 SCHEMA_VERSION_PROPERTY = "1"
+PATCH_LEVEL_PROPERTY = "4"  # GlobalProperty_DatabasePatchLevel: the database plugins' revision of a schema
 
 
 class _Listing:
@@ -34,10 +35,11 @@ class _Listing:
         self.attachments: dict = {}   # uuid -> (compressed size, compressed md5)
         self.stored: dict = {}        # uuid -> (size, md5) of files kept in the database
         self.schema_version = None
+        self.patch_level = None
 
     def as_dict(self) -> dict:
         return {"counts": self.counts, "attachments": self.attachments, "stored": self.stored,
-                "schema_version": self.schema_version}
+                "schema_version": self.schema_version, "patch_level": self.patch_level}
 
     def resource(self, kind) -> None:
         name = PLUGIN_RESOURCE_TYPES.get(int(kind))
@@ -50,6 +52,8 @@ class _Listing:
     def global_property(self, prop, value) -> None:
         if str(prop) == SCHEMA_VERSION_PROPERTY:
             self.schema_version = str(value)
+        elif str(prop) == PATCH_LEVEL_PROPERTY:
+            self.patch_level = str(value)
 
     def consume(self, events) -> dict:
         for event in events:
