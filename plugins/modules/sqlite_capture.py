@@ -89,6 +89,12 @@ counts:
   type: dict
   returned: success
   sample: {"patients": 2, "studies": 2, "series": 3, "instances": 12}
+index_capture:
+  description: How the index files were taken, C(reflink) (cloned with C(FICLONE), where O(dest) is on the
+    index's filesystem and it has reflinks, such as XFS with C(reflink=1) or btrfs) or C(copy).
+  type: str
+  returned: success, not in check mode
+  sample: copy
 integrity_check:
   description: The check that ran on the copy.
   type: str
