@@ -21,3 +21,15 @@ COMPLETION = dict(
     md5=dict(type="str", choices=["new", "all", "none"], default="new"),
     workers=dict(type="int", default=2),
 )
+
+# pacs.orthanc.progress: where a long step reports its progress (module_utils/_progress.py)
+PROGRESS = dict(
+    progress=dict(type="dict", options=dict(
+        path=dict(type="path"),
+        status_file=dict(type="path"),
+        textfile=dict(type="path"),
+        interval=dict(type="float", default=30),
+        step=dict(type="str"),
+        host=dict(type="str"),
+    )),
+)
