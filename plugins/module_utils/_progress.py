@@ -241,16 +241,16 @@ def size_of(path: str) -> int:
 
 
 class Watch:
-    """While a tool writes ``path`` (a dump file or folder, say) and this process waits for it,
-    a thread reads its size as the bytes done (``files`` given: a callable for the files done)."""
+    """While a tool writes ``paths`` (a dump file or folder, and the name it gets at the end, say)
+    and this process waits for it, a thread reads their size as the bytes done."""
 
-    def __init__(self, progress: Progress | None, path: str, files=None):
-        self.progress, self.path, self.files = progress, path, files
+    def __init__(self, progress: Progress | None, *paths: str):
+        self.progress, self.paths = progress, paths
         self._stop = threading.Event()
         self._thread = None
 
     def _measure(self) -> None:
-        self.progress.set(files=self.files() if self.files else None, nbytes=size_of(self.path))
+        self.progress.set(nbytes=sum(size_of(path) for path in self.paths))
 
     def _run(self) -> None:
         period = max(0.2, min(2.0, self.progress.interval / 4))

@@ -63,11 +63,12 @@ def check_manifest_files(backup: str, manifest: dict, report: Report) -> None:
 
 def check_storage(backup: str, index_file: str | None, report: Report, hash_filter=None,
                   workers: int = 2, orphans: bool = True, listed: dict | None = None,
-                  known_missing=frozenset()) -> dict:
+                  known_missing=frozenset(), progress=None) -> dict:
     """Every attachment the index lists is in storage/ with its size, and, for the uuids that
     ``hash_filter(uuid)`` accepts (all when None), its MD5. Returns {uuid: size} of the index.
     ``listed`` ({uuid: (size, md5)}) replaces the index file (a database dump's listing);
-    ``known_missing`` are files that the manifest records as deleted while the dump ran."""
+    ``known_missing`` are files that the manifest records as deleted while the dump ran.
+    ``progress`` (a _progress.Progress) counts the files hashed, of all to hash."""
     storage = os.path.join(backup, _layout.STORAGE)
     if listed is None:
         listed = _sqlite.attachments(index_file)
@@ -90,6 +91,8 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
         if md5 and (hash_filter is None or hash_filter(uuid)):
             to_hash.append((uuid, path, md5, size))
     if to_hash:
+        if progress is not None:
+            progress.totals(len(to_hash), sum(item[3] for item in to_hash))
         if workers <= 1:  # a pool of one thread only adds its own cost
             digests = (md5_file(item[1]) for item in to_hash)
             pool = None
@@ -100,6 +103,8 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
             for (uuid, _path, expected, size), actual in zip(to_hash, digests):
                 report.stats["files_hashed"] += 1
                 report.stats["bytes_hashed"] += size
+                if progress is not None:
+                    progress.add(1, size)
                 if actual != expected:
                     report.add("storage files with a wrong MD5", uuid)
         finally:
@@ -139,7 +144,7 @@ def _compare_counts(manifest, counts: dict, report: Report) -> None:
 
 
 def verify_database_backup(backup: str, found: tuple, manifest, report: Report, md5: str = "all",
-                           workers: int = 2, hash_filter=None, known_missing=frozenset()) -> dict:
+                           workers: int = 2, hash_filter=None, known_missing=frozenset(), progress=None) -> dict:
     """A backup whose index is a database dump: the dump reads back and lists what the backup
     holds, whether the files are in the dump (large objects, LONGBLOBs) or in storage/."""
     engine, fmt, path = found
@@ -168,7 +173,8 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
     else:
         chosen = _hash_none if md5 == "none" else (None if md5 == "all" else hash_filter)
         known = set((manifest or {}).get("storage", {}).get("deleted_during_capture") or []) | set(known_missing)
-        check_storage(backup, None, report, chosen, workers, listed=listing["attachments"], known_missing=known)
+        check_storage(backup, None, report, chosen, workers, listed=listing["attachments"], known_missing=known,
+                      progress=progress)
     _compare_counts(manifest, listing["counts"], report)
     result = report.as_dict()
     result.update({"counts": listing["counts"], "schema_version": listing["schema_version"],
@@ -177,14 +183,15 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
 
 
 def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=None,
-                  known_missing=frozenset()) -> dict:
+                  known_missing=frozenset(), progress=None) -> dict:
     """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none.
     ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped."""
     report = Report()
     manifest = _read_manifest(backup, report)
     found = db_dump.find_dump(backup)
     if found:
-        return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing)
+        return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing,
+                                      progress)
     index_file = os.path.join(backup, _layout.INDEX, "index")
     if not os.path.isfile(index_file):
         report.add("missing index", "index/index")
@@ -202,7 +209,7 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
         storage_report = Report()
         storage_error = None
         try:
-            check_storage(backup, index_file, storage_report, chosen, workers)
+            check_storage(backup, index_file, storage_report, chosen, workers, progress=progress)
         except PacsError as exc:
             storage_error = exc
         integrity = integrity_future.result()

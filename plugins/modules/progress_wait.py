@@ -129,13 +129,44 @@ def job_finished(job_file) -> bool:
     return not (data.get("started") and not data.get("finished"))
 
 
-def wait(path, job_file, seen, timeout, clock=time.monotonic, sleep=time.sleep):
+GONE = "the module process ended without a result (it was killed)"
+GRACE = 3.0  # seconds a gone process's job may take to get its result written
+
+
+def alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError):
+        return True  # unknown: taken for alive
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_job(job_file) -> None:
+    """The job's process is gone and nobody wrote its result (its async_wrapper was killed with
+    it): write the failure that async_wrapper would have written, so that async_status ends."""
+    tmp = job_file + ".pacs-tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({"failed": True, "msg": GONE, "cause": GONE, "data": ""}, handle)
+    os.rename(tmp, job_file)
+
+
+def wait(path, job_file, seen, timeout, clock=time.monotonic, sleep=time.sleep, is_alive=alive):
     deadline = clock() + timeout
+    gone_since = None
     while True:
         record = read_json(path)
         seq = int(record.get("seq") or 0)
         ended = record.get("state") in ("done", "failed")
         done = job_finished(job_file)
+        if not done and not ended and job_file and record.get("pid") and not is_alive(record["pid"]):
+            gone_since = gone_since if gone_since is not None else clock()
+            if clock() - gone_since >= GRACE and not job_finished(job_file):
+                close_job(job_file)
+                return record, False, True
         if ended and seq > seen:
             # the last report: give the job a moment to hand its result over, then end the loop
             end = clock() + min(timeout, 30)

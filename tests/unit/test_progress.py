@@ -141,3 +141,25 @@ def test_summary_names_the_longest_step_with_its_rate():
     assert backup_summary.longest_step({}) == ("", {})
     assert backup_summary.last_time_part({"seconds": 65, "bytes": GIB}) == "; the last hot pass took 0:01:05 for 1.00 GiB"
     assert "the last backup took" in backup_summary.last_time_part({"seconds": 65, "bytes": GIB, "whole_backup": True})
+
+
+def test_progress_wait_ends_the_job_of_a_process_gone_without_a_result(tmp_path):
+    """The module and its async_wrapper killed together: nobody writes the job's result; the wait
+    writes async_wrapper's failure for it once the process has been gone a few seconds."""
+    path, job = tmp_path / "p.json", tmp_path / "job"
+    job.write_text(json.dumps({"started": True, "finished": False}))
+    path.write_text(json.dumps({"seq": 1, "state": "running", "pid": 4242}))
+    clock = Clock()
+
+    def sleep(seconds):
+        clock.now += seconds
+
+    record, new, finished = progress_wait.wait(str(path), str(job), 1, 60, clock=clock, sleep=sleep,
+                                               is_alive=lambda pid: False)
+    assert (new, finished) == (False, True) and clock.now - 100.0 >= progress_wait.GRACE
+    result = json.loads(job.read_text())
+    assert result["failed"] and "killed" in result["cause"] and "started" not in result
+    # a live process is waited for
+    job.write_text(json.dumps({"started": True, "finished": False}))
+    assert progress_wait.wait(str(path), str(job), 1, 5, clock=clock, sleep=sleep,
+                              is_alive=lambda pid: True)[2] is False
