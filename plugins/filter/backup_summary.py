@@ -60,6 +60,8 @@ def longest_step(steps, ship=None):
     """(text, fields) of the longest timed step of a host's run: the manifest's ``steps``
     ({name: {seconds, files, bytes}}) and the transfer to the backup server, with its rate."""
     timed = {name: step for name, step in (steps or {}).items() if isinstance(step, dict) and step.get("seconds") is not None}
+    if not timed:
+        return "", {}  # a backup without step times (made before they were recorded)
     if isinstance(ship, dict) and ship.get("result") == "ok" and ship.get("seconds") is not None:
         timed["shipping"] = {"seconds": ship.get("seconds"), "bytes": ship.get("bytes_sent")}
     if not timed:
@@ -68,7 +70,8 @@ def longest_step(steps, ship=None):
     seconds = float(step["seconds"] or 0)
     if step.get("bytes") is not None and seconds > 0:
         rate = int(step["bytes"] or 0) / seconds
-        return (f"; longest step: {name} {_duration(seconds)} at {rate / 1e6:.1f} MB/s",
+        shown = f"{rate / 1e6:.1f} MB/s" if rate >= 1e5 else f"{rate / 1e3:.1f} kB/s"
+        return (f"; longest step: {name} {_duration(seconds)} at {shown}",
                 {"longest_step": name, "longest_step_seconds": seconds, "longest_step_bytes_per_second": round(rate, 1)})
     if step.get("files") is not None and seconds > 0:
         rate = int(step["files"] or 0) / seconds

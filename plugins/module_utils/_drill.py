@@ -101,7 +101,8 @@ def _get_file(url: str, instance: str, password: str) -> bytes:
 
 
 def run_drill(backup: str, workdir: str, orthanc_binary: str, sample: int, keep: bool,
-              start_timeout: float = 60, seed=None) -> dict:
+              start_timeout: float = 60, seed=None, progress=None) -> dict:
+    """``progress`` (a _progress.Progress) counts the storage files copied into the scratch folder."""
     backup = os.path.realpath(backup)
     try:
         manifest = _layout.read_manifest(backup)
@@ -122,6 +123,10 @@ def run_drill(backup: str, workdir: str, orthanc_binary: str, sample: int, keep:
             shutil.copyfile(os.path.join(backup, "index", "index"), os.path.join(scratch, "index", "index"))
             link = _storage.same_filesystem(os.path.join(backup, "storage"), scratch)
             placer = _storage.Placer(os.path.join(backup, "storage"), os.path.join(scratch, "storage"), None, link)
+            if progress is not None:
+                stored = manifest.get("storage") or {}
+                progress.totals(stored.get("files"), stored.get("bytes"), estimated=True)
+                placer.on_done = progress.add
             for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")):
                 placer.place(uuid, None)
             placer.finish("copy backup into the scratch folder")

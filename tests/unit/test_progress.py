@@ -139,6 +139,8 @@ def test_summary_names_the_longest_step_with_its_rate():
     assert backup_summary.longest_step(steps, ship)[0] == "; longest step: shipping 0:05:00 at 10.0 MB/s"
     assert backup_summary.longest_step({"check": {"seconds": 4, "files": 400}})[0].endswith("at 100 files/s")
     assert backup_summary.longest_step({}) == ("", {})
+    assert backup_summary.longest_step({}, ship) == ("", {})  # no step times: an older backup
+    assert backup_summary.longest_step({"hot pass": {"seconds": 2, "bytes": 3000}})[0].endswith("at 1.5 kB/s")
     assert backup_summary.last_time_part({"seconds": 65, "bytes": GIB}) == "; the last hot pass took 0:01:05 for 1.00 GiB"
     assert "the last backup took" in backup_summary.last_time_part({"seconds": 65, "bytes": GIB, "whole_backup": True})
 
