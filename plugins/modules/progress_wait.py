@@ -13,8 +13,8 @@ description:
   - A long step (hot pass, verification, restore copy, shipping, off-site upload, dump, drill) runs
     with C(async) and C(poll=0) and writes its progress into O(path) (the module option C(progress)).
     This module waits until that file holds a report newer than O(seen), or the step has ended, or
-    O(timeout) seconds have passed, and returns the report and its line
-    C(HOST STEP: n/N files, b/B GiB (p%), R MB/s, ETA ...).
+    O(timeout) seconds have passed, and returns the report and its line (C(HOST STEP) followed by
+    C(n/N files, b/B GiB (p%), R MB/s, ETA ...)).
   - The roles run it in a loop (roles/common/tasks/progress.yml) whose label is that line, so that
     C(ansible-playbook) and AWX's job output show one line per report without a callback plugin.
   - It only reads, and removes the progress file once it has returned the step's last report.

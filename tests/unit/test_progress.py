@@ -62,13 +62,13 @@ def test_reports_are_written_every_interval_and_the_clock_read_only_every_n_file
     first = json.loads(path.read_text())
     assert first["seq"] == 0 and first["state"] == "running" and first["files_total"] == 1000
     reads = clock.reads
-    for _ in range(99):
+    for _count in range(99):
         progress.add(1, 1024)
     assert clock.reads == reads  # 99 files: the clock is not read
     progress.add(1, 1024)
     assert clock.reads == reads + 1 and json.loads(path.read_text())["seq"] == 0  # read; 30 s not passed
     clock.now += 30
-    for _ in range(100):
+    for _count in range(100):
         progress.add(1, 1024)
     report = json.loads(path.read_text())
     assert report["seq"] == 1 and report["files_done"] == 200 and report["percent"] == 20
@@ -77,7 +77,7 @@ def test_reports_are_written_every_interval_and_the_clock_read_only_every_n_file
     assert status["progress"]["seq"] == 1 and status["last_success"] == {"name": "x"}  # the rest unchanged
     assert "pacs_orthanc_backup_progress_ratio{host=\"pacs-1\"} 0.2" in _status.prom_text(status)
     # the work passes its estimate: the total follows
-    for _ in range(1000):
+    for _count in range(1000):
         progress.add(1, 1024)
     clock.now += 30
     progress.tick()
