@@ -5,11 +5,13 @@ step. Pure logic (files in tmp_path, a fake clock)."""
 from __future__ import annotations
 
 import json
+import tempfile
+import time
 
 import pytest
 
 from ansible_collections.pacs.orthanc.plugins.filter import backup_summary
-from ansible_collections.pacs.orthanc.plugins.module_utils import _progress, _status
+from ansible_collections.pacs.orthanc.plugins.module_utils import _progress, _restic, _status
 from ansible_collections.pacs.orthanc.plugins.modules import progress_wait
 
 pytestmark = pytest.mark.quick
@@ -165,3 +167,29 @@ def test_progress_wait_ends_the_job_of_a_process_gone_without_a_result(tmp_path)
     job.write_text(json.dumps({"started": True, "finished": False}))
     assert progress_wait.wait(str(path), str(job), 1, 5, clock=clock, sleep=sleep,
                               is_alive=lambda pid: True)[2] is False
+
+
+def test_a_watched_file_and_restic_status_lines_feed_the_progress(tmp_path):
+    """Steps whose work is done by a tool: the size of what it writes (a dump), or its own status
+    lines (restic backup --json), become the bytes done."""
+    part, dest = tmp_path / "dump.part", tmp_path / "dump"
+    progress = _progress.Progress("dump", path=str(tmp_path / "p.json"), interval=0.1)
+    with _progress.Watch(progress, str(part), str(dest)):
+        part.write_bytes(b"x" * 3000)
+        time.sleep(0.4)
+        assert progress.bytes_done == 3000  # the thread read it while the tool wrote
+        part.rename(dest)
+    assert progress.bytes_done == 3000 and progress.finish()["bytes_total"] == 3000
+
+    progress = _progress.Progress("off-site upload", clock=Clock())
+    with tempfile.TemporaryFile() as out:
+        lines = _restic._StatusLines(out, progress)
+        out.write(b'{"message_type":"status","percent_done":0.25,"total_files":8,"files_done":2,'
+                  b'"total_bytes":4000,"bytes_done":1000}\n{"message_type":"status","files_done":3,"byt')
+        out.flush()
+        lines.read()
+        assert (progress.files_done, progress.files_total, progress.bytes_done, progress.bytes_total) == (2, 8, 1000, 4000)
+        out.write(b'es_done":1500,"total_files":8,"total_bytes":4000}\n')
+        out.flush()
+        lines.read()  # the line cut in two is read whole
+        assert (progress.files_done, progress.bytes_done) == (3, 1500)
