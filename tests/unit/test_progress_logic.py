@@ -11,7 +11,7 @@ import time
 import pytest
 
 from ansible_collections.pacs.orthanc.plugins.filter import backup_summary
-from ansible_collections.pacs.orthanc.plugins.module_utils import _progress, _restic, _status
+from ansible_collections.pacs.orthanc.plugins.module_utils import _progress, _restic, _ship, _status
 from ansible_collections.pacs.orthanc.plugins.modules import progress_wait
 
 pytestmark = pytest.mark.quick
@@ -193,3 +193,10 @@ def test_a_watched_file_and_restic_status_lines_feed_the_progress(tmp_path):
         out.flush()
         lines.read()  # the line cut in two is read whole
         assert (progress.files_done, progress.bytes_done) == (3, 1500)
+
+
+def test_rsync_progress2_lines_are_read():
+    match = _ship._PROGRESS2.match(b"     20,000,000  50%   20.56MB/s    0:00:00 (xfr#10, to-chk=9/21)")
+    assert match.groups() == (b"20,000,000", b"50", b"9", b"21")
+    assert _ship._PROGRESS2.match(b"         32,768   0%    0.00kB/s    0:00:00  ").group(2) == b"0"
+    assert _ship._PROGRESS2.match(b"Number of files: 21 (reg: 20, dir: 1)") is None
