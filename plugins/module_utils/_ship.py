@@ -243,8 +243,17 @@ def rsync_passes(source: str, remote: str, previous: str | None, ssh: list, bwli
     return passes
 
 
+_OS_ERROR = re.compile(r"^rsync: .*\(\d+\)\s*$")  # "rsync: [receiver] write failed on ...: No space left on device (28)"
+
+
 def describe_rsync_failure(rc: int, err: str) -> str:
-    tail = " ".join(line.strip() for line in err.strip().splitlines()[-3:])
+    lines = [line.strip() for line in err.strip().splitlines()]
+    tail = " ".join(lines[-3:])
+    # the first error the OS gave is the cause; what rsync says last is often a consequence
+    # (a broken pipe, "error in file IO"), the more so when its progress output races with it
+    first = next((line for line in lines[:-3] if _OS_ERROR.match(line)), None)
+    if first:
+        tail = f"{first} ... {tail}"
     meaning = RSYNC_EXIT.get(rc, "failed")
     return f"rsync exited with {rc} ({meaning}): {tail}" if tail else f"rsync exited with {rc} ({meaning})"
 

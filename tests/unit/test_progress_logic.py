@@ -200,3 +200,15 @@ def test_rsync_progress2_lines_are_read():
     assert match.groups() == (b"20,000,000", b"50", b"9", b"21")
     assert _ship._PROGRESS2.match(b"         32,768   0%    0.00kB/s    0:00:00  ").group(2) == b"0"
     assert _ship._PROGRESS2.match(b"Number of files: 21 (reg: 20, dir: 1)") is None
+
+
+def test_an_rsync_failure_names_the_first_os_error():
+    err = ("rsync: [receiver] write failed on \"/srv/x/storage/ab/cd/abcd\": No space left on device (28)\n"
+           "rsync error: error in file IO (code 11) at receiver.c(380) [receiver=3.2.7]\n"
+           "rsync: [sender] write error: Broken pipe (32)\n"
+           "rsync error: error in file IO (code 11) at io.c(848) [sender=3.2.7]\n")
+    text = _ship.describe_rsync_failure(11, err)
+    assert text.startswith("rsync exited with 11 (error in file I/O): rsync: [receiver] write failed on")
+    assert "No space left on device (28) ... rsync error: error in file IO (code 11) at receiver.c" in text
+    short = _ship.describe_rsync_failure(11, "rsync: [sender] write error: Broken pipe (32)\n")
+    assert short == "rsync exited with 11 (error in file I/O): rsync: [sender] write error: Broken pipe (32)"
