@@ -51,6 +51,43 @@ def human_bytes(value) -> str:
     return f"{size} B"
 
 
+def _duration(seconds) -> str:
+    seconds = max(0, int(round(float(seconds or 0))))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def longest_step(steps, ship=None):
+    """(text, fields) of the longest timed step of a host's run: the manifest's ``steps``
+    ({name: {seconds, files, bytes}}) and the transfer to the backup server, with its rate."""
+    timed = {name: step for name, step in (steps or {}).items() if isinstance(step, dict) and step.get("seconds") is not None}
+    if not timed:
+        return "", {}  # a backup without step times (made before they were recorded)
+    if isinstance(ship, dict) and ship.get("result") == "ok" and ship.get("seconds") is not None:
+        timed["shipping"] = {"seconds": ship.get("seconds"), "bytes": ship.get("bytes_sent")}
+    if not timed:
+        return "", {}
+    name, step = max(timed.items(), key=lambda kv: float(kv[1]["seconds"] or 0))
+    seconds = float(step["seconds"] or 0)
+    if step.get("bytes") is not None and seconds > 0:
+        rate = int(step["bytes"] or 0) / seconds
+        shown = f"{rate / 1e6:.1f} MB/s" if rate >= 1e5 else f"{rate / 1e3:.1f} kB/s"
+        return (f"; longest step: {name} {_duration(seconds)} at {shown}",
+                {"longest_step": name, "longest_step_seconds": seconds, "longest_step_bytes_per_second": round(rate, 1)})
+    if step.get("files") is not None and seconds > 0:
+        rate = int(step["files"] or 0) / seconds
+        return (f"; longest step: {name} {_duration(seconds)} at {rate:.0f} files/s",
+                {"longest_step": name, "longest_step_seconds": seconds, "longest_step_files_per_second": round(rate, 1)})
+    return f"; longest step: {name} {_duration(seconds)}", {"longest_step": name, "longest_step_seconds": seconds}
+
+
+def last_time_part(last) -> str:
+    """What the previous backup's hot pass took (check mode)."""
+    if not isinstance(last, dict) or last.get("seconds") is None:
+        return ""
+    what = "backup" if last.get("whole_backup") else "hot pass"
+    return f"; the last {what} took {_duration(last['seconds'])} for {int(last.get('bytes') or 0) / 2 ** 30:.2f} GiB"
+
+
 def ship_part(ship) -> tuple:
     """(text for the line, fields for the record, ok) of a host's transfer to the backup server."""
     if not ship:
@@ -84,8 +121,10 @@ def backup_result(pair):
         storage = result.get("storage") or {}  # null: no hot pass (files in a database)
         return {"line": f"{host}: check mode, would back up {storage.get('files', 0)} files "
                         f"({storage.get('new_files', 0)} new, {storage.get('linked_files', 0)} from the previous backup) "
-                        f"and {storage.get('deferred_files', 0)} recent ones, into {result.get('path')}"
-                        + (", and stop Orthanc briefly" if result.get("would_stop_orthanc") else ""),
+                        f"and {storage.get('deferred_files', 0)} recent ones, {human_bytes(storage.get('new_bytes'))} "
+                        f"to copy or link anew, into {result.get('path')}"
+                        + (", and stop Orthanc briefly" if result.get("would_stop_orthanc") else "")
+                        + last_time_part(storage.get("last_time")),
                 "record": {"host": host, "result": "check mode", "path": result.get("path"), "ok": True},
                 "ok": True}
     if result.get("result") != "ok":
@@ -124,6 +163,9 @@ def backup_result(pair):
               "downtime_seconds": downtime, "strategy": strategy, "dump_bytes": result.get("dump_bytes"),
               "lost_in_live_storage": len(lost), "lock_taken_over": taken}
     ship_text, ship_fields, ship_ok = ship_part(ship)
+    step_text, step_fields = longest_step(result.get("steps"), ship)
+    record.update(step_fields)
+    ship_text += step_text
     record.update(ship_fields)
     record["ok"] = ship_ok
     return {"line": line + ship_text, "record": record, "ok": ship_ok}

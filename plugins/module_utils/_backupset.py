@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _container, _layout, _lock, _record, _sqlite, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
@@ -298,6 +299,7 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
     deleted_during_capture = _record.deleted_during_capture(records)
     lost_in_live_storage = _record.lost_in_live_storage(records)
     lock_taken_over = records.get("lock") or None
+    checked_from = time.monotonic()
     with _storage.State(_layout.state_file(path), readonly=True) as state, Heartbeat(path):
         storage_totals = state.summary()
         # what changed: the files not linked from the previous backup, asked of the state file per file
@@ -354,6 +356,8 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
                     "previous": facts.get("previous"),
                     "deleted_during_capture": deleted_during_capture,
                     "lost_in_live_storage": lost_in_live_storage},
+        "steps": dict(_record.step_times(records), check={
+            "seconds": round(time.monotonic() - checked_from, 3), "files": report["files_checked"]}),
         "verification": {"md5": md5, "files_checked": report["files_checked"],
                          "files_hashed": report["files_hashed"], "orphans": report["orphans"]},
         "files": files,

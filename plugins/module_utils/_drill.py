@@ -122,7 +122,7 @@ class Scratch:
     folder removed on exit, whatever happened. Used by the drill and by the point restore."""
 
     def __init__(self, backup: str, workdir: str, orthanc_binary: str, keep: bool = False,
-                 start_timeout: float = 60, all_files: bool = True):
+                 start_timeout: float = 60, all_files: bool = True, progress=None):
         self.backup = os.path.realpath(backup)
         try:
             self.manifest = _layout.read_manifest(self.backup)
@@ -135,6 +135,7 @@ class Scratch:
         self.user = DRILL_USER
         self.session = _rest.Session(self.url, self.user, self.password, timeout=120)
         self.all_files = all_files  # False: only the files given to place() later (a point restore)
+        self.progress = progress    # a _progress.Progress counting the files placed, or None
         self.process = None
         self.removed = False
 
@@ -166,6 +167,9 @@ class Scratch:
             shutil.copyfile(os.path.join(backup, "index", "index"), os.path.join(scratch, "index", "index"))
             os.makedirs(os.path.join(scratch, "storage"), mode=0o700)
             if self.all_files:
+                if self.progress is not None:
+                    stored = self.manifest.get("storage") or {}
+                    self.progress.totals(stored.get("files"), stored.get("bytes"), estimated=True)
                 self.place(uuid for uuid, _entry in _storage.walk_storage(os.path.join(backup, "storage")))
         except OSError as exc:
             raise PacsError("prepare scratch Orthanc", os_error_cause(exc))
@@ -191,6 +195,8 @@ class Scratch:
         source = os.path.join(self.backup, "storage")
         placer = _storage.Placer(source, os.path.join(self.scratch, "storage"), None,
                                  _storage.same_filesystem(source, self.scratch))
+        if self.progress is not None:
+            placer.on_done = self.progress.add
         count, missing = 0, []
         try:
             for uuid in uuids:
@@ -232,8 +238,9 @@ class Scratch:
 
 
 def run_drill(backup: str, workdir: str, orthanc_binary: str, sample: int, keep: bool,
-              start_timeout: float = 60, seed=None) -> dict:
-    scratch = Scratch(backup, workdir, orthanc_binary, keep, start_timeout)
+              start_timeout: float = 60, seed=None, progress=None) -> dict:
+    """``progress`` (a _progress.Progress) counts the storage files copied into the scratch folder."""
+    scratch = Scratch(backup, workdir, orthanc_binary, keep, start_timeout, progress=progress)
     manifest = scratch.manifest
     result = {"backup": scratch.backup, "scratch": scratch.scratch, "url": scratch.url, "kept": keep}
     try:

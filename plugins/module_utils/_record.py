@@ -154,3 +154,38 @@ def deleted_during_capture(records: dict) -> list:
 def lost_in_live_storage(records: dict) -> list:
     """Files the index lists that were gone from the live storage while Orthanc was stopped."""
     return sorted((records.get("stopped") or {}).get("lost_in_live_storage") or [])
+
+
+def step_times(records: dict) -> dict:
+    """{step: {seconds, files, bytes}} of the long steps the records time (the manifest's
+    ``steps``; the summary line names the longest, with its rate)."""
+    steps = {}
+    hot, dump = records.get("hot") or {}, records.get("dump") or {}
+    if hot.get("seconds") is not None:
+        steps["hot pass"] = {"seconds": hot["seconds"], "files": hot.get("files"), "bytes": hot.get("bytes")}
+    if dump.get("dump_seconds") is not None:
+        steps["dump"] = {"seconds": dump["dump_seconds"], "bytes": dump.get("bytes")}
+    return steps
+
+
+def last_time(previous_storage, step: str):
+    """What ``step`` took in the backup whose storage folder is ``previous_storage``, from its
+    manifest: {seconds, files, bytes}; a manifest without step times gives the whole backup's
+    seconds (``whole_backup``). None without a readable manifest."""
+    if not previous_storage:
+        return None
+    try:
+        manifest = _layout.read_manifest(os.path.dirname(os.path.normpath(previous_storage)))
+    except (OSError, ValueError):
+        return None
+    timed = (manifest.get("steps") or {}).get(step)
+    if timed:
+        return dict(timed, backup=manifest.get("name"))
+    storage = manifest.get("storage") or {}
+    try:
+        started = datetime.datetime.strptime(manifest["started_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        ended = datetime.datetime.strptime(manifest["ended_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    except (KeyError, TypeError, ValueError):
+        return None
+    return {"seconds": round((ended - started).total_seconds(), 3), "files": storage.get("files"),
+            "bytes": storage.get("bytes"), "backup": manifest.get("name"), "whole_backup": True}

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 import urllib.parse
 
@@ -108,12 +109,16 @@ class Repository:
         self._stack.close()
         return False
 
-    def run(self, args: list, step: str, cwd: str | None = None):
-        """(exit code, stdout, stderr) of ``restic ARGS``; PacsError only when restic cannot start."""
+    def run(self, args: list, step: str, cwd: str | None = None, progress=None):
+        """(exit code, stdout, stderr) of ``restic ARGS``; PacsError only when restic cannot start.
+        ``progress`` (a _progress.Progress, with ``cwd``): fed from restic's ``--json`` status lines."""
         if cwd is None:
             return run_command([self.restic] + args, step, env=self.env, check=False)
-        with tempfile.TemporaryFile() as out, Program([self.restic] + args, step, env=self.env, stdout=out,
-                                                      cwd=cwd) as program:
+        env = self.env
+        if progress is not None:  # restic writes a status line this often (its default off a terminal: 1/min)
+            env = dict(env, RESTIC_PROGRESS_FPS=str(1.0 / max(0.1, progress.interval)))
+        with tempfile.TemporaryFile() as out, Program([self.restic] + args, step, env=env, stdout=out,
+                                                      cwd=cwd) as program, _StatusLines(out, progress):
             code = program.wait()
             out.seek(0)
             return code, out.read().decode("utf-8", "replace"), program.errors()
@@ -187,6 +192,51 @@ class Repository:
         return sorted(found, key=lambda s: s.get("time", ""))
 
 
+class _StatusLines:
+    """While restic runs, read the status lines it appends to ``out`` (``--json``: percent_done,
+    files_done, total_files, bytes_done, total_bytes) into ``progress``, from a thread."""
+
+    def __init__(self, out, progress):
+        self.out, self.progress = out, progress
+        self.offset, self.rest = 0, b""
+        self._stop = threading.Event()
+        self._thread = None
+
+    def read(self) -> None:
+        chunk = os.pread(self.out.fileno(), 1 << 20, self.offset)  # leaves the shared offset alone
+        while chunk:
+            self.offset += len(chunk)
+            self.rest += chunk
+            chunk = os.pread(self.out.fileno(), 1 << 20, self.offset)
+        *lines, self.rest = self.rest.split(b"\n")
+        for line in reversed(lines):
+            try:
+                status = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(status, dict) and status.get("message_type") == "status":
+                self.progress.set(files=status.get("files_done", 0), nbytes=status.get("bytes_done", 0),
+                                  files_total=status.get("total_files"), bytes_total=status.get("total_bytes"))
+                break
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.2, min(2.0, self.progress.interval / 4))):
+            self.read()
+
+    def __enter__(self):
+        if self.progress is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+            self.read()
+        return False
+
+
 def summary_of(out: str) -> dict:
     """The summary record of ``restic backup --json``."""
     summary = {}
@@ -214,7 +264,8 @@ def local_file_sizes(backup: str) -> dict:
     return sizes
 
 
-def ship(backup: str, host: str, repo: Repository, init: bool = False, check_mode: bool = False) -> dict:
+def ship(backup: str, host: str, repo: Repository, init: bool = False, check_mode: bool = False,
+         progress=None) -> dict:
     """Make one snapshot of the complete backup folder ``backup`` (from inside it), with this host's
     newest snapshot as parent. The local backup is only read."""
     step = "read the local backup"
@@ -258,7 +309,7 @@ def ship(backup: str, host: str, repo: Repository, init: bool = False, check_mod
     if repo.limit_upload > 0:
         args += ["--limit-upload", str(repo.limit_upload)]
     started, clock = utc_now(), time.monotonic()
-    code, out, err = repo.run(args, "back up to the restic repository", cwd=backup)
+    code, out, err = repo.run(args, "back up to the restic repository", cwd=backup, progress=progress)
     seconds = round(time.monotonic() - clock, 3)
     summary = summary_of(out)
     if code != 0:

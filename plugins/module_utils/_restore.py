@@ -201,10 +201,11 @@ def _write_journal(path: str, journal: dict) -> None:
 
 
 def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, owner: str | None = None,
-          group: str | None = None, workers: int = 4) -> dict:
+          group: str | None = None, workers: int = 4, progress=None) -> dict:
     """Move the current data aside (rename, never delete), then restore configuration, index
     and storage. Each move is written to a journal first, so that ``rollback`` undoes exactly
-    what happened, even after this process was killed. Orthanc must be stopped."""
+    what happened, even after this process was killed. Orthanc must be stopped. ``progress`` (a
+    _progress.Progress) counts the storage files put in place, of the manifest's."""
     if not _ID.match(restore_id):
         raise PacsError("restore", f"invalid restore id {restore_id!r}")
     targets, backup = plan_result["targets"], plan_result["backup"]
@@ -259,6 +260,10 @@ def apply(plan_result: dict, restore_id: str, journal_path: str, link: bool, own
         if targets.get("storage"):
             placer = _storage.Placer(os.path.join(backup, _layout.STORAGE), targets["storage"], None, link, workers,
                                      owner=(uid, gid))
+            if progress is not None:
+                stored = plan_result["manifest"].get("storage") or {}
+                progress.totals(stored.get("files"), stored.get("bytes"), estimated=True)
+                placer.on_done = progress.add
             for uuid, _entry in _storage.walk_storage(os.path.join(backup, _layout.STORAGE)):
                 placer.place(uuid, None)
                 files += 1

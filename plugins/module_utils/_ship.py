@@ -19,10 +19,12 @@ import os
 import re
 import shlex
 import shutil
+import tempfile
+import threading
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _layout, _lock, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, os_error_cause, run_command)
+    PacsError, Program, os_error_cause, run_command)
 
 __metaclass__ = type
 
@@ -254,16 +256,77 @@ def rsync_passes(source: str, remote: str, previous: str | None, ssh: list, bwli
     return passes
 
 
+_OS_ERROR = re.compile(r"^rsync: .*\(\d+\)\s*$")  # "rsync: [receiver] write failed on ...: No space left on device (28)"
+
+
 def describe_rsync_failure(rc: int, err: str) -> str:
-    tail = " ".join(line.strip() for line in err.strip().splitlines()[-3:])
+    lines = [line.strip() for line in err.strip().splitlines()]
+    tail = " ".join(lines[-3:])
+    # the first error the OS gave is the cause; what rsync says last is often a consequence
+    # (a broken pipe, "error in file IO"), the more so when its progress output races with it
+    first = next((line for line in lines[:-3] if _OS_ERROR.match(line)), None)
+    if first:
+        tail = f"{first} ... {tail}"
     meaning = RSYNC_EXIT.get(rc, "failed")
     return f"rsync exited with {rc} ({meaning}): {tail}" if tail else f"rsync exited with {rc} ({meaning})"
 
 
+# rsync --info=progress2: "  1,048,576  50%  1.00MB/s  0:00:01 (xfr#1, to-chk=1/3)"
+_PROGRESS2 = re.compile(rb"^\s*([\d,]+)\s+(\d+)%.*?(?:to-chk=(\d+)/(\d+))?\)?\s*$")
+
+
+def progress_runner(progress):
+    """A runner (as run_command) that gives rsync --info=progress2 and feeds its overall progress
+    (bytes done, their share of the total, files left of the files known) into ``progress``,
+    read from its output by a thread as it comes."""
+
+    def run(argv, step, check=False):
+        argv = argv[:1] + ["--info=progress2"] + argv[1:]
+        with tempfile.TemporaryFile() as out:
+            done = threading.Event()
+            offset = [0]
+
+            def feed():
+                while True:
+                    stop = done.wait(max(0.2, min(2.0, progress.interval / 4)))
+                    size = os.fstat(out.fileno()).st_size
+                    if size > offset[0]:
+                        tail = os.pread(out.fileno(), min(size - offset[0], 65536), max(offset[0], size - 65536))
+                        offset[0] = size
+                        for chunk in reversed(re.split(rb"[\r\n]", tail)):
+                            match = _PROGRESS2.match(chunk)
+                            if match:
+                                nbytes, share = int(match.group(1).replace(b",", b"")), int(match.group(2))
+                                files = total_files = None
+                                if match.group(4):
+                                    total_files = int(match.group(4))
+                                    files = total_files - int(match.group(3))
+                                progress.set(files=files, nbytes=nbytes, files_total=total_files,
+                                             bytes_total=int(nbytes * 100 / share) if share else None)
+                                break
+                    if stop:
+                        return
+
+            watcher = threading.Thread(target=feed, daemon=True)
+            with Program(argv, step, stdout=out) as program:
+                watcher.start()
+                try:
+                    rc = program.wait()
+                finally:
+                    done.set()
+                    watcher.join()
+                err = program.errors()
+            out.seek(0)
+            return rc, out.read().decode("utf-8", "replace"), err
+    return run
+
+
 def transfer(source: str, server: str, dest: str, previous: str | None, port: int = 22, user: str = "root",
              key: str | None = None, known_hosts: str | None = None, strict_host_key_checking: str = "yes",
-             bwlimit: int = 0, io_timeout: int = 300, connect_timeout: int = 30, runner=run_command) -> dict:
-    """Push the local backup ``source`` into ``dest`` (the ``.incomplete`` folder on the server)."""
+             bwlimit: int = 0, io_timeout: int = 300, connect_timeout: int = 30, runner=run_command,
+             progress=None) -> dict:
+    """Push the local backup ``source`` into ``dest`` (the ``.incomplete`` folder on the server).
+    ``progress`` (a _progress.Progress): the storage pass reports rsync's own progress into it."""
     step = "send the backup to the server"
     if not _layout.is_complete(source):
         raise PacsError(step, f"{source} is not a complete backup (no manifest.json)")
@@ -274,8 +337,9 @@ def transfer(source: str, server: str, dest: str, previous: str | None, port: in
     ssh = ssh_command(port, user, key, known_hosts, strict_host_key_checking, connect_timeout)
     remote = f"{server}:{dest}"
     totals: dict = {}
-    for argv in rsync_passes(source, remote, previous, ssh, bwlimit, io_timeout):
-        rc, out, err = runner(argv, step, check=False)
+    for number, argv in enumerate(rsync_passes(source, remote, previous, ssh, bwlimit, io_timeout)):
+        run = progress_runner(progress) if progress is not None and number == 0 else runner
+        rc, out, err = run(argv, step, check=False)
         if rc != 0:
             raise PacsError(step, describe_rsync_failure(rc, err), rc=rc)
         for key_, value in parse_stats(out).items():

@@ -28,3 +28,15 @@ CONTAINER = dict(
     container=dict(type="str"),
     container_engine=dict(type="str", choices=["auto", "docker", "podman"], default="auto"),
 )
+
+# pacs.orthanc.progress: where a long step reports its progress (module_utils/_progress.py)
+PROGRESS = dict(
+    progress=dict(type="dict", options=dict(
+        path=dict(type="path"),
+        status_file=dict(type="path"),
+        textfile=dict(type="path"),
+        interval=dict(type="float", default=30),
+        step=dict(type="str"),
+        host=dict(type="str"),
+    )),
+)

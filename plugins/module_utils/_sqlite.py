@@ -217,6 +217,19 @@ def iter_attachments(path: str):
         raise PacsError("read index", f"cannot list the attachments of {path}: {exc}")
 
 
+def attachment_totals(path: str) -> tuple:
+    """(number, total compressed size) of the files the index lists."""
+    try:
+        conn = connect(path)
+        try:
+            count, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone()
+            return int(count), int(size)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise PacsError("read index", f"cannot list the attachments of {path}: {exc}")
+
+
 def uuids_are_distinct(path: str) -> bool:
     """Whether no uuid is listed twice (SQLite sorts on disk: nothing held in Python)."""
     try:

@@ -69,6 +69,7 @@ def update(status: dict, host: str, event: str, result: str, backup_path=None, s
     """The new status after a backup (``event`` backup) or a transfer (``event`` ship)."""
     now = now or utc_now()
     status = dict(status)
+    status.pop("progress", None)  # the step that reported it has ended
     status.update({"format": FORMAT, "format_version": 1, "host": host})
     if event == "backup":
         run = {"time": iso(now), "result": result}
@@ -119,6 +120,19 @@ def prom_text(status: dict) -> str:
          _epoch(ship_ok.get("time"))),
         ("last_ship_bytes", "Bytes sent by the last successful transfer", ship_ok.get("bytes_sent")),
     ]
+    progress = status.get("progress") if isinstance(status.get("progress"), dict) else {}
+    if progress.get("state") == "running":  # a step running now (see _progress)
+        metrics += [
+            ("progress_running", "1 while a long step of a backup, transfer or restore runs", 1),
+            ("progress_ratio", "Share of the running step done (0 to 1)",
+             None if progress.get("percent") is None else progress["percent"] / 100),
+            ("progress_files_done", "Files the running step has done", progress.get("files_done")),
+            ("progress_files_total", "Files the running step has in all (may be an estimate)", progress.get("files_total")),
+            ("progress_bytes_done", "Bytes the running step has done", progress.get("bytes_done")),
+            ("progress_bytes_total", "Bytes the running step has in all (may be an estimate)", progress.get("bytes_total")),
+            ("progress_rate_bytes_per_second", "Mean rate of the running step", progress.get("rate_bytes_per_second")),
+            ("progress_eta_seconds", "Estimated seconds left in the running step", progress.get("eta_seconds")),
+        ]
     lines = []
     for name, text, value in metrics:
         if value is None:
@@ -141,3 +155,18 @@ def write(path: str, status: dict, textfile: str | None = None, check_mode: bool
     except OSError as exc:
         raise PacsError(step, os_error_cause(exc))
     return {"changed": True, "path": path, "status": status, "textfile": textfile}
+
+
+def set_progress(path: str, progress: dict, textfile: str | None = None) -> None:
+    """Put the progress of the running step (a _progress record) into the status file, the rest
+    unchanged, atomically (and into the textfile metrics when given). Raises OSError."""
+    status = read_status(path)
+    status["progress"] = progress
+    status.setdefault("format", FORMAT)
+    status.setdefault("format_version", 1)
+    if progress.get("host"):
+        status.setdefault("host", progress["host"])
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    write_json_atomic(path, status, mode=0o644)
+    if textfile:
+        write_text_atomic(textfile, prom_text(status), 0o644)

@@ -102,6 +102,7 @@ class Placer:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
         self.pending: collections.deque = collections.deque()
         self.vanished: list = []
+        self.on_done = None  # progress: called (files, bytes) as each file is in place (see hot_pass)
 
     def _ensure_dir(self, uuid: str) -> None:
         shard = os.path.join(uuid[0:2], uuid[2:4])
@@ -129,6 +130,8 @@ class Placer:
                 self._ensure_dir(uuid)
                 if not self.check_mode:
                     os.link(prev, target)
+                if self.on_done:
+                    self.on_done(1, prev_size)
                 return ORIGIN_PREVIOUS, prev_size
         if size is None:
             try:
@@ -137,6 +140,8 @@ class Placer:
                 return None, 0
         self._ensure_dir(uuid)
         if self.check_mode:
+            if self.on_done:
+                self.on_done(1, size)
             return (ORIGIN_LINK if self.link_source else ORIGIN_COPY), size
         if self.link_source:
             try:
@@ -145,17 +150,24 @@ class Placer:
                 return None, 0
             if self.owner:
                 os.chown(target, *self.owner)
+            if self.on_done:
+                self.on_done(1, size)
             return ORIGIN_LINK, size
-        self.pending.append((uuid, self.pool.submit(self._copy, src, target, self.owner)))
+        self.pending.append((uuid, self.pool.submit(self._copy, src, target, self.owner), size))
         if len(self.pending) >= MAX_PENDING:
             self._drain(MAX_PENDING // 2)  # memory stays flat however many files are copied
+        elif self.on_done:
+            while self.pending and self.pending[0][1].done():
+                self._drain(len(self.pending) - 1)  # the copies done so far count as done
         return ORIGIN_COPY, size
 
     def _drain(self, keep: int) -> None:
         while len(self.pending) > keep:
-            uuid, future = self.pending.popleft()
+            uuid, future, size = self.pending.popleft()
             if not future.result():
                 self.vanished.append(uuid)
+            elif self.on_done:
+                self.on_done(1, size)
 
     @staticmethod
     def _copy(src: str, target: str, owner: tuple | None = None) -> bool:
@@ -450,11 +462,17 @@ def _prepare(source: str, dest: str, previous: str | None, link_mode: str, check
 
 def hot_pass(source: str, dest: str, state_file: str, previous: str | None = None,
              link_mode: str = "auto", settle: float = 5.0, workers: int = 4,
-             check_mode: bool = False) -> dict:
+             check_mode: bool = False, progress=None, limit_rate: int = 0) -> dict:
+    """``progress``: a _progress.Progress told of every file walked (placed, deferred or gone).
+    ``limit_rate``: at most so many bytes per second placed (0: no limit), to spare a busy disk."""
+    began = time.monotonic()
+    placed_bytes = 0
+    count = progress.add if progress is not None else _uncounted  # files walked but not placed
     previous, link_source = _prepare(source, dest, previous, link_mode, check_mode)
     with State(state_file, check_mode, step="copy storage (hot pass)") as state:
         again = not state.is_empty()  # a second hot pass into the same backup skips what is placed
         placer = Placer(source, dest, previous, link_source, workers, check_mode)
+        placer.on_done = progress.add if progress is not None else None
         deferred = 0
         cutoff = time.time() - settle
         batch: list = []
@@ -468,8 +486,16 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
                     continue  # deleted by Orthanc since it was listed
                 if st.st_mtime > cutoff:
                     deferred += 1  # may still be being written: left to the delta pass
+                    count(1, st.st_size)
                     continue
                 origin, size = placer.place(uuid, st.st_size)
+                if origin is None:
+                    count(1, st.st_size)  # gone meanwhile: walked all the same
+                elif limit_rate > 0 and origin != ORIGIN_PREVIOUS:
+                    placed_bytes += size
+                    ahead = placed_bytes / limit_rate - (time.monotonic() - began)
+                    if ahead > 0:
+                        time.sleep(ahead)
                 if origin:
                     batch.append((uuid, size, origin))
                     if len(batch) >= BATCH:
@@ -484,8 +510,12 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
         state.remove(placer.finish("copy storage (hot pass)"))  # deleted by Orthanc while the hot pass ran
         result = state.summary()
     result.update({"phase": "hot", "deferred_files": deferred, "hardlink_from_source": link_source,
-                   "previous": previous})
+                   "previous": previous, "seconds": round(time.monotonic() - began, 3)})
     return result
+
+
+def _uncounted(_files: int, _nbytes: int) -> None:
+    """The progress of a pass that reports none."""
 
 
 class Delta:

@@ -67,8 +67,9 @@ HASH_WINDOW = 2048  # files handed to the hashing threads at once: memory stays 
 class _Hasher:
     """Hashes files in windows of HASH_WINDOW on ``workers`` threads and reports wrong MD5s."""
 
-    def __init__(self, report: Report, workers: int):
+    def __init__(self, report: Report, workers: int, progress=None):
         self.report = report
+        self.progress = progress
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         self.window: list = []
 
@@ -86,6 +87,8 @@ class _Hasher:
         for (uuid, _path, expected, size), actual in zip(window, digests):
             self.report.stats["files_hashed"] += 1
             self.report.stats["bytes_hashed"] += size
+            if self.progress is not None:
+                self.progress.add(1, size)
             if actual != expected:
                 self.report.add("storage files with a wrong MD5", uuid)
 
@@ -96,7 +99,7 @@ class _Hasher:
 
 def check_storage(backup: str, index_file: str | None, report: Report, hash_filter=None,
                   workers: int = 2, orphans: bool = True, listed: dict | None = None,
-                  known_missing=frozenset()) -> None:
+                  known_missing=frozenset(), progress=None) -> None:
     """Every attachment the index lists is in storage/ with its size, and, for the uuids that
     ``hash_filter(uuid)`` accepts (all when None), its MD5. ``listed`` ({uuid: (size, md5)})
     replaces the index file (a database dump's listing); ``known_missing`` are files that the
@@ -106,14 +109,18 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     (files the index does not list) are found by counting: when the storage holds as many files
     as the index lists and finds present, and the index lists no uuid twice, there is none; only
     otherwise are they looked up, in a set that SQLite keeps on disk. Memory does not grow with
-    the number of files (benchmarks/memory.py)."""
+    the number of files (benchmarks/memory.py). ``progress`` (a _progress.Progress) counts the
+    files hashed; its totals are the index's when every file is hashed, else what the caller set."""
     storage = os.path.join(backup, _layout.STORAGE)
     if listed is None:
         rows = _sqlite.iter_attachments(index_file)
     else:
         rows = ((uuid, size, md5) for uuid, (size, md5) in listed.items())
     present = 0  # listed files found in storage/, whatever their size
-    hasher = _Hasher(report, workers)
+    hasher = _Hasher(report, workers, progress)
+    if progress is not None and hash_filter is None and progress.files_total is None:
+        progress.totals(*(_sqlite.attachment_totals(index_file) if listed is None else
+                          (len(listed), sum(size for size, _md5 in listed.values()))))
     try:
         for uuid, size, md5 in rows:
             path = os.path.join(storage, _storage.relpath(uuid))
@@ -177,7 +184,7 @@ def _compare_counts(manifest, counts: dict, report: Report) -> None:
 
 
 def verify_database_backup(backup: str, found: tuple, manifest, report: Report, md5: str = "all",
-                           workers: int = 2, hash_filter=None, known_missing=frozenset()) -> dict:
+                           workers: int = 2, hash_filter=None, known_missing=frozenset(), progress=None) -> dict:
     """A backup whose index is a database dump: the dump reads back and lists what the backup
     holds, whether the files are in the dump (large objects, LONGBLOBs) or in storage/."""
     engine, fmt, path = found
@@ -215,7 +222,8 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
     else:
         chosen = _hash_none if md5 == "none" else (None if md5 == "all" else hash_filter)
         known = set((manifest or {}).get("storage", {}).get("deleted_during_capture") or []) | set(known_missing)
-        check_storage(backup, None, report, chosen, workers, listed=listing["attachments"], known_missing=known)
+        check_storage(backup, None, report, chosen, workers, listed=listing["attachments"], known_missing=known,
+                      progress=progress)
     _compare_counts(manifest, listing["counts"], report)
     result = report.as_dict()
     result.update({"counts": listing["counts"], "schema_version": listing["schema_version"],
@@ -225,14 +233,15 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
 
 
 def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=None,
-                  known_missing=frozenset()) -> dict:
+                  known_missing=frozenset(), progress=None) -> dict:
     """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none.
     ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped."""
     report = Report()
     manifest = _read_manifest(backup, report)
     found = db_dump.find_dump(backup)
     if found:
-        return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing)
+        return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing,
+                                      progress)
     index_file = os.path.join(backup, _layout.INDEX, "index")
     if not os.path.isfile(index_file):
         report.add("missing index", "index/index")
@@ -250,7 +259,7 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
         storage_report = Report()
         storage_error = None
         try:
-            check_storage(backup, index_file, storage_report, chosen, workers)
+            check_storage(backup, index_file, storage_report, chosen, workers, progress=progress)
         except PacsError as exc:
             storage_error = exc
         integrity = integrity_future.result()

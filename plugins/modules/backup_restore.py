@@ -86,6 +86,8 @@ attributes:
   check_mode:
     support: full
     description: Plans only.
+extends_documentation_fragment:
+  - pacs.orthanc.progress
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -158,7 +160,7 @@ moved_back:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _restore
+from ansible_collections.pacs.orthanc.plugins.module_utils import _progress, _restore, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -186,7 +188,9 @@ def act(module):
     result["changed"] = True
     if module.check_mode:
         return result
-    result.update(_restore.apply(planned, p["restore_id"], journal, p["link"], p["owner"], p["group"], p["workers"]))
+    with _progress.from_params(p["progress"], "restore copy", module.check_mode) as progress:
+        result.update(_restore.apply(planned, p["restore_id"], journal, p["link"], p["owner"], p["group"],
+                                     p["workers"], progress=progress))
     return result
 
 
@@ -207,6 +211,7 @@ def main():
             workers=dict(type="int", default=4),
             environment=dict(type="dict"),
             container=dict(type="dict"),
+            **_specs.PROGRESS,
         ),
         supports_check_mode=True,
     )

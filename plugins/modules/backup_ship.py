@@ -82,6 +82,8 @@ attributes:
   check_mode:
     support: full
     description: Sends and removes nothing; says it would.
+extends_documentation_fragment:
+  - pacs.orthanc.progress
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -137,7 +139,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _ship
+from ansible_collections.pacs.orthanc.plugins.module_utils import _progress, _ship, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, iso, run_module, utc_now
 
 
@@ -156,9 +158,10 @@ def act(module):
     module.get_bin_path("ssh", required=True)
     start = time.monotonic()
     started_at = iso(utc_now())
-    result = _ship.transfer(p["source"], p["server"], p["dest"], p["previous"], p["port"], p["user"],
-                            p["ssh_key"], p["known_hosts"], p["strict_host_key_checking"], p["bwlimit"],
-                            p["io_timeout"], p["connect_timeout"])
+    with _progress.from_params(p["progress"], "shipping") as progress:
+        result = _ship.transfer(p["source"], p["server"], p["dest"], p["previous"], p["port"], p["user"],
+                                p["ssh_key"], p["known_hosts"], p["strict_host_key_checking"], p["bwlimit"],
+                                p["io_timeout"], p["connect_timeout"], progress=progress if p["progress"] else None)
     result.update({"seconds": round(time.monotonic() - start, 3), "started_at": started_at, "ended_at": iso(utc_now())})
     return result
 
@@ -181,6 +184,7 @@ def main():
             connect_timeout=dict(type="int", default=30),
             root=dict(type="path"),
             name=dict(type="str"),
+            **_specs.PROGRESS,
         ),
         supports_check_mode=True,
     )

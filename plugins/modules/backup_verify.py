@@ -34,6 +34,7 @@ options:
     default: 2
 extends_documentation_fragment:
   - pacs.orthanc.rest.READ_ONLY
+  - pacs.orthanc.progress
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -86,7 +87,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils import _progress, _specs, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -96,7 +97,8 @@ def verify(module):
     if not os.path.isdir(path):
         raise PacsError("verify backup", f"there is no backup folder at {p['path']}")
     start = time.monotonic()
-    report = _verify.verify_backup(path, md5=p["md5"], workers=p["workers"])
+    with _progress.from_params(p["progress"], "verification", module.check_mode) as progress:
+        report = _verify.verify_backup(path, md5=p["md5"], workers=p["workers"], progress=progress)
     report.update({"changed": False, "path": path, "seconds": round(time.monotonic() - start, 3)})
     if not report["ok"]:
         raise PacsError("verify backup", f"{path} is damaged: {_verify.describe_problems(report['problems'])}",
@@ -112,6 +114,7 @@ def main():
             path=dict(type="path", required=True),
             md5=dict(type="str", choices=["all", "none"], default="all"),
             workers=dict(type="int", default=2),
+            **_specs.PROGRESS,
         ),
         supports_check_mode=True,
     )

@@ -41,12 +41,16 @@ options:
     description: Parallel jobs of C(pg_dump) with the directory format.
     type: int
     default: 1
+  expected_bytes:
+    description: The size the dump is expected to reach (an estimate), the total of the progress reports.
+    type: int
 attributes:
   check_mode:
     support: full
     description: Connects and reports the server's version; writes nothing.
 extends_documentation_fragment:
   - pacs.orthanc.database
+  - pacs.orthanc.progress
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -144,7 +148,7 @@ files:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _record
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _progress, _record, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import (
     client as db_client, connection as db_connection, container as db_container, dump as db_dump)
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_module
@@ -161,8 +165,10 @@ def run(module):
             version = client.server_version()
         return {"changed": True, "engine": conn["engine"], "server_version": version,
                 "connection": db_connection.public(conn)}
-    with _backupset.Heartbeat(p["dest"]):
-        result = db_dump.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"], container=where)
+    with _backupset.Heartbeat(p["dest"]), _progress.from_params(
+            p["progress"], "dump", bytes_total=p["expected_bytes"] or None, estimated=True) as progress:
+        with _progress.Watch(progress, p["dest"] + db_dump.PART, p["dest"]):  # the bytes written so far
+            result = db_dump.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"], container=where)
     _record.record_beside(p["dest"], "dump", result)
     result["changed"] = True
     return result
@@ -175,6 +181,8 @@ def main():
             dest=dict(type="path", required=True),
             format=dict(type="str", choices=["custom", "directory"], default="custom"),
             jobs=dict(type="int", default=1),
+            expected_bytes=dict(type="int"),
+            **_specs.PROGRESS,
         ),
         required_one_of=[("config_path", "engine")],
         supports_check_mode=True,

@@ -63,6 +63,8 @@ attributes:
   check_mode:
     support: full
     description: Opens the repository and lists its snapshots; uploads nothing, initialises nothing.
+extends_documentation_fragment:
+  - pacs.orthanc.progress
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -128,7 +130,7 @@ seconds:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _restic
+from ansible_collections.pacs.orthanc.plugins.module_utils import _progress, _restic, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -141,8 +143,9 @@ def act(module):
         raise PacsError("find restic", f"{p['restic']} is not installed on this host (Debian package restic)")
     repo = _restic.Repository(p["repository"], p["password_file"], p["password"], p["environment"],
                               restic=p["restic"], limit_upload=p["limit_upload"])
-    with repo:
-        return _restic.ship(p["source"], p["host"], repo, init=p["init"], check_mode=module.check_mode)
+    with repo, _progress.from_params(p["progress"], "off-site upload", module.check_mode) as progress:
+        return _restic.ship(p["source"], p["host"], repo, init=p["init"], check_mode=module.check_mode,
+                            progress=progress)
 
 
 def main():
@@ -157,6 +160,7 @@ def main():
             init=dict(type="bool", default=False),
             limit_upload=dict(type="int", default=0),
             restic=dict(type="str", default="restic"),
+            **_specs.PROGRESS,
         ),
         mutually_exclusive=[["password_file", "password"]],
         required_one_of=[["password_file", "password"]],

@@ -49,6 +49,8 @@ attributes:
   check_mode:
     support: full
     description: Does nothing in check mode and says so.
+extends_documentation_fragment:
+  - pacs.orthanc.progress
 author:
   - pacs.orthanc developers (@pacs-orthanc)
 """
@@ -100,7 +102,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _drill
+from ansible_collections.pacs.orthanc.plugins.module_utils import _drill, _progress, _specs
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -111,7 +113,9 @@ def drill(module):
     binary = p["orthanc_binary"] if "/" in p["orthanc_binary"] else module.get_bin_path(p["orthanc_binary"])
     if not binary or not os.path.exists(binary):
         raise PacsError("start scratch Orthanc", f"the Orthanc program {p['orthanc_binary']} is not installed on this host")
-    result = _drill.run_drill(p["backup"], p["workdir"], binary, p["sample"], p["keep"], p["start_timeout"])
+    with _progress.from_params(p["progress"], "drill copy", module.check_mode) as progress:
+        result = _drill.run_drill(p["backup"], p["workdir"], binary, p["sample"], p["keep"], p["start_timeout"],
+                                  progress=progress)
     result["changed"] = p["keep"]
     return result
 
@@ -125,6 +129,7 @@ def main():
             keep=dict(type="bool", default=False),
             orthanc_binary=dict(type="str", default="Orthanc"),
             start_timeout=dict(type="float", default=60),
+            **_specs.PROGRESS,
         ),
         supports_check_mode=True,
     )

@@ -76,6 +76,20 @@ options:
     description: Parallel copies.
     type: int
     default: 4
+  expected_files:
+    description:
+      - Hot phase, the number of files expected (Orthanc's C(CountInstances)), the total of the
+        progress reports until the walk has counted them. Default, the previous backup's count.
+    type: int
+  expected_bytes:
+    description: Hot phase, the bytes expected (Orthanc's C(TotalDiskSize)); default, the previous backup's.
+    type: int
+  limit_rate:
+    description:
+      - Hot phase, at most this many KiB per second copied or linked anew (files linked from the
+        previous backup do not count), to spare the disk that Orthanc serves from; 0, no limit.
+    type: int
+    default: 0
   missing_ok:
     description:
       - In the delta phase, files that the index lists but the storage folder lacks fail the
@@ -83,6 +97,8 @@ options:
         report them.
     type: bool
     default: false
+extends_documentation_fragment:
+  - pacs.orthanc.progress
 attributes:
   check_mode:
     support: full
@@ -166,13 +182,24 @@ hardlink_from_source:
   description: Whether live files were hard-linked (same filesystem) rather than copied.
   type: bool
   returned: always
+seconds:
+  description: Hot phase, how long it took.
+  type: float
+  returned: phase is hot
+last_time:
+  description:
+    - Hot phase, what the previous backup's hot pass took (C(seconds), C(files), C(bytes)), from its
+      manifest; older manifests give the whole backup's C(seconds) only (C(whole_backup) true).
+  type: dict
+  returned: phase is hot and the previous backup has a manifest
 """
 
 import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _layout, _record, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import (
+    _backupset, _layout, _progress, _record, _specs, _storage)
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
@@ -190,7 +217,16 @@ def snapshot(module):
 
 def _snapshot_phase(module, p, state_file, common):
     if p["phase"] == "hot":
-        result = _storage.hot_pass(p["source"], p["dest"], state_file, settle=p["settle_seconds"], **common)
+        last = _record.last_time(p["previous"], "hot pass")
+        files, nbytes = p["expected_files"], p["expected_bytes"]
+        if files is None and nbytes is None and last:
+            files, nbytes = last.get("files"), last.get("bytes")
+        with _progress.from_params(p["progress"], "hot pass", module.check_mode, files_total=files,
+                                   bytes_total=nbytes, estimated=True) as progress:
+            result = _storage.hot_pass(p["source"], p["dest"], state_file, settle=p["settle_seconds"],
+                                       progress=progress, limit_rate=max(0, p["limit_rate"]) * 1024, **common)
+        if last:
+            result["last_time"] = last
         changed = result["files"] > 0
         _record.record_beside(p["dest"], "hot", result, module.check_mode)
     else:
@@ -243,6 +279,10 @@ def main():
             settle_seconds=dict(type="float", default=5),
             workers=dict(type="int", default=4),
             missing_ok=dict(type="bool", default=False),
+            limit_rate=dict(type="int", default=0),
+            expected_files=dict(type="int"),
+            expected_bytes=dict(type="int"),
+            **_specs.PROGRESS,
         ),
         required_if=[("phase", "delta", ("index", "dump"), True)],
         mutually_exclusive=[("index", "dump")],

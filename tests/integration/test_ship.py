@@ -148,7 +148,7 @@ def test_failed_transfers_leave_nothing_complete(servers, ssh_server, tmp_path):
         deadline = time.monotonic() + 120
         while not killed and play.poll() is None and time.monotonic() < deadline:
             if any(host_folder.glob("*.incomplete/storage/*/*/*")):
-                for pid in sorted(procs.descendants(play.pid), reverse=True) + [play.pid]:
+                for pid in sorted(procs.play_processes(play.pid), reverse=True) + [play.pid]:
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:

@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import uuid
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COLLECTIONS = REPO / ".work" / "collections"
@@ -56,6 +57,9 @@ def _env() -> dict:
         "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0",
         "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
         "PYTHONUNBUFFERED": "1",
+        # marks the processes of this run, the async modules that async_wrapper detaches too
+        # (procs.play_processes)
+        "PACS_TEST_PLAY": uuid.uuid4().hex,
     })
     return env
 

@@ -33,10 +33,34 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def environ(pid: int) -> dict:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            pairs = handle.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+
+
+def play_processes(play_pid: int) -> set:
+    """The processes of a play: its descendants, and the modules it runs with async, which
+    async_wrapper detaches from it (found by the play's mark, playbook.PLAY_MARK, in their
+    environment)."""
+    found = descendants(play_pid)
+    mark = environ(play_pid).get("PACS_TEST_PLAY")
+    if mark:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) not in found and "AnsiballZ_" in cmdline(int(entry)):
+                if environ(int(entry)).get("PACS_TEST_PLAY") == mark:
+                    found.add(int(entry))
+    return found
+
+
 def module_processes(play_pid: int, module: str) -> list:
-    """The processes running an Ansible module (its python and the shell around it) below a
-    play started without pipelining, so that the module's file name is on their command line."""
-    return sorted((pid for pid in descendants(play_pid) if f"AnsiballZ_{module}" in cmdline(pid)), reverse=True)
+    """The processes running an Ansible module (its python and the shell around it) of a play
+    started without pipelining, so that the module's file name is on their command line; a module
+    run with async too (see play_processes)."""
+    return sorted((pid for pid in play_processes(play_pid) if f"AnsiballZ_{module}" in cmdline(pid)), reverse=True)
 
 
 def keepers_of(root) -> list:

@@ -29,7 +29,8 @@ def test_the_shared_settings_are_defined_once_in_common():
     for role in ("backup", "restore"):
         assert dependencies(role) == ["pacs.orthanc.common"], role
         assert not set(defaults(role)) & set(common), f"{role} defines again what common defines"
-    assert not (ROLES / "common" / "tasks").exists()  # defaults only: depending on it runs nothing
+    # no main tasks: depending on it runs nothing (tasks/progress*.yml are included by name)
+    assert not (ROLES / "common" / "tasks" / "main.yml").exists()
 
 
 def test_each_argument_spec_default_is_the_one_the_role_gets():
