@@ -65,8 +65,10 @@ def backup_facts(backup_path: str) -> dict:
 
 
 def update(status: dict, host: str, event: str, result: str, backup_path=None, started_at=None,
-           step=None, cause=None, ship=None, now=None) -> dict:
-    """The new status after a backup (``event`` backup) or a transfer (``event`` ship)."""
+           step=None, cause=None, ship=None, now=None, offsite=None) -> dict:
+    """The new status after a backup (``event`` backup), a transfer to the backup server (``event``
+    ship) or off site (``event`` offsite: ``offsite`` says what, its ``snapshot_time`` the time of
+    the snapshot that holds the backup, kept as ``newest_offsite_snapshot``)."""
     now = now or utc_now()
     status = dict(status)
     status.update({"format": FORMAT, "format_version": 1, "host": host})
@@ -85,6 +87,18 @@ def update(status: dict, host: str, event: str, result: str, backup_path=None, s
             status["consecutive_failures"] = int(status.get("consecutive_failures", 0)) + 1
         status["last_run"] = run
         status["result"] = result
+    elif event == "offsite":
+        record = {"time": iso(now), "result": result}
+        record.update(offsite or {})
+        if result != "ok":
+            record.update({"step": step, "cause": cause})
+        else:
+            status["last_offsite_success"] = record
+            known = (status.get("newest_offsite_snapshot") or {}).get("time") or ""
+            if record.get("snapshot_time") and record["snapshot_time"] >= known:
+                status["newest_offsite_snapshot"] = {"id": record.get("snapshot_id"), "time": record["snapshot_time"],
+                                                     "backup": record.get("backup")}
+        status["last_offsite"] = record
     else:
         record = {"time": iso(now), "result": result}
         record.update(ship or {})
@@ -103,6 +117,8 @@ def prom_text(status: dict) -> str:
     success = status.get("last_success", {})
     ship = status.get("last_ship", {})
     ship_ok = status.get("last_ship_success", {})
+    offsite = status.get("last_offsite", {})
+    offsite_ok = status.get("last_offsite_success", {})
     metrics = [
         ("last_run_timestamp_seconds", "Time the last backup ended (success or failure)", _epoch(last_run.get("time"))),
         ("last_result", "1 when the last backup succeeded, 0 when it failed",
@@ -118,6 +134,13 @@ def prom_text(status: dict) -> str:
         ("last_ship_success_timestamp_seconds", "Time the last transfer to the backup server succeeded",
          _epoch(ship_ok.get("time"))),
         ("last_ship_bytes", "Bytes sent by the last successful transfer", ship_ok.get("bytes_sent")),
+        ("last_offsite_result", "1 when the last off-site shipping succeeded, 0 when it failed",
+         (1 if offsite.get("result") == "ok" else 0) if offsite else None),
+        ("last_offsite_success_timestamp_seconds", "Time the last off-site shipping succeeded",
+         _epoch(offsite_ok.get("time"))),
+        ("offsite_newest_snapshot_timestamp_seconds",
+         "Time of the newest off-site snapshot (its age: time() minus this)",
+         _epoch((status.get("newest_offsite_snapshot") or {}).get("time"))),
     ]
     lines = []
     for name, text, value in metrics:
@@ -141,3 +164,31 @@ def write(path: str, status: dict, textfile: str | None = None, check_mode: bool
     except OSError as exc:
         raise PacsError(step, os_error_cause(exc))
     return {"changed": True, "path": path, "status": status, "textfile": textfile}
+
+
+def age_hours(text, now) -> float | None:
+    moment = _parse_iso(text)
+    return round((now - moment).total_seconds() / 3600, 2) if moment else None
+
+
+def freshness(host: str, now, max_age_hours: float, backup_time=None, ship_time=None, offsite_time=None,
+              expect_ship: bool = False, expect_offsite: bool = False) -> dict:
+    """Whether a host's newest complete backup, shipped copy and off-site snapshot (each a time as
+    ``iso`` writes it, or None when there is none) are younger than ``max_age_hours``. A copy that is
+    not expected is not judged; one that is expected and missing is stale."""
+    checks = [("backup", "newest complete backup", backup_time, True),
+              ("ship", "shipped copy", ship_time, expect_ship),
+              ("offsite", "off-site snapshot", offsite_time, expect_offsite)]
+    ages, stale = {}, []
+    for key, words, moment, expected in checks:
+        if not expected:
+            continue
+        age = age_hours(moment, now)
+        ages[key] = {"time": moment, "age_hours": age}
+        if age is None:
+            stale.append(f"no {words}")
+        elif age > max_age_hours:
+            stale.append(f"{words} {age:g} h old")
+    line = f"{host}: " + ("fresh" if not stale else "STALE: " + ", ".join(stale)) + \
+        f" (at most {max_age_hours:g} h)"
+    return {"host": host, "fresh": not stale, "stale": stale, "ages": ages, "line": line}

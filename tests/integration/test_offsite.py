@@ -224,3 +224,55 @@ def test_wrong_password_and_uninitialised_repository(servers, tmp_path):
     assert "cannot be reached" in unreachable.stdout and "connection refused" in unreachable.stdout
     assert env_secret not in unreachable.stdout
     assert tree_hashes(local) == before
+
+
+def contents(server) -> dict:
+    """{SOP Instance UID: MD5 of the DICOM file Orthanc serves} for every instance."""
+    return {server.instance_sop_uid(i): hashlib.md5(server.instance_file(i)).hexdigest() for i in server.instances()}
+
+
+def test_restore_from_offsite_after_everything_local_is_wiped(servers, tmp_path):
+    """C-STORE'd studies, backup, off-site snapshot; Orthanc's data AND the local backups wiped;
+    the restore fetches the newest snapshot of the host, verifies and restores it: every instance's
+    MD5 over REST is the same, a new store is accepted, the fetched copy is gone."""
+    server = servers("offr")
+    checks.store_studies(server, tmp_path, patients=2, via="cstore", instances=3, pixel_bytes=60_000)
+    root, repo, staging = tmp_path / "backups", tmp_path / "repo", tmp_path / "staging"
+    secret, pw_file = password_file(tmp_path)
+    host = local_host(server, root, orthanc_offsite="restic", orthanc_restic_repository=str(repo),
+                      orthanc_restic_password=secret, orthanc_restic_init=True)
+    inventory = write_inventory(tmp_path / "inventory.json", {"offr": host})
+    assert run_playbook(inventory).returncode == 0
+    stored = contents(server)
+    assert len(stored) == 6
+    [snap] = snapshots(repo, pw_file)
+
+    server.stop()
+    for folder in (server.storage_dir, server.index_dir, root):
+        shutil.rmtree(folder)
+    server.start()
+    assert server.statistics()["CountInstances"] == 0
+    restore_vars = {"orthanc_restore_confirm": True, "orthanc_restore_source": "offsite",
+                    "orthanc_restore_staging_dir": str(staging)}
+    # check mode finds the snapshot and changes nothing
+    dry = run_playbook(inventory, playbook="restore.yml", extra_vars=restore_vars, check=True)
+    assert dry.returncode == 0, dry.stdout
+    assert server.statistics()["CountInstances"] == 0 and not list(staging.glob("*/*"))
+    with procs.SecretWatch(secret, {"restic"}) as watch:
+        result = run_playbook(inventory, playbook="restore.yml", extra_vars=restore_vars, verbosity=3)
+    assert result.returncode == 0, result.stdout
+    assert watch.seen and not watch.leaks, watch.leaks
+    assert secret not in result.stdout
+    assert snap["id"] in result.stdout  # the result names the snapshot restored
+    assert contents(server) == stored
+    assert list(staging.glob("*")) == [staging / "offr"] and not list((staging / "offr").iterdir())
+    assert oct(staging.stat().st_mode & 0o777) == "0o700"
+    checks.store_studies(server, tmp_path, patients=1, via="rest", instances=1)
+    assert server.statistics()["CountInstances"] == len(stored) + 1
+
+    # a snapshot id that is not there: refused before anything is touched
+    missing = run_playbook(inventory, playbook="restore.yml", extra_vars=dict(restore_vars, orthanc_restore_backup="deadbeef"))
+    assert missing.returncode != 0
+    assert re.search(r"Restore of offr failed at step 'Fetch the backup from the restic repository': "
+                     r"the restic repository holds no pacs.orthanc snapshot deadbeef\. Nothing was changed", missing.stdout), missing.stdout
+    assert server.statistics()["CountInstances"] == len(stored) + 1
