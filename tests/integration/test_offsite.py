@@ -12,6 +12,7 @@ import pathlib
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -154,12 +155,21 @@ def test_ship_twice_restore_byte_for_byte_no_secret(servers, tmp_path):
 
 
 def test_append_only_host_cannot_forget_maintenance_can(servers, tmp_path):
+    """Through `rclone serve restic --append-only` (the hosts' credentials) a host ships, and
+    neither restic nor the maintenance play can forget; with the administrator's access (the
+    folder itself) the maintenance play forgets and prunes, keeps the pre-upgrade snapshot and the
+    newest, checks a rotating slice of the data (position kept) and drills the newest snapshot."""
     server = servers("offb")
     checks.store_studies(server, tmp_path, patients=1, via="rest", instances=2, pixel_bytes=50_000)
     folder = tmp_path / "rclone-repo"
     folder.mkdir()
     secret, pw_file = password_file(tmp_path)
     root = tmp_path / "backups"
+    maintenance = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                   "orthanc_restic_admin_password_file": str(pw_file), "orthanc_offsite_keep_last": 1,
+                   "orthanc_offsite_keep_daily": 0, "orthanc_offsite_keep_weekly": 0, "orthanc_offsite_keep_monthly": 0,
+                   "orthanc_offsite_read_days": 3, "orthanc_offsite_state_dir": str(tmp_path / "state"),
+                   "orthanc_offsite_drill_dir": str(tmp_path / "drill"), "orthanc_offsite_drill_sample": 0}
     with append_only_server(folder) as url:
         inventory = write_inventory(tmp_path / "inventory.json", {"offb": local_host(
             server, root, orthanc_offsite="restic", orthanc_restic_repository=url,
@@ -168,19 +178,62 @@ def test_append_only_host_cannot_forget_maintenance_can(servers, tmp_path):
         result = run_playbook(inventory)
         assert result.returncode == 0, result.stdout
         [snap] = snapshots(url, pw_file)
-        assert snap["hostname"] == "offb"
-        # the host's credentials (the append-only REST server) cannot forget it
+        assert snap["hostname"] == "offb" and "pre-upgrade" not in snap["tags"]
+        # the host's credentials (the append-only REST server) cannot forget it (restic 0.14 may
+        # print a stack trace: the exit code decides)
         refused = restic(url, pw_file, "forget", snap["id"], check=False)
         assert refused.returncode != 0
         assert [s["id"] for s in snapshots(url, pw_file)] == [snap["id"]]
+        # a backup taken before an upgrade (manifest key pre_upgrade) is tagged pre-upgrade
+        first = (root / "latest").resolve()
+        pre_name = first.name[:-1] + ".5Z" if "." not in first.name else first.name.replace("Z", "1Z")
+        pre = tmp_path / "pre" / pre_name
+        shutil.copytree(first, pre)
+        manifest = json.loads((pre / "manifest.json").read_text())
+        manifest.update(name=pre_name, pre_upgrade={"from": "1.10.1", "to": "1.12.0"})
+        (pre / "manifest.json").write_text(json.dumps(manifest))
+        tagged = run_module("offsite_restic", {"source": str(pre), "host": "offb", "repository": url,
+                                               "password_file": str(pw_file)})
+        assert not tagged["failed"] and "pre-upgrade" in tagged["tags"], tagged
         # a second run through the same server still adds its snapshot
         time.sleep(1.1)
         again = run_playbook(inventory)
         assert again.returncode == 0, again.stdout
-        assert len(snapshots(url, pw_file)) == 2
-    # the maintenance credentials (the repository opened directly) can
-    restic(folder, pw_file, "forget", snap["id"])
-    assert snap["id"] not in [s["id"] for s in snapshots(folder, pw_file)]
+        assert len(snapshots(url, pw_file)) == 3
+        # the maintenance play with the append-only access: refused, nothing removed
+        admin_inv = write_inventory(tmp_path / "admin.json", {"admin": dict(
+            maintenance, orthanc_restic_admin_repository=url, orthanc_offsite_check=False,
+            orthanc_offsite_drill=False)}, group="offsite_maintenance")
+        denied = run_playbook(admin_inv, playbook="offsite_maintenance.yml")
+        assert denied.returncode != 0
+        assert re.search(r"Maintenance of the off-site repository on admin failed: step 'forget old off-site "
+                         r"snapshots': restic exited with \d+.*do these credentials allow deleting", denied.stdout), denied.stdout
+        assert len(snapshots(url, pw_file)) == 3
+    before = {s["id"]: s for s in snapshots(folder, pw_file)}
+    newest = max(before.values(), key=lambda s: s["time"])
+    # the administrator's access: forget keeps the newest and the pre-upgrade snapshot
+    admin_inv = write_inventory(tmp_path / "admin.json", {"admin": dict(
+        maintenance, orthanc_restic_admin_repository=str(folder))}, group="offsite_maintenance")
+    done = run_playbook(admin_inv, playbook="offsite_maintenance.yml")
+    assert done.returncode == 0, done.stdout
+    after = {s["id"]: s for s in snapshots(folder, pw_file)}
+    pre_id = next(i for i in before if i.startswith(tagged["snapshot_id"]))  # restic 0.14's summary: a short id
+    assert set(after) == {newest["id"], pre_id}, (before, after)
+    assert snap["id"] not in after
+    assert "forget: 1 snapshots removed, 2 kept (offb)" in done.stdout
+    assert "check: ok, data slices 1 of 3 read (next: 2)" in done.stdout
+    assert re.search(rf"drill offb: snapshot {newest['short_id']} \(backup \w+\) verified, \d+ files hashed, "
+                     r"2 instances served with the MD5 the index records", done.stdout), done.stdout
+    assert not (tmp_path / "drill" / "offb").exists()
+    state = json.loads(next((tmp_path / "state").glob("offsite-check-*.json")).read_text())
+    assert state["next"] == 2 and state["slices"] == 3
+    # the next day's run reads the next slice
+    state["last_read_at"] = "2000-01-01T00:00:00.000000Z"  # long ago: every slice is due, at most all
+    next(iter((tmp_path / "state").glob("offsite-check-*.json"))).write_text(json.dumps(state))
+    later = run_playbook(admin_inv, playbook="offsite_maintenance.yml",
+                         extra_vars={"orthanc_offsite_forget": False, "orthanc_offsite_drill": False})
+    assert later.returncode == 0, later.stdout
+    assert "check: ok, data slices 2, 3, 1 of 3 read (next: 2)" in later.stdout
 
 
 def test_wrong_password_and_uninitialised_repository(servers, tmp_path):
