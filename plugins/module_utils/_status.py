@@ -171,7 +171,7 @@ def age_hours(text, now) -> float | None:
     return round((now - moment).total_seconds() / 3600, 2) if moment else None
 
 
-def freshness(host: str, now, max_age_hours: float, backup_time=None, ship_time=None, offsite_time=None,
+def freshness(now, max_age_hours: float, backup_time=None, ship_time=None, offsite_time=None,
               expect_ship: bool = False, expect_offsite: bool = False) -> dict:
     """Whether a host's newest complete backup, shipped copy and off-site snapshot (each a time as
     ``iso`` writes it, or None when there is none) are younger than ``max_age_hours``. A copy that is
@@ -189,6 +189,16 @@ def freshness(host: str, now, max_age_hours: float, backup_time=None, ship_time=
             stale.append(f"no {words}")
         elif age > max_age_hours:
             stale.append(f"{words} {age:g} h old")
-    line = f"{host}: " + ("fresh" if not stale else "STALE: " + ", ".join(stale)) + \
-        f" (at most {max_age_hours:g} h)"
-    return {"host": host, "fresh": not stale, "stale": stale, "ages": ages, "line": line}
+    return {"fresh": not stale, "stale": stale, "ages": ages}
+
+
+def newest_backup_time(root: str):
+    """When the newest complete backup in ``root`` ended (its manifest's ``ended_at``), or None."""
+    for name in reversed(_layout.complete_backups(root)):
+        try:
+            ended = _layout.read_manifest(os.path.join(root, name)).get("ended_at")
+        except (OSError, ValueError):
+            continue
+        if ended:
+            return ended
+    return None

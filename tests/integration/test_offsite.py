@@ -329,3 +329,86 @@ def test_restore_from_offsite_after_everything_local_is_wiped(servers, tmp_path)
     assert re.search(r"Restore of offr failed at step 'Fetch the backup from the restic repository': "
                      r"the restic repository holds no pacs.orthanc snapshot deadbeef\. Nothing was changed", missing.stdout), missing.stdout
     assert server.statistics()["CountInstances"] == len(stored) + 1
+
+
+@contextlib.contextmanager
+def ping_server():
+    """A tiny healthchecks-like HTTP server on loopback; yields (base URL, the calls it got)."""
+    import http.server  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    calls = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _record(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            calls.append((self.command, self.path, self.rfile.read(length).decode(errors="replace")))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        do_GET = do_POST = do_HEAD = _record
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", calls
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_pings_status_and_freshness(servers, tmp_path):
+    """A host backed up and shipped off site pings start then success, a broken host start then
+    fail (with its summary line); the status file and metrics hold the newest off-site snapshot;
+    the freshness playbook fails naming the stale hosts and passes on fresh ones."""
+    server = servers("offp")
+    checks.store_studies(server, tmp_path, patients=1, via="rest", instances=2, pixel_bytes=20_000)
+    root, repo, metrics = tmp_path / "backups", tmp_path / "repo", tmp_path / "metrics"
+    secret, pw_file = password_file(tmp_path)
+    with ping_server() as (url, calls):
+        good = local_host(server, root, orthanc_offsite="restic", orthanc_restic_repository=str(repo),
+                          orthanc_restic_password=secret, orthanc_restic_init=True,
+                          orthanc_ping_url=f"{url}/good/", orthanc_backup_textfile_dir=str(metrics))
+        broken = dict(local_host(server, tmp_path / "broken-backups"), orthanc_config_path=str(tmp_path / "nothing"),
+                      orthanc_url=f"http://127.0.0.1:{free_port()}", orthanc_ping_url=f"{url}/bad")
+        inventory = write_inventory(tmp_path / "inventory.json", {"offp": good, "broken": broken})
+        result = run_playbook(inventory)
+        assert result.returncode != 0 and "offp: ok," in result.stdout, result.stdout
+        paths = [(method, path) for method, path, _body in calls]
+        assert sorted(paths) == [("POST", "/bad/fail"), ("POST", "/bad/start"), ("POST", "/good"),
+                                 ("POST", "/good/start")], calls
+        assert paths.index(("POST", "/good/start")) < paths.index(("POST", "/good"))
+        bodies = {path: body for _method, path, body in calls}
+        assert bodies["/good"].startswith("offp: ok,") and "off site: snapshot" in bodies["/good"]
+        assert bodies["/bad/fail"].startswith("broken: ")
+        assert secret not in result.stdout
+
+    [snap] = snapshots(repo, pw_file)
+    status = json.loads((root / "status.json").read_text())
+    assert status["newest_offsite_snapshot"]["id"].startswith(status["last_offsite_success"]["snapshot_id"])
+    assert snap["id"].startswith(status["last_offsite_success"]["snapshot_id"])
+    assert status["last_offsite"]["result"] == "ok" and secret not in json.dumps(status)
+    prom = (metrics / "pacs_orthanc_backup.prom").read_text()
+    assert re.search(r'pacs_orthanc_backup_offsite_newest_snapshot_timestamp_seconds\{host="offp"\} \d+', prom), prom
+
+    fresh = run_playbook(inventory, playbook="freshness.yml")
+    assert fresh.returncode != 0
+    assert re.search(r"1 of 2 hosts have stale backups \(more than 26 h\): broken: STALE: no newest complete backup",
+                     fresh.stdout), fresh.stdout
+    assert "offp: fresh (newest backup 0" in fresh.stdout
+    only_good = run_playbook(inventory, playbook="freshness.yml", limit="offp")
+    assert only_good.returncode == 0, only_good.stdout
+    # older than the threshold: the newest backup and the off-site snapshot are both named
+    strict = run_playbook(inventory, playbook="freshness.yml", limit="offp",
+                          extra_vars={"orthanc_freshness_max_age_hours": 0.0001})
+    assert strict.returncode != 0
+    assert re.search(r"offp: STALE: newest complete backup [\d.]+ h old, off-site snapshot [\d.]+ h old", strict.stdout), strict.stdout
+    # an off-site repository that cannot be read is stale, with its cause
+    inventory = write_inventory(tmp_path / "inventory.json", {"offp": dict(good, orthanc_restic_repository=str(tmp_path / "none"))})
+    unread = run_playbook(inventory, playbook="freshness.yml")
+    assert unread.returncode != 0 and "off-site repository not read at step" in unread.stdout, unread.stdout
