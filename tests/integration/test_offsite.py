@@ -10,6 +10,7 @@ import os
 import re
 import pathlib
 import secrets
+import signal
 import shutil
 import subprocess
 import sys
@@ -412,3 +413,75 @@ def test_pings_status_and_freshness(servers, tmp_path):
     inventory = write_inventory(tmp_path / "inventory.json", {"offp": dict(good, orthanc_restic_repository=str(tmp_path / "none"))})
     unread = run_playbook(inventory, playbook="freshness.yml")
     assert unread.returncode != 0 and "off-site repository not read at step" in unread.stdout, unread.stdout
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small filesystem: needs root")
+def test_disk_full_and_interrupted_upload(servers, tmp_path):
+    """A repository whose disk fills up, and an upload killed midway (module and restic): the run
+    fails naming host, step and cause, no snapshot and no success is recorded, the local backup is
+    untouched, and the next run ships it whole."""
+    server = servers("offf")
+    checks.store_studies(server, tmp_path, patients=1, via="rest", instances=4, pixel_bytes=1_000_000)
+    root, mount = tmp_path / "backups", tmp_path / "small"
+    secret, pw_file = password_file(tmp_path)
+    checks.mount_tmpfs(mount, "2m")
+    try:
+        repo = mount / "repo"
+        host = local_host(server, root, orthanc_offsite="restic", orthanc_restic_repository=str(repo),
+                          orthanc_restic_password_file=str(pw_file), orthanc_restic_init=True)
+        inventory = write_inventory(tmp_path / "inventory.json", {"offf": host})
+        full = run_playbook(inventory)
+        assert full.returncode != 0
+        assert re.search(r"Shipping the backup of offf to the restic repository failed at step 'back up to the restic "
+                         r"repository': .*no space left on device", full.stdout, re.I), full.stdout
+        assert "OFF-SITE SHIPPING FAILED" in full.stdout
+        local = (root / "latest").resolve()
+        before = tree_hashes(local)
+        assert snapshots(repo, pw_file) == []
+        status = json.loads((root / "status.json").read_text())
+        assert status["last_offsite"]["result"] == "failed" and "newest_offsite_snapshot" not in status
+        # room again: the same backup ships whole, and the repository checks clean
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+        args = {"source": str(local), "host": "offf", "repository": str(repo), "password_file": str(pw_file)}
+        shipped = run_module("offsite_restic", args)
+        assert not shipped["failed"] and shipped["changed"] and not shipped["already_shipped"], shipped
+        assert restic(repo, pw_file, "check").returncode == 0
+        assert run_module("offsite_restic", args)["already_shipped"] is True
+        assert tree_hashes(local) == before
+    finally:
+        checks.umount(mount)
+
+    # an upload killed midway (the module and restic, SIGKILL)
+    repo2 = tmp_path / "repo2"
+    restic(repo2, pw_file, "init")
+    inventory = write_inventory(tmp_path / "inventory.json", {"offf": dict(
+        host, orthanc_restic_repository=str(repo2), orthanc_restic_limit_upload=256)})
+    time.sleep(1.1)
+    play = run_playbook(inventory, pipelining=False, popen=True)
+    killed, deadline = [], time.monotonic() + 240
+    while not killed and play.poll() is None and time.monotonic() < deadline:
+        uploading = [pid for pid in procs.descendants(play.pid) if procs.cmdline(pid).startswith("restic backup")]
+        if uploading:
+            time.sleep(1.5)  # some data on its way
+            killed = procs.module_processes(play.pid, "offsite_restic") + uploading
+            for pid in killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    output = play.communicate(timeout=300)[0]
+    assert killed, "the upload was never caught running:\n" + output
+    assert play.returncode != 0
+    assert re.search(r"Shipping the backup of offf to the restic repository failed at step 'Make the restic snapshot': "
+                     r"the shipping ended without a result, killed or interrupted", output), output
+    assert snapshots(repo2, pw_file) == []
+    status = json.loads((root / "status.json").read_text())
+    assert status["last_offsite"]["result"] == "failed"
+    assert "newest_offsite_snapshot" not in status  # never a success recorded
+    newest = (root / "latest").resolve()
+    assert _verify.verify_backup(str(newest), md5="all")["ok"]
+    again = run_module("offsite_restic", dict(args, source=str(newest), repository=str(repo2)))
+    assert not again["failed"] and again["changed"], again
+    scratch = tmp_path / "scratch"
+    restic(repo2, pw_file, "restore", "latest", "--target", str(scratch))
+    assert tree_hashes(scratch) == tree_hashes(newest)
