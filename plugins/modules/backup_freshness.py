@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: backup_freshness
 short_description: Say whether a host's newest Orthanc backup, shipped copy and off-site snapshot are fresh
-version_added: 0.4.0
+version_added: 0.3.0
 description:
   - Runs on the managed host and reads only. The newest complete backup is the newest timestamp
     folder of O(backup_root) holding a manifest (its C(ended_at)); the shipped copy is the last
