@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 import urllib.parse
@@ -33,7 +32,6 @@ __metaclass__ = type
 
 TAG = "pacs.orthanc"  # every snapshot this collection makes carries it
 PRE_UPGRADE = "pre-upgrade"  # the tag of a backup taken before an upgrade (manifest key pre_upgrade)
-FETCHING = ".fetching"  # <dest>/<name>.fetching/: a snapshot being restored, never taken for a backup
 
 # restic's error text -> what it means (only to word the message; the exit code decides)
 WRONG_PASSWORD = re.compile(r"wrong password|no key found", re.I)
@@ -326,19 +324,11 @@ def ship(backup: str, host: str, repo: Repository, init: bool = False, check_mod
                 total_bytes=summary.get("total_bytes_processed", 0))
 
 
-def _remove_tree(path: str) -> None:
-    if os.path.lexists(path):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-
-
 def fetch(repo: Repository, host: str, which: str, dest: str, check_mode: bool = False) -> dict:
     """Restore the snapshot ``which`` names (choose_snapshot) into ``<dest>/<host>/<backup name>/``,
-    a private folder, and return where. The snapshot is restored into ``<name>.fetching/`` first and
-    renamed only once every file the snapshot lists is there with its size: a folder of that name
-    is always a whole copy. A folder already holding exactly the snapshot's files is kept (nothing
+    a private folder, and return where (through _layout.fetch_into: restored into
+    ``<name>.fetching/``, renamed only once every file the snapshot lists is there with its size, so
+    a folder of that name is always a whole copy). A folder already holding exactly the snapshot's files is kept (nothing
     to do). Only the repository is read; ``dest`` is the one place written."""
     step = "fetch the off-site snapshot"
     snapshot = choose_snapshot(repo.snapshots(), host, which)
@@ -359,38 +349,27 @@ def fetch(repo: Repository, host: str, which: str, dest: str, check_mode: bool =
                     bytes=sum(expected.values()))
     if check_mode:
         return dict(result, changed=True, already_fetched=False, files=len(expected), bytes=sum(expected.values()))
-    partial = target + FETCHING
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        os.chmod(os.path.abspath(dest), 0o700)  # patients' data: readable by root only
-        os.chmod(folder, 0o700)
-        _remove_tree(partial)  # what an interrupted fetch left
-        os.makedirs(partial, mode=0o700)
-        started = time.monotonic()
+    started = time.monotonic()
+
+    def fill(partial):
         code, out, err = repo.run(["restore", snapshot["id"], "--target", partial], step)
         if code != 0:
             raise repo.explain(step, code, err, out)
+
+    def whole(partial):
         got = local_file_sizes(partial)
         if got != expected:
             missing = sorted(set(expected) - set(got))
             wrong = sorted(p for p in set(expected) & set(got) if expected[p] != got[p])
             raise PacsError(step, f"the restored copy of snapshot {short} is not whole: {len(missing)} files missing, "
                                   f"{len(wrong)} of another size (e.g. {(missing + wrong)[:1]})")
-        _remove_tree(target)
-        os.rename(partial, target)
+
+    try:
+        _layout.fetch_into(folder, name, fill, whole)
     except OSError as exc:
-        _remove_tree_quietly(partial)
         raise PacsError(step, f"cannot restore snapshot {short} into {folder}: {os_error_cause(exc)}")
-    except PacsError:
-        _remove_tree_quietly(partial)
-        raise
     return dict(result, changed=True, already_fetched=False, files=len(expected), bytes=sum(expected.values()),
                 seconds=round(time.monotonic() - started, 3))
-
-
-def _remove_tree_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        _remove_tree(path)
 
 
 def _json_head(out: str):

@@ -17,7 +17,7 @@ description:
     asks it), else the newest one the status file recorded.
   - Each one expected (the backup always, the others with O(expect_ship) and O(expect_offsite)) must be
     at most O(max_age_hours) old; one that is expected and missing is stale. The module does not fail
-    on a stale host: it says so (C(fresh), C(stale)), and the playbook decides.
+    on a stale host, it says so (C(fresh), C(stale)), and the playbook decides.
 options:
   backup_root:
     description: The folder holding the host's backups.

@@ -33,9 +33,9 @@ description:
     newest one's age.
   - C(state=forgotten) applies retention to every host's snapshots (grouped by host, C(--keep-last) at
     least 1, C(--keep-tag) O(keep_tags)) and prunes, after C(restic unlock) of stale locks. It needs the
-    administrator's credentials: an append-only back end refuses it.
+    administrator's credentials (an append-only back end refuses it).
   - C(state=checked) runs C(restic check --read-data-subset=n/N) with N = O(read_days), reading the
-    slices due since the last run (one per day, continuing where the last run stopped: every byte once
+    slices due since the last run (one per day, continuing where the last run stopped, so every byte is read once
     per O(read_days) days), the position kept in a state file in O(state_dir).
 options:
   state:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import pathlib
 
 import pytest
 
@@ -153,3 +154,37 @@ def test_status_records_the_newest_offsite_snapshot_and_freshness():
     assert _status.freshness(now, 26, backup_time="2026-11-30T06:58:00.000000Z", expect_ship=True)["stale"] == \
         ["no shipped copy"]
     assert _status.freshness(now, 26, backup_time="2026-11-30T06:58:00.000000Z")["fresh"]
+
+
+def test_fetch_into_is_whole_or_nothing(tmp_path):
+    from ansible_collections.pacs.orthanc.plugins.module_utils import _layout  # pylint: disable=import-outside-toplevel
+    folder, name = tmp_path / "staging" / "pacs-1", "20261130T010203Z"
+
+    def fill(partial):
+        (pathlib.Path(partial) / "manifest.json").write_text("{}")
+
+    def refuse(_partial):
+        raise PacsError("fetch", "not whole")
+
+    with pytest.raises(PacsError, match="not whole"):
+        _layout.fetch_into(str(folder), name, fill, refuse)
+    assert list(folder.iterdir()) == []  # the partial copy is gone, nothing looks fetched
+    assert (folder.parent.stat().st_mode & 0o777, folder.stat().st_mode & 0o777) == (0o700, 0o700)
+    (folder / (name + ".fetching")).mkdir()  # what a killed fetch left
+    path = _layout.fetch_into(str(folder), name, fill, lambda _p: None)
+    assert path == str(folder / name) and sorted(p.name for p in folder.iterdir()) == [name]
+    with pytest.raises(ValueError):
+        _layout.fetch_into(str(folder), "../x", fill, lambda _p: None)
+
+
+def test_find_on_the_server(tmp_path):
+    from ansible_collections.pacs.orthanc.plugins.module_utils import _ship  # pylint: disable=import-outside-toplevel
+    for name in ("20261128T070000Z", "20261129T070000Z", "20261130T070000Z.incomplete"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+    assert _ship.find(str(tmp_path), "latest")["name"] == "20261129T070000Z"
+    assert _ship.find(str(tmp_path), "20261128T070000Z")["path"] == str(tmp_path / "20261128T070000Z")
+    with pytest.raises(PacsError, match="no complete backup 20261130T070000Z"):
+        _ship.find(str(tmp_path), "20261130T070000Z")
+    with pytest.raises(PacsError, match="neither latest"):
+        _ship.find(str(tmp_path), "../etc")
