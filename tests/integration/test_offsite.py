@@ -230,6 +230,12 @@ def test_append_only_host_cannot_forget_maintenance_can(servers, tmp_path):
     # the administrator's access: forget keeps the newest and the pre-upgrade snapshot
     admin_inv = write_inventory(tmp_path / "admin.json", {"admin": dict(
         maintenance, orthanc_restic_admin_repository=str(folder))}, group="offsite_maintenance")
+    dry = run_playbook(admin_inv, playbook="offsite_maintenance.yml", check=True)
+    assert dry.returncode == 0, dry.stdout
+    assert "forget (check mode, nothing removed): 1 snapshots removed, 2 kept (offb)" in dry.stdout
+    assert "check: would read data slices 1 of 3" in dry.stdout and "would be fetched and verified" in dry.stdout
+    assert set(s["id"] for s in snapshots(folder, pw_file)) == set(before)
+    assert not (tmp_path / "state").exists() and not (tmp_path / "drill").exists()  # check mode wrote nothing
     done = run_playbook(admin_inv, playbook="offsite_maintenance.yml")
     assert done.returncode == 0, done.stdout
     after = {s["id"]: s for s in snapshots(folder, pw_file)}
