@@ -243,3 +243,44 @@ def complete_folder(root: str, name: str) -> str:
     os.rename(path, final)
     point_latest(root, name)
     return final
+
+
+# -- a backup fetched from elsewhere (off site, the backup server) into a staging folder --------
+
+FETCHING = ".fetching"  # <staging>/<name>.fetching/: a backup being fetched, never taken for a whole one
+
+
+def _remove_path(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def fetch_into(folder: str, name: str, fill, check) -> str:
+    """The one way a backup fetched from a source (a restic snapshot, the backup server) lands in a
+    local staging folder: ``fill(partial)`` writes it into ``<folder>/<name>.fetching/`` (what an
+    interrupted fetch left there is removed first), ``check(partial)`` raises unless it is whole,
+    and only then is it renamed ``<folder>/<name>/`` (replacing an older copy). ``folder`` is made
+    private (0700), and so are the parents it creates: a backup holds patients' images. On any failure the partial
+    copy is removed. Returns the final path."""
+    if not NAME_RE.match(name):
+        raise ValueError(f"{name!r} is not a backup name")
+    partial, final = os.path.join(folder, name + FETCHING), os.path.join(folder, name)
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700)  # the staging folder, private when it is made here
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)  # private whatever it was (never the parent: it may be /var/tmp)
+    _remove_path(partial)
+    os.mkdir(partial, 0o700)
+    try:
+        fill(partial)
+        check(partial)
+        _remove_path(final)
+        os.rename(partial, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _remove_path(partial)
+        raise
+    return final

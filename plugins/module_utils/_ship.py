@@ -117,6 +117,23 @@ def prepare(folder: str, name: str, check_mode: bool = False) -> dict:
     return result
 
 
+def find(folder: str, which: str) -> dict:
+    """The complete backup ``which`` names in a host's folder on the server: ``latest`` (the newest
+    complete one) or a timestamp. Read only."""
+    step = "find the backup on the server"
+    complete = _layout.complete_backups(folder)
+    if not complete:
+        raise PacsError(step, f"the backup server holds no complete backup in {folder}")
+    name = complete[-1] if which == "latest" else which
+    if not _layout.NAME_RE.match(name):
+        raise PacsError(step, f"{which!r} is neither latest nor a backup timestamp")
+    if name not in complete:
+        raise PacsError(step, f"the backup server holds no complete backup {name} in {folder} "
+                              f"(newest: {complete[-1]})")
+    return {"changed": False, "name": name, "path": os.path.join(folder, name), "folder": folder,
+            "complete": complete}
+
+
 class NewFiles:
     """``new(uuid)``: whether a storage file of ``path`` is not the same file (inode) as in
     ``previous``; it counts the new ones it was asked about (``count``). Nothing is held per
@@ -347,6 +364,45 @@ def transfer(source: str, server: str, dest: str, previous: str | None, port: in
     totals.setdefault("bytes_sent", 0)
     return {"changed": True, "stats": totals, "bytes_sent": totals["bytes_sent"],
             "remote": remote, "previous": previous}
+
+
+def fetch(server: str, remote: str, name: str, dest: str, port: int = 22, user: str = "root", key: str | None = None,
+          known_hosts: str | None = None, strict_host_key_checking: str = "yes", bwlimit: int = 0,
+          io_timeout: int = 300, connect_timeout: int = 30, check_mode: bool = False, runner=run_command) -> dict:
+    """Pull the complete backup ``remote`` (a path on the server, found by ``find``) into
+    ``<dest>/<name>/`` on this host with rsync over SSH, through _layout.fetch_into (whole or not at
+    all). The server is only read."""
+    step = "fetch the backup from the server"
+    if not _layout.NAME_RE.match(name):
+        raise PacsError(step, f"'{name}' is not a backup name")
+    if key and not os.path.isfile(key):
+        raise PacsError(step, f"the SSH key {key} does not exist on this host")
+    target = os.path.join(dest, name)
+    result = {"name": name, "path": target, "remote": f"{server}:{remote}"}
+    if check_mode:
+        return dict(result, changed=True)
+    ssh = ssh_command(port, user, key, known_hosts, strict_host_key_checking, connect_timeout)
+    argv = ["rsync", "--recursive", "--links", "--perms", "--times", "--owner", "--group", "--numeric-ids",
+            "--protect-args", "--stats", "-e", shlex.join(ssh), f"--timeout={io_timeout}"]
+    if bwlimit:
+        argv.append(f"--bwlimit={bwlimit}")
+    stats: dict = {}
+
+    def fill(partial):
+        rc, out, err = runner(argv + [f"{server}:{remote.rstrip('/')}/", partial + "/"], step, check=False)
+        if rc != 0:
+            raise PacsError(step, describe_rsync_failure(rc, err), rc=rc)
+        stats.update(parse_stats(out))
+
+    def whole(partial):
+        if not _layout.is_complete(partial):
+            raise PacsError(step, f"the copy of {remote} holds no {_layout.MANIFEST}")
+
+    try:
+        _layout.fetch_into(dest, name, fill, whole)
+    except OSError as exc:
+        raise PacsError(step, f"cannot fetch into {dest}: {os_error_cause(exc)}")
+    return dict(result, changed=True, stats=stats, bytes_received=stats.get("bytes_received", 0))
 
 
 def remove_local(root: str, name: str, check_mode: bool = False, stale_lock_seconds: int = 900) -> dict:

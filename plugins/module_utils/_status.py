@@ -65,8 +65,10 @@ def backup_facts(backup_path: str) -> dict:
 
 
 def update(status: dict, host: str, event: str, result: str, backup_path=None, started_at=None,
-           step=None, cause=None, ship=None, now=None) -> dict:
-    """The new status after a backup (``event`` backup) or a transfer (``event`` ship)."""
+           step=None, cause=None, ship=None, now=None, offsite=None) -> dict:
+    """The new status after a backup (``event`` backup), a transfer to the backup server (``event``
+    ship) or off site (``event`` offsite: ``offsite`` says what, its ``snapshot_time`` the time of
+    the snapshot that holds the backup, kept as ``newest_offsite_snapshot``)."""
     now = now or utc_now()
     status = dict(status)
     status.pop("progress", None)  # the step that reported it has ended
@@ -86,6 +88,18 @@ def update(status: dict, host: str, event: str, result: str, backup_path=None, s
             status["consecutive_failures"] = int(status.get("consecutive_failures", 0)) + 1
         status["last_run"] = run
         status["result"] = result
+    elif event == "offsite":
+        record = {"time": iso(now), "result": result}
+        record.update(offsite or {})
+        if result != "ok":
+            record.update({"step": step, "cause": cause})
+        else:
+            status["last_offsite_success"] = record
+            known = (status.get("newest_offsite_snapshot") or {}).get("time") or ""
+            if record.get("snapshot_time") and record["snapshot_time"] >= known:
+                status["newest_offsite_snapshot"] = {"id": record.get("snapshot_id"), "time": record["snapshot_time"],
+                                                     "backup": record.get("backup")}
+        status["last_offsite"] = record
     else:
         record = {"time": iso(now), "result": result}
         record.update(ship or {})
@@ -104,6 +118,8 @@ def prom_text(status: dict) -> str:
     success = status.get("last_success", {})
     ship = status.get("last_ship", {})
     ship_ok = status.get("last_ship_success", {})
+    offsite = status.get("last_offsite", {})
+    offsite_ok = status.get("last_offsite_success", {})
     metrics = [
         ("last_run_timestamp_seconds", "Time the last backup ended (success or failure)", _epoch(last_run.get("time"))),
         ("last_result", "1 when the last backup succeeded, 0 when it failed",
@@ -119,6 +135,13 @@ def prom_text(status: dict) -> str:
         ("last_ship_success_timestamp_seconds", "Time the last transfer to the backup server succeeded",
          _epoch(ship_ok.get("time"))),
         ("last_ship_bytes", "Bytes sent by the last successful transfer", ship_ok.get("bytes_sent")),
+        ("last_offsite_result", "1 when the last off-site shipping succeeded, 0 when it failed",
+         (1 if offsite.get("result") == "ok" else 0) if offsite else None),
+        ("last_offsite_success_timestamp_seconds", "Time the last off-site shipping succeeded",
+         _epoch(offsite_ok.get("time"))),
+        ("offsite_newest_snapshot_timestamp_seconds",
+         "Time of the newest off-site snapshot (its age: time() minus this)",
+         _epoch((status.get("newest_offsite_snapshot") or {}).get("time"))),
     ]
     progress = status.get("progress") if isinstance(status.get("progress"), dict) else {}
     if progress.get("state") == "running":  # a step running now (see _progress)
@@ -170,3 +193,39 @@ def set_progress(path: str, progress: dict, textfile: str | None = None) -> None
     write_json_atomic(path, status, mode=0o644)
     if textfile:
         write_text_atomic(textfile, prom_text(status), 0o644)
+def age_hours(text, now) -> float | None:
+    moment = _parse_iso(text)
+    return round((now - moment).total_seconds() / 3600, 2) if moment else None
+
+
+def freshness(now, max_age_hours: float, backup_time=None, ship_time=None, offsite_time=None,
+              expect_ship: bool = False, expect_offsite: bool = False) -> dict:
+    """Whether a host's newest complete backup, shipped copy and off-site snapshot (each a time as
+    ``iso`` writes it, or None when there is none) are younger than ``max_age_hours``. A copy that is
+    not expected is not judged; one that is expected and missing is stale."""
+    checks = [("backup", "newest complete backup", backup_time, True),
+              ("ship", "shipped copy", ship_time, expect_ship),
+              ("offsite", "off-site snapshot", offsite_time, expect_offsite)]
+    ages, stale = {}, []
+    for key, words, moment, expected in checks:
+        if not expected:
+            continue
+        age = age_hours(moment, now)
+        ages[key] = {"time": moment, "age_hours": age}
+        if age is None:
+            stale.append(f"no {words}")
+        elif age > max_age_hours:
+            stale.append(f"{words} {age:g} h old")
+    return {"fresh": not stale, "stale": stale, "ages": ages}
+
+
+def newest_backup_time(root: str):
+    """When the newest complete backup in ``root`` ended (its manifest's ``ended_at``), or None."""
+    for name in reversed(_layout.complete_backups(root)):
+        try:
+            ended = _layout.read_manifest(os.path.join(root, name)).get("ended_at")
+        except (OSError, ValueError):
+            continue
+        if ended:
+            return ended
+    return None

@@ -28,20 +28,22 @@ description:
     that count; after it, it is an ordinary backup.
     A deleted backup is first renamed C(*.incomplete), so that a half-deleted one never looks complete.
   - C(discard) removes C(<name>.incomplete/) (never a complete backup).
+  - C(found) reads only and returns the complete backup O(name) names, C(latest) (the newest) or a
+    timestamp (C(name), C(path)), for M(pacs.orthanc.backup_ship) C(state=fetched) to pull back.
   - Each state holds an C(flock) on C(<folder>/.lock) while it acts; the kernel releases it when
     the module ends, so a killed run never blocks the next one.
 options:
   state:
     description: What to do.
     type: str
-    choices: [prepare, complete, discard]
+    choices: [prepare, complete, discard, found]
     required: true
   folder:
     description: The managed host's folder on the server, C(<server root>/<host>).
     type: path
     required: true
   name:
-    description: The backup's name (the local backup's UTC timestamp).
+    description: The backup's name (the local backup's UTC timestamp); with C(found), also C(latest).
     type: str
     required: true
   host:
@@ -153,6 +155,8 @@ from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsEr
 
 def act(module):
     p = module.params
+    if p["state"] == "found":
+        return _ship.find(os.path.abspath(p["folder"]), p["name"])
     if not _layout.NAME_RE.match(p["name"]):
         raise PacsError("backup server", f"'{p['name']}' is not a backup name (a UTC timestamp like 20261129T070000Z)")
     folder = os.path.abspath(p["folder"])
@@ -167,7 +171,7 @@ def act(module):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            state=dict(type="str", choices=["prepare", "complete", "discard"], required=True),
+            state=dict(type="str", choices=["prepare", "complete", "discard", "found"], required=True),
             folder=dict(type="path", required=True),
             name=dict(type="str", required=True),
             host=dict(type="str"),

@@ -20,6 +20,10 @@ description:
   - The bytes actually sent are counted from C(rsync --stats).
   - SSH runs with C(BatchMode=yes) (no prompt, no password) and the given key; nothing secret is
     put on a command line.
+  - C(fetched) pulls the complete backup O(remote) (a path on the server, as
+    M(pacs.orthanc.backup_server) C(state=found) names it) back into C(<dest>/<name>/) on the managed
+    host, a private folder, through C(<name>.fetching/) renamed only once the copy holds its manifest
+    (the restore role verifies it next, as any backup). The server is only read.
   - C(remove_local) removes the local backup O(name) from O(root) once it is on the server (the
     role C(pacs.orthanc.ship) does it when C(orthanc_backup_keep) is 0); C(latest) goes too when
     it names it, so the next local backup is a full one.
@@ -27,16 +31,21 @@ options:
   state:
     description: What to do.
     type: str
-    choices: [transfer, remove_local]
+    choices: [transfer, fetched, remove_local]
     default: transfer
   source:
     description: The complete local backup to send (a folder holding C(manifest.json)). Required for C(transfer).
     type: path
   server:
-    description: Address of the backup server, as SSH reaches it from the managed host. Required for C(transfer).
+    description: Address of the backup server, as SSH reaches it from the managed host. Required for C(transfer) and C(fetched).
     type: str
   dest:
-    description: The C(.incomplete) folder on the server to write into. Required for C(transfer).
+    description:
+      - C(transfer), the C(.incomplete) folder on the server to write into. C(fetched), the local folder the
+        backup is fetched under (made private). Required for both.
+    type: str
+  remote:
+    description: C(fetched), the complete backup's folder on the server.
     type: str
   previous:
     description: Name of the host's newest complete backup on the server, beside O(dest), to link unchanged files to.
@@ -76,7 +85,7 @@ options:
     description: The local backup root. Required for C(remove_local).
     type: path
   name:
-    description: The backup's name. Required for C(remove_local).
+    description: The backup's name. Required for C(remove_local) and C(fetched).
     type: str
 attributes:
   check_mode:
@@ -149,6 +158,16 @@ def act(module):
         if not (p["root"] and p["name"]):
             raise PacsError("remove the local copy", "state=remove_local needs 'root' and 'name'")
         return _ship.remove_local(p["root"], p["name"], module.check_mode)
+    if p["state"] == "fetched":
+        missing = [key for key in ("server", "remote", "name", "dest") if not p[key]]
+        if missing:
+            raise PacsError("fetch the backup from the server", f"state=fetched needs '{missing[0]}'")
+        if not module.check_mode:
+            module.get_bin_path("rsync", required=True)
+            module.get_bin_path("ssh", required=True)
+        return _ship.fetch(p["server"], p["remote"], p["name"], p["dest"], p["port"], p["user"], p["ssh_key"],
+                           p["known_hosts"], p["strict_host_key_checking"], p["bwlimit"], p["io_timeout"],
+                           p["connect_timeout"], check_mode=module.check_mode)
     for key in ("source", "server", "dest"):
         if not p[key]:
             raise PacsError("send the backup to the server", f"state=transfer needs '{key}'")
@@ -169,10 +188,11 @@ def act(module):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            state=dict(type="str", choices=["transfer", "remove_local"], default="transfer"),
+            state=dict(type="str", choices=["transfer", "fetched", "remove_local"], default="transfer"),
             source=dict(type="path"),
             server=dict(type="str"),
             dest=dict(type="str"),
+            remote=dict(type="str"),
             previous=dict(type="str"),
             port=dict(type="int", default=22),
             user=dict(type="str", default="root"),

@@ -29,9 +29,9 @@ options:
     type: str
     required: true
   event:
-    description: What ended, a backup or a transfer to the backup server.
+    description: What ended, a backup, a transfer to the backup server, or a shipping off site.
     type: str
-    choices: [backup, ship]
+    choices: [backup, ship, offsite]
     default: backup
   result:
     description: How it ended.
@@ -52,6 +52,12 @@ options:
     type: str
   ship:
     description: What a transfer did (server, path, bytes_sent, seconds), recorded with O(event=ship).
+    type: dict
+  offsite:
+    description:
+      - What an off-site shipping did (repository, snapshot_id, snapshot_time, backup, data_added), recorded
+        with O(event=offsite). The newest C(snapshot_time) is kept as C(newest_offsite_snapshot), and in the
+        metric C(pacs_orthanc_backup_offsite_newest_snapshot_timestamp_seconds) (its age is C(time()) minus it).
     type: dict
   textfile:
     description: Node-exporter textfile to write too (a C(.prom) file in the collector's folder), or none.
@@ -101,7 +107,7 @@ def act(module):
     if p["event"] == "backup" and p["result"] == "ok" and not p["backup_path"]:
         raise PacsError("write the backup status", "a successful backup needs 'backup_path'")
     status = _status.update(_status.read_status(p["path"]), p["host"], p["event"], p["result"], p["backup_path"],
-                            p["started_at"], p["step"], p["cause"], p["ship"])
+                            p["started_at"], p["step"], p["cause"], p["ship"], offsite=p["offsite"])
     return _status.write(p["path"], status, p["textfile"], module.check_mode)
 
 
@@ -110,13 +116,14 @@ def main():
         argument_spec=dict(
             path=dict(type="path", required=True),
             host=dict(type="str", required=True),
-            event=dict(type="str", choices=["backup", "ship"], default="backup"),
+            event=dict(type="str", choices=["backup", "ship", "offsite"], default="backup"),
             result=dict(type="str", choices=["ok", "failed"], required=True),
             backup_path=dict(type="path"),
             started_at=dict(type="str"),
             step=dict(type="str"),
             cause=dict(type="str"),
             ship=dict(type="dict"),
+            offsite=dict(type="dict"),
             textfile=dict(type="path"),
         ),
         supports_check_mode=True,

@@ -195,3 +195,32 @@ def test_failed_transfers_leave_nothing_complete(servers, ssh_server, tmp_path):
         assert (host_folder / "latest").resolve().name == newest
     finally:
         checks.umount(server_root)
+
+
+def test_restore_from_the_backup_server(servers, ssh_server, tmp_path):
+    """orthanc_restore_source: server pulls the host's newest backup back over SSH into a private
+    staging folder and restores it (verified first), after Orthanc's data and every local backup
+    were wiped; a timestamp that the server does not hold is refused before anything is touched."""
+    server = servers("retour")
+    checks.store_studies(server, tmp_path, patients=2, via="cstore", instances=2, pixel_bytes=50_000)
+    local_root, server_root, staging = tmp_path / "backups", tmp_path / "server", tmp_path / "staging"
+    inventory = fleet_inventory(tmp_path / "inventory.json", {
+        "retour": local_host(server, local_root, **ssh_server.ship_vars(server_root))}, ssh_server)
+    assert run_playbook(inventory).returncode == 0
+    stored = {server.instance_sop_uid(i): server.instance_file(i) for i in server.instances()}
+    server.stop()
+    for folder in (server.storage_dir, server.index_dir, local_root):
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+    server.start()
+    restore_vars = {"orthanc_restore_confirm": True, "orthanc_restore_source": "server",
+                    "orthanc_restore_staging_dir": str(staging)}
+    missing = run_playbook(inventory, playbook="restore.yml", limit="retour",
+                           extra_vars=dict(restore_vars, orthanc_restore_backup="20000101T000000Z"))
+    assert missing.returncode != 0
+    assert re.search(r"Restore of retour failed at step 'Find the backup on the backup server': the backup server "
+                     r"holds no complete backup 20000101T000000Z .*Nothing was changed", missing.stdout), missing.stdout
+    result = run_playbook(inventory, playbook="restore.yml", limit="retour", extra_vars=restore_vars)
+    assert result.returncode == 0, result.stdout
+    assert {server.instance_sop_uid(i): server.instance_file(i) for i in server.instances()} == stored
+    assert not list((staging / "retour").iterdir())  # the fetched copy is removed
+    assert (staging / "retour").stat().st_mode & 0o777 == 0o700
