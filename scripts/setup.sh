@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests, the molecule scenarios and the benchmarks need on a Debian 12 machine
 # (as root), on top of the demo's packages (scripts/setup-demo.sh, run first): sqlite3, rsync,
-# btrfs-progs, OpenSSH's server and client, podman with runc and catatonit, debootstrap, restic and
+# btrfs-progs and xfsprogs (loop-mounted filesystems of the snapshot and reflink tests), OpenSSH's server and client, podman with runc and catatonit, debootstrap, restic and
 # rclone (off-site tests), Docker's daemon (docker.io), docker-compose and podman-compose (container
 # tests, scripts/containers.sh) from Debian; pytest, pytest-xdist, molecule and testinfra from PyPI (requirements-test.txt).
 # PostgreSQL and MariaDB: scripts/databases.sh.
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-demo.sh
 
 need_apt=()
-for pair in sqlite3:sqlite3 rsync:rsync mkfs.btrfs:btrfs-progs sshd:openssh-server ssh:openssh-client \
+for pair in sqlite3:sqlite3 rsync:rsync mkfs.btrfs:btrfs-progs mkfs.xfs:xfsprogs sshd:openssh-server ssh:openssh-client \
     podman:podman runc:runc catatonit:catatonit debootstrap:debootstrap restic:restic rclone:rclone \
     dockerd:docker.io docker-compose:docker-compose podman-compose:podman-compose; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_apt+=("${pair#*:}")
