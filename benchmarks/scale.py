@@ -59,7 +59,7 @@ def nightly(archive, workdir: Path, root: Path, fraction: float, label: str, row
     for folder in (rsync_dest, cpal_dest):
         shutil.rmtree(folder)
     rows.append((f"nightly incremental, {label} new ({manifest['storage']['new_files']:,} files)",
-                 f"{m.notes.split(';')[0].replace('playbook ', '')}",
+                 f"{m.notes.split(';', maxsplit=1)[0].replace('playbook ', '')}",
                  f"rsync --link-dest {rsync:.1f} s, cp -al {cpal:.1f} s",
                  f"downtime {m.downtime:.2f} s"))
     return backup
