@@ -45,7 +45,7 @@ def environ(pid: int) -> dict:
 def play_processes(play_pid: int) -> set:
     """The processes of a play: its descendants, and the modules it runs with async, which
     async_wrapper detaches from it (found by the play's mark, playbook.PLAY_MARK, in their
-    environment)."""
+    environment), with what they run."""
     found = descendants(play_pid)
     mark = environ(play_pid).get("PACS_TEST_PLAY")
     if mark:
@@ -53,6 +53,7 @@ def play_processes(play_pid: int) -> set:
             if entry.isdigit() and int(entry) not in found and "AnsiballZ_" in cmdline(int(entry)):
                 if environ(int(entry)).get("PACS_TEST_PLAY") == mark:
                     found.add(int(entry))
+                    found |= descendants(int(entry))  # what the module runs (restic, rsync, ...)
     return found
 
 
