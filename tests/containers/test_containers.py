@@ -296,7 +296,9 @@ def test_clear_messages_and_the_containers_left_as_they_were(containers, tmp_pat
     sh(["podman", "create", "--name", twin, *labels, IMAGE, "sleep", "infinity"])
     try:
         started = orthanc.inspect()["State"]["StartedAt"]
-        info = lambda **args: run_module("orthanc_info", dict(args, url=orthanc.url))  # noqa: E731
+
+        def info(**args) -> dict:
+            return run_module("orthanc_info", dict(args, url=orthanc.url))
 
         several = info(compose_project=project, container_engine="podman")
         assert several["failed"] and several["msg"].startswith(
