@@ -51,9 +51,9 @@ def sh(argv, check=True, **kwargs) -> subprocess.CompletedProcess:
 class Rest:
     """The REST API of an Orthanc on 127.0.0.1."""
 
-    def __init__(self, port: int, name: str):
+    def __init__(self, port: int, name: str, address: str = "127.0.0.1"):
         self.port, self.name = port, name
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{address}:{port}"
 
     def rest(self, method: str, path: str, body: bytes | None = None, timeout: float = 30):
         request = urllib.request.Request(self.url + path, data=body, method=method)

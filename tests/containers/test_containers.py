@@ -1,7 +1,9 @@
-"""Orthanc in real containers (Podman, Docker, a docker-compose project): back up through the
-playbooks, wipe the volumes, restore, compare every instance byte for byte over REST; the
-configuration Orthanc runs with is found from its own command line inside the container; an
-Orthanc whose storage is not on a volume is refused; the container runs after a failure.
+"""Orthanc in real containers (Podman, Docker, a docker-compose and a podman-compose project): back
+up through the playbooks, wipe the volumes, restore, compare every instance byte for byte over
+REST; the configuration Orthanc runs with is found from its own command line inside the container;
+an Orthanc whose storage is not on a volume is refused; the container runs after a failure and
+after the play is killed while it is stopped; every lookup failure is a clear message and leaves
+the containers as they were.
 Run by scripts/containers.sh (image, dockerd), in their own CI lane."""
 
 from __future__ import annotations
@@ -9,19 +11,18 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import secrets
 import shutil
-import signal
 import stat
-import subprocess
-import sys
-import time
 
 import pytest
 
 from tests.containers.conftest import DATA, IMAGE, Rest, engine_ready, sh
 from tests.support.orthanc_server import free_port
-from tests.support.playbook import link_collection
+from tests.support import checks
+from tests.support.interrupt import interrupt_during_downtime, wait_for
 from tests.support.playbook import run_module, run_playbook, write_inventory
+from ansible_collections.pacs.orthanc.plugins.module_utils import _control
 
 pytestmark = pytest.mark.slow
 
@@ -61,47 +62,12 @@ def check_config_copy(backup: pathlib.Path, engine: str) -> dict:
     return manifest
 
 
-def test_container_round_trip(containers, tmp_path):
-    """A podman container by name (engine auto): back up, wipe the volume, restore in place."""
-    engine = "podman"
-    orthanc = containers(engine)
-    orthanc.store(tmp_path, patients=2)
-    stored = orthanc.contents()
-    assert len(stored) == 6
-    volume = orthanc.volume_dir()
-    inventory = write_inventory(tmp_path / "inventory.json", {"c": host_vars(
-        orthanc.url, tmp_path, orthanc_container=orthanc.container, orthanc_container_engine="auto")})
-
-    result = run_playbook(inventory)
-    assert result.returncode == 0, result.stdout
-    backup = (tmp_path / "backups" / "latest").resolve()
-    check_config_copy(backup, engine)
-    assert orthanc.running() and orthanc.answers()
-    container_id = orthanc.inspect()["Id"]
-    # a drill of the backup: a scratch Orthanc (the host's) on the effective configuration
-    drill = run_module("orthanc_drill", {"backup": str(backup), "workdir": str(tmp_path / "drill")})
-    assert not drill["failed"] and drill["ok"] and drill["checked_instances"] == 6, drill
-
-    # destroy the volume's contents (the container stopped, as anyone wiping it would)
-    sh([engine, "stop", "-t", "60", orthanc.container])
-    data_inode = os.stat(volume).st_ino
-    sh(["find", volume, "-mindepth", "1", "-delete"])
-    sh([engine, "start", orthanc.container])
-    orthanc.wait()
-    assert orthanc.rest("GET", "/statistics")["CountInstances"] == 0
-
-    result = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
-    assert result.returncode == 0, result.stdout
-    assert orthanc.contents() == stored
-    # the same container, the volume's own folder kept (its contents were moved aside beside it)
-    assert orthanc.inspect()["Id"] == container_id
-    assert os.stat(volume).st_ino == data_inode
-    aside = list(volume.parent.glob(volume.name + ".pre-restore-*"))
-    assert len(aside) == 1 and (aside[0] / "index").exists()  # the empty Orthanc's index, kept
-
-
-def compose_project(engine_tool: list, tmp_path: pathlib.Path) -> tuple:
-    """A compose project (network_mode host, a named volume) in the manner of orthanc-setup-samples."""
+def compose_project(engine_tool: list, tmp_path: pathlib.Path, host_network: bool = True) -> tuple:
+    """A compose project (a named volume) in the manner of orthanc-setup-samples: on the host's
+    network (`network_mode: host`), or on the project's own network (`<project>_default`, made
+    here beforehand with a /30 subnet: its one container address stays the same across stop,
+    start, `down` and `up`, so orthanc_url holds; podman-compose 1.0.3 uses a network that
+    exists)."""
     project = f"pacsct{os.urandom(3).hex()}"
     folder = tmp_path / project
     (folder / "etc").mkdir(parents=True)
@@ -116,7 +82,7 @@ def compose_project(engine_tool: list, tmp_path: pathlib.Path) -> tuple:
 services:
   orthanc:
     image: {IMAGE}
-    network_mode: host
+{"    network_mode: host" if host_network else ""}
     init: true
     entrypoint: ["/usr/bin/python3", "/entrypoint.py"]
     environment:
@@ -131,7 +97,17 @@ volumes:
   orthanc-db:
 """)
     base = engine_tool + ["-p", project, "-f", str(folder / "docker-compose.yml")]
-    return project, folder, base, Rest(port, name)
+    address = "127.0.0.1"
+    if not host_network:
+        for _attempt in range(20):
+            address = f"10.{secrets.randbelow(50) + 200}.{secrets.randbelow(256)}.2"
+            made = sh(["podman", "network", "create", "--subnet", address[:-1] + "0/30", f"{project}_default"],
+                      check=False)
+            if made.returncode == 0:
+                break
+        else:
+            pytest.fail(f"no free subnet for the project's network: {made.stdout}")
+    return project, folder, base, Rest(port, name, address)
 
 
 def test_compose_project_round_trip_onto_empty_volumes(tmp_path):
@@ -174,35 +150,68 @@ def test_compose_project_round_trip_onto_empty_volumes(tmp_path):
         sh(compose + ["down", "-v"], cwd=folder, check=False)
 
 
-def podman_compose_labels(project: str, folder: pathlib.Path) -> list:
-    """The labels podman-compose 1.0.3 puts on a service's container (its `--dry-run up` prints
-    them): the compose file relative to the working directory."""
-    labels = {"io.podman.compose.project": project, "com.docker.compose.project": project,
-              "com.docker.compose.project.working_dir": str(folder),
-              "com.docker.compose.project.config_files": "docker-compose.yml",
-              "com.docker.compose.container-number": "1", "com.docker.compose.service": "orthanc"}
-    return [arg for name, value in labels.items() for arg in ("--label", f"{name}={value}")]
+def test_podman_compose_project_round_trip(tmp_path):
+    """A real podman-compose (1.0.3) project, found by its compose file (podman-compose labels it
+    with the file relative to its working directory), the engine left to choose: back up; drill
+    the backup; empty the volume (the container stopped, as anyone wiping it would); restore in
+    place; every instance identical, the same container, the volume's own folder kept (its
+    contents moved aside beside it). podman-compose 1.0.3 cannot run a `network_mode: host`
+    service (it always adds `--net <project>_default`: "cannot set multiple networks without
+    bridge network mode"), and published ports are not forwarded here; the host reaches a
+    container on a podman bridge by its address, so the service stays on the project's own
+    network, made beforehand with a /30 subnet that holds exactly one container address (the
+    same across the backup's stop and start)."""
+    why = engine_ready("podman") or (None if shutil.which("podman-compose") else "podman-compose is not installed")
+    if why:
+        pytest.fail(why)
+    project, folder, compose, orthanc = compose_project(["podman-compose"], tmp_path, host_network=False)
+    compose_file = str(folder / "docker-compose.yml")
+    engine = "podman"
+    try:
+        sh(compose + ["up", "-d"], cwd=folder)
+        orthanc.wait()
+        orthanc.store(tmp_path, patients=2)
+        stored = orthanc.contents()
+        assert len(stored) == 6
+        container = f"{project}_orthanc_1"  # podman-compose's own naming
+        other = run_module("orthanc_info", {"compose_file": str(tmp_path / "elsewhere.yml"), "url": orthanc.url})
+        assert other["failed"] and "no compose file at" in other["msg"]
+        inventory = write_inventory(tmp_path / "inventory.json", {"c": host_vars(
+            orthanc.url, tmp_path, orthanc_compose_file=compose_file, orthanc_container_engine="auto")})
+        result = run_playbook(inventory)
+        assert result.returncode == 0, result.stdout
+        backup = (tmp_path / "backups" / "latest").resolve()
+        manifest = check_config_copy(backup, engine)
+        assert manifest["container"]["name"] == container
+        assert manifest["container"]["compose_project"] == project
+        assert manifest["container"]["compose_files"] == [compose_file]
+        assert (backup / "config" / "compose" / "docker-compose.yml").read_text() == pathlib.Path(compose_file).read_text()
+        assert (backup / "config" / "compose" / ".env").read_text().startswith("ORTHANC_HTTP=")
+        assert orthanc.answers()
+        # a drill of the backup: a scratch Orthanc (the host's) on the effective configuration
+        drill = run_module("orthanc_drill", {"backup": str(backup), "workdir": str(tmp_path / "drill")})
+        assert not drill["failed"] and drill["ok"] and drill["checked_instances"] == 6, drill
 
+        inspect = json.loads(sh([engine, "container", "inspect", container]).stdout)[0]
+        volume = pathlib.Path(next(m["Source"] for m in inspect["Mounts"] if m["Destination"] == "/var/lib/orthanc/db"))
+        sh([engine, "stop", "-t", "60", container])
+        data_inode = os.stat(volume).st_ino
+        sh(["find", volume, "-mindepth", "1", "-delete"])
+        sh([engine, "start", container])
+        orthanc.wait()
+        assert orthanc.rest("GET", "/statistics")["CountInstances"] == 0
 
-def test_podman_compose_service_found_by_its_compose_file(containers, tmp_path):
-    """podman-compose 1.0.3 cannot run `network_mode: host` services (it adds its own network
-    too: "cannot set multiple networks without bridge network mode"), and podman's bridge does not
-    forward here: the container is made with the labels podman-compose sets, and found through
-    orthanc_compose_file (its relative config_files label resolved against working_dir)."""
-    project = f"pacsct{os.urandom(3).hex()}"
-    folder = tmp_path / project
-    folder.mkdir()
-    (folder / "docker-compose.yml").write_text("services: {orthanc: {image: x}}\n")
-    (folder / ".env").write_text("A=1\n")
-    orthanc = containers("podman", extra=podman_compose_labels(project, folder))
-    info = run_module("orthanc_info", {"compose_file": str(folder / "docker-compose.yml"), "url": orthanc.url})
-    assert not info["failed"], info
-    assert info["container"]["name"] == orthanc.container and info["unsupported"] == []
-    assert info["container"]["compose_files"] == [str(folder / "docker-compose.yml")]
-    assert info["container"]["effective_config"] == "/tmp/orthanc.json"
-    assert info["storage_directory"] == str(orthanc.volume_dir())
-    other = run_module("orthanc_info", {"compose_file": str(tmp_path / "elsewhere.yml"), "url": orthanc.url})
-    assert other["failed"] and "no compose file at" in other["msg"]
+        result = run_playbook(inventory, playbook="restore.yml", extra_vars=CONFIRM)
+        assert result.returncode == 0, result.stdout
+        assert orthanc.contents() == stored
+        # the same container, the volume's own folder kept (its contents were moved aside beside it)
+        assert json.loads(sh([engine, "container", "inspect", container]).stdout)[0]["Id"] == inspect["Id"]
+        assert os.stat(volume).st_ino == data_inode
+        aside = list(volume.parent.glob(volume.name + ".pre-restore-*"))
+        assert len(aside) == 1 and (aside[0] / "index").exists()  # the empty Orthanc's index, kept
+    finally:
+        sh(compose + ["down", "-v"], cwd=folder, check=False)
+        sh(["podman", "network", "rm", "-f", f"{project}_default"], check=False)
 
 
 def test_storage_not_on_a_volume_is_refused(containers, tmp_path):
@@ -220,10 +229,89 @@ def test_storage_not_on_a_volume_is_refused(containers, tmp_path):
     assert not list((tmp_path / "backups").glob("2*")) if (tmp_path / "backups").exists() else True
 
 
-def test_container_runs_again_after_a_failure_while_stopped(containers, tmp_path):
-    """stopped_capture stops the container, fails (the index cannot be written), starts it again."""
+def without_engines(tmp_path: pathlib.Path) -> str:
+    """A PATH on which every program of this machine is found but docker and podman."""
+    farm = tmp_path / "bin-without-engines"
+    farm.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.scandir(folder):
+            if not entry.name.startswith(("docker", "podman")) and not (farm / entry.name).exists():
+                (farm / entry.name).symlink_to(entry.path)
+    return str(farm)
+
+
+def test_clear_messages_and_the_containers_left_as_they_were(containers, tmp_path, monkeypatch):
+    """Point 7 of the container issue, each a clear message naming the step and the cause, the
+    containers untouched (the running one not restarted, the stopped one not started): engine not
+    installed, engine not reachable, container not found, compose service not found, several
+    matches, not running, database container not found. (A path not on a volume, and the host and
+    step that a failed play names: test_storage_not_on_a_volume_is_refused.)"""
+    project = f"pacsct{os.urandom(3).hex()}"
+    labels = ["--label", f"com.docker.compose.project={project}", "--label", "com.docker.compose.service=orthanc"]
+    orthanc = containers("podman", extra=labels)
+    # a second container of the same service, created and never started (as `compose create` leaves it)
+    twin = f"{orthanc.container}-twin"
+    sh(["podman", "create", "--name", twin, *labels, IMAGE, "sleep", "infinity"])
+    try:
+        started = orthanc.inspect()["State"]["StartedAt"]
+
+        def info(**args) -> dict:
+            return run_module("orthanc_info", dict(args, url=orthanc.url))
+
+        several = info(compose_project=project, container_engine="podman")
+        assert several["failed"] and several["msg"].startswith(
+            f"find Orthanc's container: compose service 'orthanc' of project '{project}' matches 2 containers ("), several
+        assert orthanc.container in several["msg"] and twin in several["msg"]
+
+        stopped = info(container=twin, container_engine="podman")
+        assert stopped["failed"] and stopped["msg"].startswith(
+            f"read Orthanc's configuration in its container: podman container {twin} is not running ("), stopped
+
+        missing = info(container=f"{orthanc.container}-gone", container_engine="podman")
+        assert missing["failed"] and missing["msg"] == (
+            f"find Orthanc's container: container '{orthanc.container}-gone' not found by podman"), missing
+        no_service = info(compose_project=project, compose_service="web", container_engine="podman")
+        assert no_service["failed"] and no_service["msg"] == (
+            f"find Orthanc's container: compose service 'web' of project '{project}' not found by podman"), no_service
+
+        config = tmp_path / "pg.json"
+        config.write_text(json.dumps({"PostgreSQL": {"EnableIndex": True, "Host": "127.0.0.1", "Port": 5432,
+                                                     "Database": "x", "Username": "x", "Password": "x"}}))
+        no_db = run_module("db_dump", {"config_path": str(config), "container": "pacs-no-such-db",
+                                       "container_engine": "podman", "dest": str(tmp_path / "x.pgdump")})
+        assert no_db["failed"] and no_db["msg"] == (
+            "find the database container: container 'pacs-no-such-db' not found by podman"), no_db
+        assert not (tmp_path / "x.pgdump").exists()
+
+        with monkeypatch.context() as env:
+            env.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-daemon.sock")
+            unreachable = info(container=orthanc.container, container_engine="docker")
+        assert unreachable["failed"] and unreachable["msg"].startswith(
+            f"find Orthanc's container: docker is not reachable at unix://{tmp_path}/no-daemon.sock"), unreachable
+        with monkeypatch.context() as env:
+            env.setenv("PATH", without_engines(tmp_path))
+            not_installed = info(container=orthanc.container, container_engine="podman")
+        assert not_installed["failed"] and "podman is not installed on this host (no 'podman' on PATH)" \
+            in not_installed["msg"], not_installed
+
+        # left as they were: the running one never restarted, the created one never started
+        assert orthanc.running() and orthanc.answers()
+        assert orthanc.inspect()["State"]["StartedAt"] == started
+        assert json.loads(sh(["podman", "container", "inspect", twin]).stdout)[0]["State"]["Status"] == "created"
+    finally:
+        sh(["podman", "rm", "-f", "-t", "0", twin], check=False)
+
+
+def test_container_runs_again_after_a_failure_or_a_kill_while_stopped(containers, tmp_path):
+    """stopped_capture stops the container, fails (the index cannot be written) and starts it
+    again. Then SIGKILL to ansible-playbook and every process of its run (the module that stopped
+    the container included) while the container is stopped: the detached guardian, given the
+    engine and the container, starts that container again without anyone's help, says so, and
+    nothing looks like a complete backup."""
     orthanc = containers("podman")
-    orthanc.store(tmp_path, patients=1, instances=1)
+    orthanc.store(tmp_path, patients=2)
     volume = orthanc.volume_dir()
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
@@ -237,40 +325,15 @@ def test_container_runs_again_after_a_failure_while_stopped(containers, tmp_path
     assert orthanc.running() and orthanc.answers()
     assert orthanc.inspect()["State"]["StartedAt"] != before  # it was stopped and started
 
-
-def test_clear_messages_for_what_cannot_be_found():
-    why = engine_ready("podman")
-    if why:
-        pytest.fail(why)
-    missing = run_module("orthanc_info", {"compose_project": "pacs-no-such-project", "container_engine": "podman"})
-    assert missing["failed"]
-    assert missing["msg"] == ("find Orthanc's container: compose service 'orthanc' of project "
-                              "'pacs-no-such-project' not found by podman")
-    engine = run_module("orthanc_info", {"container": "x", "container_engine": "docker"},)
-    assert engine["failed"] and "docker" in engine["msg"]
-
-
-GUARDED_STOP = r"""
-import os, signal, sys
-sys.path.insert(0, sys.argv[1])
-from ansible_collections.pacs.orthanc.plugins.module_utils import _control
-controller = _control.Controller(sys.argv[2], container=sys.argv[3], container_engine=sys.argv[4])
-_control.Guardian(controller, timeout=120).start()
-controller.stop(timeout=60)
-os.kill(os.getpid(), signal.SIGKILL)  # dies while Orthanc's container is stopped
-"""
-
-
-def test_guardian_starts_the_container_after_the_stopper_is_killed(containers, tmp_path):
-    """The process that stopped the container dies (SIGKILL) before it could start it again: the
-    guardian (given the engine's environment) starts that container, without anyone's help."""
-    orthanc = containers("podman")
-    collections = link_collection()
-    proc = subprocess.run([sys.executable, "-c", GUARDED_STOP, str(collections), orthanc.url, orthanc.container,
-                           "podman"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout
-    deadline = time.monotonic() + 60
-    while not (orthanc.running() and orthanc.answers()):
-        assert time.monotonic() < deadline, "the guardian did not start the container again"
-        time.sleep(0.5)
+    root = tmp_path / "backups"
+    inventory = write_inventory(tmp_path / "inventory.json", {"c": host_vars(
+        orthanc.url, tmp_path, orthanc_container=orthanc.container, orthanc_container_engine="podman")})
+    started = orthanc.inspect()["State"]["StartedAt"]
+    output = interrupt_during_downtime(inventory, orthanc, "kill")
+    assert wait_for(lambda: orthanc.running() and orthanc.answers(), timeout=90), output
+    assert orthanc.inspect()["State"]["StartedAt"] != started  # stopped by the play, started by the guardian
+    assert orthanc.rest("GET", "/statistics")["CountInstances"] == 6
+    report = _control.guardian_marker(orthanc.url) + ".guardian"
+    assert wait_for(lambda: os.path.exists(report), timeout=60), output
+    assert json.loads(pathlib.Path(report).read_text())["result"] == "Orthanc answers"
+    assert checks.complete_backups(root) == []

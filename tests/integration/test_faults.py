@@ -13,11 +13,11 @@ import re
 import shutil
 import signal
 import stat
-import time
 
 import pytest
 
 from tests.support import checks, procs
+from tests.support.interrupt import interrupt_during_downtime, wait_for
 from tests.support.playbook import local_host, run_playbook, write_inventory
 from tests.integration.test_backup_failures import assert_failed_cleanly, earlier_backups, fingerprint, good_backup
 from ansible_collections.pacs.orthanc.plugins.module_utils import _lock, _verify
@@ -34,47 +34,6 @@ def one_host(servers, tmp_path, name="pacs", **extra):
     inventory = write_inventory(tmp_path / "inventory.json", {
         name: local_host(server, root, orthanc_backup_settle_seconds=0, **extra)})
     return server, root, inventory
-
-
-def wait_for(predicate, timeout=30.0, step=0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
-
-
-def interrupt_during_downtime(inventory, server, how):
-    """Start the backup, wait until Orthanc is really down inside the stop window, then
-    interrupt: 'sigint' (Ctrl-C on ansible-playbook) or 'kill' (SIGKILL to ansible-playbook and
-    every process of its session, the module included)."""
-    proc = run_playbook(inventory, popen=True, pipelining=False)  # the module's name shows in ps
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "Stop Orthanc, capture the index" in line:
-            break
-    assert wait_for(lambda: not server.answers(), timeout=30, step=0.02), "".join(lines)
-    if how == "sigint":
-        proc.send_signal(signal.SIGINT)
-    else:
-        # everything of the run dies at once, the module that stopped Orthanc included (Ansible's
-        # workers have sessions of their own, so this goes by process tree, which includes the
-        # play's process group); only the guardian and the lock's keeper, which the modules
-        # detached for this very case, are spared
-        victims = [pid for pid in procs.descendants(proc.pid)
-                   if "pacs-orthanc-guardian" not in procs.cmdline(pid)
-                   and _lock.KEEPER_TAG not in procs.cmdline(pid)] + [proc.pid]
-        assert any("AnsiballZ_stopped_capture" in procs.cmdline(pid) for pid in victims)
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    out = proc.stdout.read()
-    proc.wait(timeout=120)
-    return "".join(lines) + out
 
 
 @pytest.mark.parametrize("how", ["sigint", "kill"])
