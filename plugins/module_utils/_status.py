@@ -193,6 +193,8 @@ def set_progress(path: str, progress: dict, textfile: str | None = None) -> None
     write_json_atomic(path, status, mode=0o644)
     if textfile:
         write_text_atomic(textfile, prom_text(status), 0o644)
+
+
 def age_hours(text, now) -> float | None:
     moment = _parse_iso(text)
     return round((now - moment).total_seconds() / 3600, 2) if moment else None

@@ -361,7 +361,7 @@ def test_point_restore_from_offsite_after_the_local_backups_are_gone(servers, tm
     server = servers("offi")
     checks.store_studies(server, tmp_path, patients=2, via="rest", instances=2, pixel_bytes=20_000)
     root, repo, staging = tmp_path / "backups", tmp_path / "repo", tmp_path / "staging"
-    secret, _ = password_file(tmp_path)
+    secret = password_file(tmp_path)[0]
     inventory = write_inventory(tmp_path / "inventory.json", {"offi": local_host(
         server, root, orthanc_offsite="restic", orthanc_restic_repository=str(repo), orthanc_restic_password=secret,
         orthanc_restic_init=True, orthanc_restore_staging_dir=str(staging),
