@@ -232,10 +232,14 @@ def test_restore_from_the_backup_server(servers, ssh_server, tmp_path):
     study = server.rest("GET", "/studies?expand")[0]
     server.rest("DELETE", f"/studies/{study['ID']}")
     assert len(before) - server.statistics()["CountInstances"] == 2
-    items = run_playbook(inventory, playbook="restore_items.yml", limit="retour", extra_vars={
-        "orthanc_restore_source": "server", "orthanc_restore_staging_dir": str(staging),
-        "orthanc_restore_items_workdir": str(tmp_path / "scratch"),
-        "orthanc_restore_study_uids": [study["MainDicomTags"]["StudyInstanceUID"]]})
+    items_vars = {"orthanc_restore_source": "server", "orthanc_restore_staging_dir": str(staging),
+                  "orthanc_restore_items_workdir": str(tmp_path / "scratch"),
+                  "orthanc_restore_study_uids": [study["MainDicomTags"]["StudyInstanceUID"]]}
+    listed = run_playbook(inventory, playbook="restore_items.yml", limit="retour", extra_vars=items_vars, check=True)
+    assert listed.returncode == 0, listed.stdout  # check mode fetches too, to list from the backup
+    assert re.search(rf"retour: would restore 2 of 2 instances from {staging}/retour/\d{{8}}T", listed.stdout), listed.stdout
+    assert server.statistics()["CountInstances"] == len(before) - 2 and not list((staging / "retour").iterdir())
+    items = run_playbook(inventory, playbook="restore_items.yml", limit="retour", extra_vars=items_vars)
     assert items.returncode == 0, items.stdout
     assert re.search(rf"retour: restored 2 of 2 instances from {staging}/retour/\d{{8}}T\d{{6}}", items.stdout), items.stdout
     assert {i: server.instance_md5(i) for i in server.instances()} == before
