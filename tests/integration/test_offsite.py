@@ -353,6 +353,47 @@ def test_restore_from_offsite_after_everything_local_is_wiped(servers, tmp_path)
     assert server.statistics()["CountInstances"] == len(stored) + 1
 
 
+def test_point_restore_from_offsite_after_the_local_backups_are_gone(servers, tmp_path):
+    """restore_items with orthanc_restore_source=offsite (issue 16): a backup shipped off site, the
+    local backups removed, a study deleted from production; check mode lists it from a fetched
+    copy, the run puts it back by StudyInstanceUID with the MD5s over REST of before, the fetched
+    copy is gone each time, and the repository's password is in no process's arguments."""
+    server = servers("offi")
+    checks.store_studies(server, tmp_path, patients=2, via="rest", instances=2, pixel_bytes=20_000)
+    root, repo, staging = tmp_path / "backups", tmp_path / "repo", tmp_path / "staging"
+    secret = password_file(tmp_path)[0]
+    inventory = write_inventory(tmp_path / "inventory.json", {"offi": local_host(
+        server, root, orthanc_offsite="restic", orthanc_restic_repository=str(repo), orthanc_restic_password=secret,
+        orthanc_restic_init=True, orthanc_restore_staging_dir=str(staging),
+        orthanc_restore_items_workdir=str(tmp_path / "scratch"))})
+    assert run_playbook(inventory).returncode == 0
+    name = (root / "latest").resolve().name
+    shutil.rmtree(root)
+    before = {i: server.instance_md5(i) for i in server.instances()}
+    study = server.rest("GET", "/studies?expand")[0]
+    lost = {i["ID"] for i in server.rest("GET", f"/studies/{study['ID']}/instances")}
+    server.rest("DELETE", f"/studies/{study['ID']}")
+    after_loss = {i: server.instance_md5(i) for i in server.instances()}
+    assert set(before) - set(after_loss) == lost and len(lost) == 2
+    selection = {"orthanc_restore_source": "offsite",
+                 "orthanc_restore_study_uids": [study["MainDicomTags"]["StudyInstanceUID"]]}
+
+    listed = run_playbook(inventory, playbook="restore_items.yml", extra_vars=selection, check=True)
+    assert listed.returncode == 0, listed.stdout
+    assert f"offi: would restore 2 of 2 instances from {staging / 'offi' / name}" in listed.stdout
+    assert {i: server.instance_md5(i) for i in server.instances()} == after_loss
+    assert not list((staging / "offi").iterdir())  # the copy fetched to list it is gone
+    with procs.SecretWatch(secret, {"restic"}) as watch:
+        restored = run_playbook(inventory, playbook="restore_items.yml", extra_vars=selection, verbosity=3)
+    assert restored.returncode == 0, restored.stdout
+    assert watch.seen and not watch.leaks, watch.leaks
+    assert secret not in restored.stdout and not leftover_password_files(secret)
+    assert f"offi: restored 2 of 2 instances from {staging / 'offi' / name} (2 with the MD5 of the backup)" \
+        in restored.stdout
+    assert {i: server.instance_md5(i) for i in server.instances()} == before  # byte for byte; the rest untouched
+    assert not list((staging / "offi").iterdir()) and not root.exists()
+
+
 @contextlib.contextmanager
 def ping_server():
     """A tiny healthchecks-like HTTP server on loopback; yields (base URL, the calls it got)."""

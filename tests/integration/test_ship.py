@@ -200,7 +200,9 @@ def test_failed_transfers_leave_nothing_complete(servers, ssh_server, tmp_path):
 def test_restore_from_the_backup_server(servers, ssh_server, tmp_path):
     """orthanc_restore_source: server pulls the host's newest backup back over SSH into a private
     staging folder and restores it (verified first), after Orthanc's data and every local backup
-    were wiped; a timestamp that the server does not hold is refused before anything is touched."""
+    were wiped; a timestamp that the server does not hold is refused before anything is touched.
+    Then a point restore (restore_items) from the server: a study deleted from production comes back
+    with the MD5s over REST of before, through the same fetch, whose copy is removed."""
     server = servers("retour")
     checks.store_studies(server, tmp_path, patients=2, via="cstore", instances=2, pixel_bytes=50_000)
     local_root, server_root, staging = tmp_path / "backups", tmp_path / "server", tmp_path / "staging"
@@ -224,3 +226,21 @@ def test_restore_from_the_backup_server(servers, ssh_server, tmp_path):
     assert {server.instance_sop_uid(i): server.instance_file(i) for i in server.instances()} == stored
     assert not list((staging / "retour").iterdir())  # the fetched copy is removed
     assert (staging / "retour").stat().st_mode & 0o777 == 0o700
+
+    # point restore from the backup server (issue 16): the same fetch, then restore_items
+    before = {i: server.instance_md5(i) for i in server.instances()}
+    study = server.rest("GET", "/studies?expand")[0]
+    server.rest("DELETE", f"/studies/{study['ID']}")
+    assert len(before) - server.statistics()["CountInstances"] == 2
+    items_vars = {"orthanc_restore_source": "server", "orthanc_restore_staging_dir": str(staging),
+                  "orthanc_restore_items_workdir": str(tmp_path / "scratch"),
+                  "orthanc_restore_study_uids": [study["MainDicomTags"]["StudyInstanceUID"]]}
+    listed = run_playbook(inventory, playbook="restore_items.yml", limit="retour", extra_vars=items_vars, check=True)
+    assert listed.returncode == 0, listed.stdout  # check mode fetches too, to list from the backup
+    assert re.search(rf"retour: would restore 2 of 2 instances from {staging}/retour/\d{{8}}T", listed.stdout), listed.stdout
+    assert server.statistics()["CountInstances"] == len(before) - 2 and not list((staging / "retour").iterdir())
+    items = run_playbook(inventory, playbook="restore_items.yml", limit="retour", extra_vars=items_vars)
+    assert items.returncode == 0, items.stdout
+    assert re.search(rf"retour: restored 2 of 2 instances from {staging}/retour/\d{{8}}T\d{{6}}", items.stdout), items.stdout
+    assert {i: server.instance_md5(i) for i in server.instances()} == before
+    assert not list((staging / "retour").iterdir())
