@@ -195,9 +195,14 @@ def set_progress(path: str, progress: dict, textfile: str | None = None) -> None
         write_text_atomic(textfile, prom_text(status), 0o644)
 
 
-def age_hours(text, now) -> float | None:
+def age_hours(text, now, digits: int | None = 2) -> float | None:
+    """Hours from ``text`` (a time as ``iso`` writes it) to ``now``, rounded to ``digits`` (None:
+    exact, for comparing with a threshold)."""
     moment = _parse_iso(text)
-    return round((now - moment).total_seconds() / 3600, 2) if moment else None
+    if not moment:
+        return None
+    hours = (now - moment).total_seconds() / 3600
+    return hours if digits is None else round(hours, digits)
 
 
 def freshness(now, max_age_hours: float, backup_time=None, ship_time=None, offsite_time=None,
@@ -216,7 +221,7 @@ def freshness(now, max_age_hours: float, backup_time=None, ship_time=None, offsi
         ages[key] = {"time": moment, "age_hours": age}
         if age is None:
             stale.append(f"no {words}")
-        elif age > max_age_hours:
+        elif age_hours(moment, now, None) > max_age_hours:  # exact: a rounded age could hide a small excess
             stale.append(f"{words} {age:g} h old")
     return {"fresh": not stale, "stale": stale, "ages": ages}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: orthanc_reconcile
 short_description: After a restore, find what the modalities hold and Orthanc lacks, and pull it back
-version_added: 0.2.0
+version_added: 0.3.0
 description:
   - Asks each DICOM modality configured in Orthanc (C(DicomModalities); O(modalities) to choose)
     for its studies since a date, with a C-FIND at study level through Orthanc's REST API

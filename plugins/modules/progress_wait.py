@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: progress_wait
 short_description: Wait for the next progress report of a long step running with async
-version_added: 0.4.0
+version_added: 0.3.0
 description:
   - A long step (hot pass, verification, restore copy, shipping, off-site upload, dump, drill) runs
     with C(async) and C(poll=0) and writes its progress into O(path) (the module option C(progress)).

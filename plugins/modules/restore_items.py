@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: restore_items
 short_description: Put selected patients, studies or series of a backup back into a running Orthanc
-version_added: 0.2.0
+version_added: 0.3.0
 description:
   - Serves the backup from a scratch Orthanc beside production, as M(pacs.orthanc.orthanc_drill) does
     (its own folder under O(workdir), a free loopback port, a random user, no DICOM server, no
