@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _container, _layout, _lock, _record, _sqlite, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, copy_tree_as_is, iso, os_error_cause, owner_of, sha256_file, utc_now)
+    PacsError, Ticker, copy_tree_as_is, iso, os_error_cause, owner_of, sha256_file, utc_now)
 
 __metaclass__ = type
 
@@ -46,8 +45,7 @@ class Heartbeat:
         self.lock_path = None
         self.name = None
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread = None
+        self._ticker = Ticker(self.beat)
         self._step = None
         current = os.path.abspath(path or "/")
         while current != os.path.dirname(current):
@@ -66,22 +64,15 @@ class Heartbeat:
         except OSError:
             pass
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.beat()
-
     def __enter__(self):
         if self.lock_path:
             self._step = _lock.register_step(self.lock_path, self.name)
             self.beat()
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
+            self._ticker.start(self.interval)
         return self
 
     def __exit__(self, *exc):
-        if self._thread:
-            self._stop.set()
-            self._thread.join()
+        if self._ticker.stop():
             self.beat()
             _lock.unregister_step(self._step)
         return False

@@ -15,6 +15,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
 import traceback
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
@@ -271,6 +272,32 @@ def copy_tree_as_is(src: str, dest: str) -> list:
 # RESTIC_PASSWORD, AWS_SECRET_ACCESS_KEY, ...). Matched on the name: masking every value of the
 # option would also mask paths and short values such as "1" wherever they appear in a result.
 SECRET_NAME_PARTS = ("PASS", "PWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL", "AUTH")
+
+
+class Ticker:
+    """Calls ``tick()`` every ``period`` seconds from a daemon thread between ``start()`` and
+    ``stop()``: the background part of a heartbeat or of a progress reader."""
+
+    def __init__(self, tick):
+        self.tick = tick
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self, period: float) -> None:
+        def run():
+            while not self._stop.wait(period):
+                self.tick()
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> bool:
+        """Stops the thread and waits for it; whether it had been started."""
+        if self._thread is None:
+            return False
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        return True
 
 
 def hide_secret_environment(module) -> None:

@@ -20,11 +20,10 @@ the line marks with ``~`` and which grows when the work passes it."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _status
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import iso, utc_now, write_json_atomic
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import Ticker, iso, utc_now, write_json_atomic
 
 __metaclass__ = type
 
@@ -240,33 +239,29 @@ def size_of(path: str) -> int:
     return total
 
 
+def reading_period(progress) -> float:
+    """How often a thread reads the progress of a tool: four times a report, 0.2 to 2 s."""
+    return max(0.2, min(2.0, progress.interval / 4))
+
+
 class Watch:
     """While a tool writes ``paths`` (a dump file or folder, and the name it gets at the end, say)
     and this process waits for it, a thread reads their size as the bytes done."""
 
     def __init__(self, progress: Progress | None, *paths: str):
         self.progress, self.paths = progress, paths
-        self._stop = threading.Event()
-        self._thread = None
+        self._ticker = Ticker(self._measure)
 
     def _measure(self) -> None:
         self.progress.set(nbytes=sum(size_of(path) for path in self.paths))
 
-    def _run(self) -> None:
-        period = max(0.2, min(2.0, self.progress.interval / 4))
-        while not self._stop.wait(period):
-            self._measure()
-
     def __enter__(self):
         if self.progress is not None and (self.progress.path or self.progress.status_file):
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
+            self._ticker.start(reading_period(self.progress))
         return self
 
     def __exit__(self, *exc):
-        if self._thread:
-            self._stop.set()
-            self._thread.join()
+        self._ticker.stop()
         if self.progress is not None:
             self._measure()
         return False

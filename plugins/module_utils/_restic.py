@@ -21,13 +21,12 @@ import json
 import os
 import re
 import tempfile
-import threading
 import time
 import urllib.parse
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _progress
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, Program, iso, os_error_cause, run_command, utc_now)
+    PacsError, Program, Ticker, iso, os_error_cause, run_command, utc_now)
 
 __metaclass__ = type
 
@@ -243,8 +242,7 @@ class _StatusLines:
     def __init__(self, out, progress):
         self.out, self.progress = out, progress
         self.offset, self.rest = 0, b""
-        self._stop = threading.Event()
-        self._thread = None
+        self._ticker = Ticker(self.read)
 
     def read(self) -> None:
         chunk = os.pread(self.out.fileno(), 1 << 20, self.offset)  # leaves the shared offset alone
@@ -263,20 +261,13 @@ class _StatusLines:
                                   files_total=status.get("total_files"), bytes_total=status.get("total_bytes"))
                 break
 
-    def _run(self) -> None:
-        while not self._stop.wait(max(0.2, min(2.0, self.progress.interval / 4))):
-            self.read()
-
     def __enter__(self):
         if self.progress is not None:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
+            self._ticker.start(_progress.reading_period(self.progress))
         return self
 
     def __exit__(self, *exc):
-        if self._thread:
-            self._stop.set()
-            self._thread.join()
+        if self._ticker.stop():
             self.read()
         return False
 
