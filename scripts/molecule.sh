@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-READY=(sqlite postgresql mysql)
+READY=(sqlite databases)
 ANSIBLE_PACKAGE=ansible==12.3.0        # its containers.podman supports ansible-core 2.19
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${READY[@]}")
