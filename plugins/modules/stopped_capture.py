@@ -259,7 +259,8 @@ def _window_record(delta: dict) -> dict:
     (``reason``), the change position, and the files placed only after the start (``late_files``)."""
     plan = delta.get("window_pass") or {}
     return {"mode": plan.get("mode"), "reason": plan.get("reason"), "change_position": plan.get("change_position"),
-            "changes": plan.get("changes"), "late_files": delta.get("late_files", 0)}
+            "changes": plan.get("changes"), "fetched_files": delta.get("fetched_files"),
+            "late_files": delta.get("late_files", 0)}
 
 
 def main():
