@@ -24,6 +24,11 @@ description:
     C(always) block starts it only when this process could not (killed, for instance).
   - The downtime is measured here, from the stop command to the first answer of the REST API,
     with the time of each phase.
+  - The storage delta inside the window examines only what Orthanc's change log names since the hot
+    pass began (recorded by M(pacs.orthanc.storage_copy)'s hot phase), so its work follows what
+    changed, not the archive; it compares every attachment when that position cannot be trusted, and
+    always once Orthanc runs again, as a safety net. RV(delta.window_pass) and the manifest's
+    C(window_pass) say which way it ran.
 extends_documentation_fragment:
   - pacs.orthanc.rest
   - pacs.orthanc.capture
@@ -114,9 +119,19 @@ capture:
   returned: success
   sample: {"path": "/var/backups/orthanc/20261129T070000Z.incomplete/index/index", "index_capture": "reflink"}
 delta:
-  description: The delta pass, as M(pacs.orthanc.storage_copy) returns it.
+  description:
+    - The delta pass, as M(pacs.orthanc.storage_copy) returns it, and C(window_pass), how the window
+      examined the storage. C(mode) C(changes), only the attachments of the resources that Orthanc's
+      change log names since the hot pass's C(change_position) (C(changes) entries) and the files the hot
+      pass left; C(full), every attachment of the index, because the position could not be trusted
+      (C(reason)).
+    - With C(changes), once Orthanc runs again every attachment is compared as a safety net, and
+      C(late_files) counts the files placed then (Orthanc logs no change for some attachments it adds
+      itself), C(late_examples) names a few.
   type: dict
   returned: success
+  sample: {"fetched_files": 4, "late_files": 0, "window_pass": {"mode": "changes", "reason": null,
+           "change_position": 1821, "changes": 9}}
 """
 
 import signal
