@@ -88,9 +88,11 @@ def peak_rss_mib() -> float:
 
 
 def add_files(storage: Path, index: Path, count: int, rng: random.Random, age: float, keep: bool = True,
-              md5: bool = False) -> list:
+              md5: bool = False, placed=None) -> list:
     """Write ``count`` files of 100-400 bytes and their rows; returns their uuids (``keep``).
-    ``md5``: record each file's MD5 in the index, as Orthanc does (for verification)."""
+    ``md5``: record each file's MD5 in the index, as Orthanc does (for verification).
+    ``placed``: write no file, but call ``placed([(uuid, size), ...])`` for each batch of rows
+    (``--state-only``: what the hot pass would have recorded)."""
     conn = sqlite3.connect(index, isolation_level=None)
     conn.execute("PRAGMA synchronous = OFF")
     next_id = conn.execute("SELECT COALESCE(MAX(internalId), 0) + 1 FROM Resources").fetchone()[0]
@@ -100,14 +102,15 @@ def add_files(storage: Path, index: Path, count: int, rng: random.Random, age: f
     for number in range(count):
         name = str(uuidlib.UUID(int=rng.getrandbits(128), version=4))
         size = rng.randint(100, 400)
-        folder = storage / name[0:2] / name[2:4]
-        if name[0:4] not in made:
-            folder.mkdir(parents=True, exist_ok=True)
-            made.add(name[0:4])
-        path = folder / name
-        data = os.urandom(size)
-        path.write_bytes(data)
-        os.utime(path, (stamp, stamp))
+        data = os.urandom(size) if placed is None or md5 else b""
+        if placed is None:
+            folder = storage / name[0:2] / name[2:4]
+            if name[0:4] not in made:
+                folder.mkdir(parents=True, exist_ok=True)
+                made.add(name[0:4])
+            path = folder / name
+            path.write_bytes(data)
+            os.utime(path, (stamp, stamp))
         rid = next_id + number
         digest = hashlib.md5(data).hexdigest() if md5 else ""
         rows.append((rid, INSTANCE, f"{rid:08x}-bench", None))
@@ -116,10 +119,14 @@ def add_files(storage: Path, index: Path, count: int, rng: random.Random, age: f
         if keep:
             uuids.append(name)
         if len(rows) >= 20000:
+            if placed is not None:
+                placed([(f[2], f[3]) for f in files])
             conn.executemany("INSERT INTO Resources VALUES (?,?,?,?)", rows)
             conn.executemany("INSERT INTO AttachedFiles VALUES (?,?,?,?,?,?,?,?)", files)
             conn.executemany(CHANGE, changes)
             rows, files, changes = [], [], []
+    if placed is not None:
+        placed([(f[2], f[3]) for f in files])
     conn.executemany("INSERT INTO Resources VALUES (?,?,?,?)", rows)
     conn.executemany("INSERT INTO AttachedFiles VALUES (?,?,?,?,?,?,?,?)", files)
     conn.executemany(CHANGE, changes)
@@ -223,7 +230,19 @@ def remove_added(work: Path, added: list) -> None:
                 pass
 
 
-def bench(n: int, root: Path, percents: list, codes: list) -> list:
+def fill_state(work: Path, n: int, rng: random.Random) -> None:
+    """--state-only: the index's rows for N files that are not written, and the state the hot pass
+    would have left for them (written by this checkout's State, as the hot pass writes it: placed
+    by hard link, and the change position before the walk)."""
+    from ansible_collections.pacs.orthanc.plugins.module_utils import _storage  # noqa: E402
+    (work / "backup-new" / "storage").mkdir(parents=True)
+    with _storage.State(str(work / "state-new")) as state:
+        add_files(work / "live", work / "index", n, rng, age=3600, keep=False,
+                  placed=lambda pairs: state.put([(u, size, _storage.ORIGIN_LINK) for u, size in pairs]))
+        state.set_change_position(change_position(work / "index"))
+
+
+def bench(n: int, root: Path, percents: list, codes: list, state_only: bool = False) -> list:
     work = root / f"n{n}"
     shutil.rmtree(work, ignore_errors=True)
     (work / "live").mkdir(parents=True)
@@ -232,8 +251,13 @@ def bench(n: int, root: Path, percents: list, codes: list) -> list:
     conn.close()
     rng = random.Random(n)
     t0 = time.monotonic()
-    log(f"N={n}: writing the files and the index")
-    add_files(work / "live", work / "index", n, rng, age=3600, keep=False)
+    if state_only:
+        codes = [code for code in codes if code != "old"]
+        log(f"N={n}: writing the index and the state (--state-only: no archived file is written)")
+        fill_state(work, n, rng)
+    else:
+        log(f"N={n}: writing the files and the index")
+        add_files(work / "live", work / "index", n, rng, age=3600, keep=False)
     log(f"  built in {time.monotonic() - t0:.0f} s; index {(work / 'index').stat().st_size / 2 ** 20:.0f} MiB")
     rows = []
     t0 = time.monotonic()
@@ -241,6 +265,10 @@ def bench(n: int, root: Path, percents: list, codes: list) -> list:
     rows.append((n, "copy of the index (in the window either way)", "", time.monotonic() - t0, None, None))
     os.unlink(work / "index.copy")
     for state in sorted({state_of(code) for code in codes}, reverse=True):
+        if state_only:
+            shutil.copyfile(work / f"state-{state}", work / f"state-{state}.hot")
+            rows.append((n, "hot pass: not run (--state-only, its state written directly)", "", 0.0, None, None))
+            continue
         log(f"  hot pass ({state})")
         hot = run_step(work, "old" if state == "old" else "full", "hot")
         shutil.copyfile(work / f"state-{state}", work / f"state-{state}.hot")
@@ -268,6 +296,9 @@ def main() -> None:
     parser.add_argument("--percent", type=float, nargs="+", default=[0.1, 1.0],
                         help="new files after the hot pass, in percent of N (cumulative, ascending)")
     parser.add_argument("--old", action="store_true", help=f"also time _storage of {OLD_COMMIT} (dicts)")
+    parser.add_argument("--state-only", action="store_true",
+                        help="write no archived file: fill the index and the hot pass's state directly (the window "
+                             "reads neither the archived files nor the tree; the new files are real)")
     parser.add_argument("--workdir", default="/var/tmp/stop-window")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--code", help=argparse.SUPPRESS)
@@ -287,7 +318,8 @@ def main() -> None:
         base = baseline_rss(root)
         rows = []
         for n in args.files:
-            rows += bench(n, root, sorted(args.percent), (["old"] if args.old else []) + ["full", "changes"])
+            rows += bench(n, root, sorted(args.percent), (["old"] if args.old else []) + ["full", "changes"],
+                          args.state_only)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at the end: "
