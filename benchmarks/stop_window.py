@@ -201,7 +201,8 @@ def step(args) -> dict:
                     raise RuntimeError(f"the window missed files that its changes named: {late}")
             result.update(delta.tidy())
             out["after_start_seconds"] = time.monotonic() - t1
-        out.update(fetched=result["fetched_files"], removed=result["removed_files"], files=result["files"])
+        out.update(fetched=result["fetched_files"], removed=result["removed_files"], files=result["files"],
+                   compare_seconds=result["compare_seconds"])
     out.setdefault("seconds", time.monotonic() - t0)
     out["rss_mib"] = peak_rss_mib()
     return out
@@ -262,18 +263,18 @@ def bench(n: int, root: Path, percents: list, codes: list, state_only: bool = Fa
     rows = []
     t0 = time.monotonic()
     shutil.copyfile(work / "index", work / "index.copy")  # what the window does anyway, for scale
-    rows.append((n, "copy of the index (in the window either way)", "", time.monotonic() - t0, None, None))
+    rows.append((n, "copy of the index (in the window either way)", "", time.monotonic() - t0, None, None, None))
     os.unlink(work / "index.copy")
     for state in sorted({state_of(code) for code in codes}, reverse=True):
         if state_only:
             shutil.copyfile(work / f"state-{state}", work / f"state-{state}.hot")
-            rows.append((n, "hot pass: not run (--state-only, its state written directly)", "", 0.0, None, None))
+            rows.append((n, "hot pass: not run (--state-only, its state written directly)", "", 0.0, None, None, None))
             continue
         log(f"  hot pass ({state})")
         hot = run_step(work, "old" if state == "old" else "full", "hot")
         shutil.copyfile(work / f"state-{state}", work / f"state-{state}.hot")
         rows.append((n, "hot pass (Orthanc runs)", "old" if state == "old" else "full, changes",
-                     hot["seconds"], None, hot["rss_mib"]))
+                     hot["seconds"], None, hot["rss_mib"], None))
     added: list = []
     for percent in percents:
         added += add_files(work / "live", work / "index", int(n * percent / 100) - len(added), rng, age=60)
@@ -285,7 +286,7 @@ def bench(n: int, root: Path, percents: list, codes: list, state_only: bool = Fa
             if got["fetched"] != len(added) or got["files"] != n + len(added):
                 raise RuntimeError(f"{code} fetched {got['fetched']} of {len(added)} new files: {got}")
             rows.append((n, f"stop window, {percent}% new", code, got["seconds"], got.get("after_start_seconds"),
-                         got["rss_mib"]))
+                         got["rss_mib"], got.get("compare_seconds")))
     shutil.rmtree(work)
     return rows
 
@@ -325,12 +326,13 @@ def main() -> None:
     print(f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at the end: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
           f"a child that only imports peaks at {base:.0f} MiB RSS")
-    print("| files | step | code | seconds | after start (s) | peak RSS (MiB) |")
-    print("|---:|---|---|---:|---:|---:|")
-    for n, name, code, seconds, after, rss in rows:
+    print("| files | step | code | seconds | of which finding the candidates | after start (s) | peak RSS (MiB) |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for n, name, code, seconds, after, rss, compare in rows:
         after_text = f"{after:.2f}" if after is not None else ""
         rss_text = f"{rss:.0f}" if rss is not None else ""
-        print(f"| {n:,} | {name} | {code} | {seconds:.2f} | {after_text} | {rss_text} |")
+        compare_text = f"{compare:.3f}" if compare is not None else ""
+        print(f"| {n:,} | {name} | {code} | {seconds:.2f} | {compare_text} | {after_text} | {rss_text} |")
 
 
 if __name__ == "__main__":

@@ -689,8 +689,10 @@ class Delta:
         ``fetch()`` again once Orthanc runs (the safety net: what the change log did not name)."""
         placer = Placer(self.source, self.dest, self.previous, self.link_source, self.workers, self.check_mode)
         missing, missing_live, placed_rows, unlisted = [], [], [], set()
+        began = time.monotonic()
         candidates = (self.state.differences() if changes_since is None
                       else self.state.changed_since(changes_since))
+        compared = time.monotonic() - began
         try:
             for uuid, size, known_size in candidates:
                 if size is None:  # skipped by the hot pass: the index is not searched for it
@@ -726,6 +728,7 @@ class Delta:
         if missing_out is not None:
             missing_out.extend(missing)
         return {"phase": "delta", "fetched_files": len(placed_rows) - len(vanished),
+                "compare_seconds": round(compared, 3),  # finding the candidates, before placing them
                 "fetched_examples": list(itertools.islice((r[0] for r in placed_rows if r[0] not in vanished), 10)),
                 "missing_files": len(missing), "missing_examples": missing[:10],
                 # listed by the index, gone live, kept from the previous backup

@@ -27,7 +27,7 @@ description:
   - The storage delta inside the window examines only what Orthanc's change log names since the hot
     pass began (recorded by M(pacs.orthanc.storage_copy)'s hot phase), so its work follows what
     changed, not the archive; it compares every attachment when that position cannot be trusted, and
-    always once Orthanc runs again, as a safety net. RV(delta.window_pass) and the manifest's
+    always once Orthanc runs again, as a safety net. RV(delta) (its C(window_pass)) and the manifest's
     C(window_pass) say which way it ran.
 extends_documentation_fragment:
   - pacs.orthanc.rest
