@@ -323,6 +323,9 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
         "capture": facts.get("capture"),
         # how the SQLite index files were taken: reflink (FICLONE) or copy; None for a dump
         "index_capture": facts.get("index_capture"),
+        # strategy stop: how the storage delta ran inside the window, by Orthanc's change log
+        # (mode changes) or comparing every attachment (full, and why); files placed after the start
+        "window_pass": facts.get("window_pass"),
         "storage_compression": facts.get("storage_compression"),
         "source": {"config_path": facts.get("config_path"), "storage_directory": facts.get("storage_directory"),
                    "index_directory": facts.get("index_directory"), "config_is_folder": facts.get("config_is_folder"),

@@ -124,7 +124,7 @@ def facts_from(records: dict) -> dict:
                       "restarted_at": stopped.get("restarted_at"),
                       "downtime_seconds": stopped.get("downtime_seconds"),
                       "downtime_phases": stopped.get("phases") or {}, "dump": None, "capture": None,
-                      "index_capture": stopped.get("index_capture")})
+                      "index_capture": stopped.get("index_capture"), "window_pass": stopped.get("window_pass")})
         if snapshot is not None and snapshot.get("precondition_failed"):
             facts["capture"] = {
                 "fallback_from": "snapshot", "snapshot_kind": snapshot.get("kind"),

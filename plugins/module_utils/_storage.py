@@ -14,7 +14,20 @@ The *delta* pass runs while Orthanc is stopped and does not walk the live tree: 
 index lists every attachment and its size, so the delta is computed from that list and the state
 file alone, by SQLite: files the index lists that the hot pass did not place (or placed with
 another size) are fetched (``Delta.fetch``, inside the window); files the hot pass placed that
-the index no longer lists (deleted meanwhile) are removed (``Delta.tidy``, after the start)."""
+the index no longer lists (deleted meanwhile) are removed (``Delta.tidy``, after the start).
+
+Inside the window the comparison need not read every attachment (issue 15.2): before it walks,
+the hot pass records Orthanc's change position (the ``seq`` of its last ``Changes`` row, from
+``GET /changes?last``) and, as it walks, the files it skipped (not settled). Whatever the hot
+pass could not have placed was committed after that position, so the window's candidates are the
+attachments of the resources named by the captured index's ``Changes`` rows past it, plus the
+skipped files (``Delta.window_plan``, ``Delta.fetch(changes_since=...)``): a range of the change
+log and a primary-key look-up per candidate, whatever the archive's size. The full comparison
+runs when the position cannot be trusted (none recorded, an older state file, a dump's listing,
+a change log cleared or trimmed past it), and, once Orthanc runs again, always, as a safety net:
+Orthanc adds a few attachments without logging a change (an attachment compressed or
+uncompressed over REST, the ``dicom-until-pixel-data`` file it adds lazily to instances stored by
+Orthanc 1.9.0 or older); those are placed then, from the live storage or the previous backup."""
 
 from __future__ import annotations
 
@@ -215,6 +228,14 @@ class Placer:
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS placed (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL, "
            "origin TEXT NOT NULL) WITHOUT ROWID")
+# what the hot pass knows beyond the files it placed (state files of collection versions before
+# 0.3.x lack both tables: their window pass is the full comparison)
+_SCHEMA_FACTS = "CREATE TABLE IF NOT EXISTS facts (key TEXT PRIMARY KEY, value) WITHOUT ROWID"
+_SCHEMA_SKIPPED = "CREATE TABLE IF NOT EXISTS skipped (uuid TEXT PRIMARY KEY) WITHOUT ROWID"
+CHANGE_POSITION = "change_position"
+
+WINDOW_CHANGES = "changes"     # the window pass examined what Orthanc's change log names
+WINDOW_FULL = "full"           # the window pass compared every attachment of the index
 
 
 _SQLITE_CAUSES = {"SQLITE_FULL": "No space left on device", "SQLITE_IOERR": "Input/output error",
@@ -230,6 +251,9 @@ def _state_failure(step: str, path: str | None, exc: sqlite3.Error) -> PacsError
 
 def _uri(path: str, mode: str) -> str:
     return f"file:{urllib.parse.quote(os.path.abspath(path))}?mode={mode}"
+
+
+_INDEX_LISTING = "(SELECT uuid, compressedSize AS size FROM idx.AttachedFiles)"
 
 
 class State:
@@ -254,7 +278,8 @@ class State:
             self.conn = sqlite3.connect(":memory:" if in_memory else _uri(path, "rwc"), uri=not in_memory,
                                         isolation_level=None)
             self.conn.execute("PRAGMA synchronous = OFF")  # a working file: a crash discards the backup anyway
-            self.conn.execute(_SCHEMA)
+            for statement in (_SCHEMA, _SCHEMA_FACTS, _SCHEMA_SKIPPED):
+                self.conn.execute(statement)
             if in_memory and path and os.path.exists(path) and os.path.getsize(path) > 0:
                 _migrate_tsv(path, self.conn)
                 if self.is_empty():
@@ -300,6 +325,27 @@ class State:
         if uuids:
             self._write("DELETE FROM placed WHERE uuid = ?", ((u,) for u in uuids))
 
+    def skip(self, uuids) -> None:
+        """Record files the hot pass saw and left to the delta pass (not settled yet)."""
+        uuids = list(uuids)
+        if uuids:
+            self._write("INSERT OR IGNORE INTO skipped (uuid) VALUES (?)", ((u,) for u in uuids))
+
+    def set_change_position(self, position: int | None) -> None:
+        """Record Orthanc's change position read before a hot pass walked. A second hot pass into
+        the same backup keeps the first (the earlier position names more changes: never fewer)."""
+        if position is not None:
+            self._write(f"INSERT OR IGNORE INTO facts (key, value) VALUES ('{CHANGE_POSITION}', ?)",
+                        [(int(position),)])
+
+    def change_position(self) -> int | None:
+        """The change position the hot pass recorded; None when none was (or an older state file)."""
+        try:
+            row = self.conn.execute("SELECT value FROM facts WHERE key = ?", (CHANGE_POSITION,)).fetchone()
+        except sqlite3.Error:  # no such table: a state file of an older collection version
+            return None
+        return int(row[0]) if row is not None and row[0] is not None else None
+
     def rows(self):
         """Every (uuid, size, origin), by uuid."""
         return self.conn.execute("SELECT uuid, size, origin FROM placed ORDER BY uuid")
@@ -334,7 +380,7 @@ class State:
             self.conn.execute("SELECT uuid, compressedSize FROM idx.AttachedFiles LIMIT 1").fetchall()
         except sqlite3.Error as exc:
             raise PacsError("read index", f"cannot list the attachments of {index}: {exc}")
-        self.listing = "(SELECT uuid, compressedSize AS size FROM idx.AttachedFiles)"
+        self.listing = _INDEX_LISTING
 
     def load_listing(self, wanted) -> None:
         """List the (uuid, size) pairs given, a {uuid: size} or any iterable of pairs (a dump's
@@ -369,6 +415,64 @@ class State:
             return found
         except sqlite3.Error as exc:
             raise PacsError("read index", f"cannot compare the index with the storage state: {exc}")
+
+    def distrust(self, position: int | None) -> str | None:
+        """Why the captured index's change log cannot name what changed since ``position`` (then
+        the window compares every attachment), or None when it can. It can when the index's
+        ``Changes`` table still holds a row at or before the position: Orthanc numbers changes
+        with AUTOINCREMENT, so no row past it was lost to a ``DELETE /changes`` (which empties the
+        table) or to trimming (which drops the oldest); the rows of deleted resources go with
+        them, and so do their attachments."""
+        if self.listing != _INDEX_LISTING:
+            return "the attachments come from a dump's listing, not from a captured index"
+        if position is None:
+            return "the hot pass recorded no change position (Orthanc's REST API did not give it, or an older state file)"
+        if position <= 0:
+            return "Orthanc's change log was empty when the hot pass began"
+        try:
+            last = self.conn.execute("SELECT seq FROM idx.sqlite_sequence WHERE name = 'Changes'").fetchone()
+            kept = self.conn.execute("SELECT 1 FROM idx.Changes WHERE seq <= ? LIMIT 1", (position,)).fetchone()
+        except sqlite3.Error as exc:
+            return f"the captured index's change log cannot be read ({exc})"
+        if last is None or last[0] is None or int(last[0]) < position:
+            return (f"the captured index's change log ends before position {position} that the hot pass "
+                    "recorded (not the index of the Orthanc the hot pass asked?)")
+        if kept is None:
+            return (f"Orthanc's change log was cleared or trimmed since the hot pass began (no change at or "
+                    f"before position {position} is left)")
+        return None
+
+    def changed_since(self, position: int) -> list:
+        """The window's candidates (see the module's docstring), in the shape of ``differences``:
+        (uuid, listed size, placed size or None) of each attachment of a resource named by a
+        change past ``position`` that was not placed or was placed with another size; then
+        (uuid, None, None) of each file the hot pass skipped and did not place (its size is read
+        from the storage: the index cannot be searched by uuid without reading all of it). A
+        range of the change log, a primary-key look-up per candidate: nothing per archived file."""
+        changed = ("SELECT a.uuid, a.compressedSize, p.size "
+                   "FROM (SELECT DISTINCT internalId FROM idx.Changes WHERE seq > ?) AS c "
+                   "JOIN idx.AttachedFiles AS a ON a.id = c.internalId "
+                   "LEFT JOIN main.placed AS p ON p.uuid = a.uuid "
+                   "WHERE p.uuid IS NULL OR p.size IS NOT a.compressedSize")
+        skipped = ("SELECT s.uuid FROM main.skipped AS s "
+                   "WHERE NOT EXISTS (SELECT 1 FROM main.placed AS p WHERE p.uuid = s.uuid)")
+        try:
+            seen, found = set(), []
+            for uuid, size, placed in self.conn.execute(changed, (position,)):
+                if uuid not in seen:
+                    seen.add(uuid)
+                    found.append((uuid, int(size), placed))
+            for (uuid,) in self.conn.execute(skipped):
+                if uuid not in seen:
+                    seen.add(uuid)
+                    found.append((uuid, None, None))
+            return found
+        except sqlite3.Error as exc:
+            raise PacsError("read index", f"cannot read the changes of the index since position {position}: {exc}")
+
+    def changes_since(self, position: int) -> int:
+        """How many changes the captured index logs past ``position``."""
+        return self.conn.execute("SELECT COUNT(*) FROM idx.Changes WHERE seq > ?", (position,)).fetchone()[0]
 
     def orphans(self, all_listed_placed: bool = False) -> list:
         """uuids placed that the listing no longer lists (deleted since the hot pass).
@@ -462,20 +566,25 @@ def _prepare(source: str, dest: str, previous: str | None, link_mode: str, check
 
 def hot_pass(source: str, dest: str, state_file: str, previous: str | None = None,
              link_mode: str = "auto", settle: float = 5.0, workers: int = 4,
-             check_mode: bool = False, progress=None, limit_rate: int = 0) -> dict:
+             check_mode: bool = False, progress=None, limit_rate: int = 0,
+             change_position: int | None = None) -> dict:
     """``progress``: a _progress.Progress told of every file walked (placed, deferred or gone).
-    ``limit_rate``: at most so many bytes per second placed (0: no limit), to spare a busy disk."""
+    ``limit_rate``: at most so many bytes per second placed (0: no limit), to spare a busy disk.
+    ``change_position``: Orthanc's change position, read before this call (recorded before the
+    walk, with the files skipped as not settled: what lets the window examine only what changed)."""
     began = time.monotonic()
     placed_bytes = 0
     count = progress.add if progress is not None else _uncounted  # files walked but not placed
     previous, link_source = _prepare(source, dest, previous, link_mode, check_mode)
     with State(state_file, check_mode, step="copy storage (hot pass)") as state:
         again = not state.is_empty()  # a second hot pass into the same backup skips what is placed
+        state.set_change_position(change_position)  # before the walk: what it misses comes after
         placer = Placer(source, dest, previous, link_source, workers, check_mode)
         placer.on_done = progress.add if progress is not None else None
         deferred = 0
         cutoff = time.time() - settle
         batch: list = []
+        skipped: list = []
         try:
             for uuid, entry in walk_storage(source):
                 if again and state.known(uuid):
@@ -486,6 +595,10 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
                     continue  # deleted by Orthanc since it was listed
                 if st.st_mtime > cutoff:
                     deferred += 1  # may still be being written: left to the delta pass
+                    skipped.append(uuid)
+                    if len(skipped) >= BATCH:
+                        state.skip(skipped)
+                        skipped = []
                     count(1, st.st_size)
                     continue
                 origin, size = placer.place(uuid, st.st_size)
@@ -507,10 +620,12 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
                 raise
             raise PacsError("copy storage (hot pass)", os_error_cause(exc))
         state.put(batch)
+        state.skip(skipped)
         state.remove(placer.finish("copy storage (hot pass)"))  # deleted by Orthanc while the hot pass ran
         result = state.summary()
     result.update({"phase": "hot", "deferred_files": deferred, "hardlink_from_source": link_source,
-                   "previous": previous, "seconds": round(time.monotonic() - began, 3)})
+                   "previous": previous, "seconds": round(time.monotonic() - began, 3),
+                   "change_position": change_position})
     return result
 
 
@@ -557,11 +672,35 @@ class Delta:
     def differences(self) -> list:
         return self.state.differences()
 
-    def fetch(self, missing_out: list | None = None) -> dict:
+    def window_plan(self) -> dict:
+        """How the window pass can run: ``{"mode": "changes", "change_position": P}`` when the
+        captured index's change log names every change since the hot pass's position P (then
+        ``fetch(changes_since=P)``), else ``{"mode": "full", "reason": why}`` (then ``fetch()``)."""
+        position = self.state.change_position()
+        reason = self.state.distrust(position)
+        if reason is not None:
+            return {"mode": WINDOW_FULL, "reason": reason, "change_position": position}
+        return {"mode": WINDOW_CHANGES, "reason": None, "change_position": position,
+                "changes": self.state.changes_since(position)}
+
+    def fetch(self, missing_out: list | None = None, changes_since: int | None = None) -> dict:
+        """Place what the index lists and the state lacks (or holds with another size). With
+        ``changes_since`` (see ``window_plan``), only the window's candidates are examined; call
+        ``fetch()`` again once Orthanc runs (the safety net: what the change log did not name)."""
         placer = Placer(self.source, self.dest, self.previous, self.link_source, self.workers, self.check_mode)
-        missing, missing_live, placed_rows = [], [], []
+        missing, missing_live, placed_rows, unlisted = [], [], [], set()
+        began = time.monotonic()
+        candidates = (self.state.differences() if changes_since is None
+                      else self.state.changed_since(changes_since))
+        compared = time.monotonic() - began
         try:
-            for uuid, size, known_size in self.state.differences():
+            for uuid, size, known_size in candidates:
+                if size is None:  # skipped by the hot pass: the index is not searched for it
+                    unlisted.add(uuid)
+                    origin, placed = placer.place(uuid, None)
+                    if origin is not None:  # else deleted since: not listed, or the safety net says so
+                        placed_rows.append((uuid, placed, origin))
+                    continue
                 target = os.path.join(self.dest, relpath(uuid))
                 if known_size is not None and not self.check_mode:
                     try:
@@ -581,14 +720,16 @@ class Delta:
             placer.pool.shutdown(wait=True, cancel_futures=True)
             raise PacsError("copy storage (delta pass)", os_error_cause(exc))
         vanished = set(placer.finish("copy storage (delta pass)"))
-        missing.extend(vanished)
+        missing.extend(vanished - unlisted)
         self.state.put([row for row in placed_rows if row[0] not in vanished])
         self.state.remove(missing)
         missing.sort()
-        self.fetched_all = not missing
+        self.fetched_all = not missing and changes_since is None
         if missing_out is not None:
             missing_out.extend(missing)
         return {"phase": "delta", "fetched_files": len(placed_rows) - len(vanished),
+                "compare_seconds": round(compared, 3),  # finding the candidates, before placing them
+                "fetched_examples": list(itertools.islice((r[0] for r in placed_rows if r[0] not in vanished), 10)),
                 "missing_files": len(missing), "missing_examples": missing[:10],
                 # listed by the index, gone live, kept from the previous backup
                 "lost_in_live_storage": sorted(set(missing_live) - set(missing)),

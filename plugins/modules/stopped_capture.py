@@ -24,6 +24,11 @@ description:
     C(always) block starts it only when this process could not (killed, for instance).
   - The downtime is measured here, from the stop command to the first answer of the REST API,
     with the time of each phase.
+  - The storage delta inside the window examines only what Orthanc's change log names since the hot
+    pass began (recorded by M(pacs.orthanc.storage_copy)'s hot phase), so its work follows what
+    changed, not the archive; it compares every attachment when that position cannot be trusted, and
+    always once Orthanc runs again, as a safety net. RV(delta) (its C(window_pass)) and the manifest's
+    C(window_pass) say which way it ran.
 extends_documentation_fragment:
   - pacs.orthanc.rest
   - pacs.orthanc.capture
@@ -114,9 +119,19 @@ capture:
   returned: success
   sample: {"path": "/var/backups/orthanc/20261129T070000Z.incomplete/index/index", "index_capture": "reflink"}
 delta:
-  description: The delta pass, as M(pacs.orthanc.storage_copy) returns it.
+  description:
+    - The delta pass, as M(pacs.orthanc.storage_copy) returns it, and C(window_pass), how the window
+      examined the storage. C(mode) C(changes), only the attachments of the resources that Orthanc's
+      change log names since the hot pass's C(change_position) (C(changes) entries) and the files the hot
+      pass left; C(full), every attachment of the index, because the position could not be trusted
+      (C(reason)).
+    - With C(changes), once Orthanc runs again every attachment is compared as a safety net, and
+      C(late_files) counts the files placed then (Orthanc logs no change for some attachments it adds
+      itself), C(late_examples) names a few.
   type: dict
   returned: success
+  sample: {"fetched_files": 4, "late_files": 0, "window_pass": {"mode": "changes", "reason": null,
+           "change_position": 1821, "changes": 9}}
 """
 
 import signal
@@ -144,6 +159,7 @@ def _capture_window(module):
     failure = None
     guardian = None
     delta_step = None
+    changes_since = None
     # Orthanc is down from here to the start below: an interrupt (Ctrl-C, a job cancelled in AWX)
     # must not stop us halfway, and should this process die anyway, the guardian starts Orthanc.
     previous_handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -160,11 +176,15 @@ def _capture_window(module):
         phases["capture"] = round(time.monotonic() - t0, 3)
         t0 = time.monotonic()
         # only what the hot pass lacks is fetched here: the removal of files deleted meanwhile,
-        # the totals and the index's summary wait until Orthanc runs again (below)
+        # the totals and the index's summary wait until Orthanc runs again (below). Where the
+        # index's change log names what changed since the hot pass began, only that is examined
         delta_step = _storage.Delta(p["storage_source"], p["storage_dest"], p["state_file"], index=copied["path"],
                                     previous=p["previous"], link_mode=p["link_mode"], workers=p["workers"])
-        delta = delta_step.fetch()
+        plan = delta_step.window_plan()
+        changes_since = plan["change_position"] if plan["mode"] == _storage.WINDOW_CHANGES else None
+        delta = delta_step.fetch(changes_since=changes_since)
         phases["delta"] = round(time.monotonic() - t0, 3)
+        delta["window_pass"] = plan
         if delta["missing_files"]:
             raise PacsError("copy storage (delta pass)",
                             f"{delta['missing_files']} files that the index lists are missing from {p['storage_source']} "
@@ -202,6 +222,8 @@ def _capture_window(module):
     if failure is None:
         try:  # Orthanc runs again: what can wait for it
             t0 = time.monotonic()
+            if changes_since is not None:
+                _safety_net(module, p, delta_step, result["delta"])
             result["delta"].update(delta_step.tidy())
             delta_step.close()  # it reads the index copy: closed before the copy is consolidated
             _sqlite.finish_capture(result["capture"])
@@ -220,8 +242,40 @@ def _capture_window(module):
         "stopped_at": result.get("stopped_at"), "restarted_at": result.get("restarted_at"),
         "downtime_seconds": result["downtime_seconds"], "phases": phases,
         "index_capture": result["capture"]["index_capture"],
+        "window_pass": _window_record(result["delta"]),
         "lost_in_live_storage": result["delta"].get("lost_in_live_storage") or []})
     return result
+
+
+def _safety_net(module, p, delta_step, delta: dict) -> None:
+    """After the start, the full comparison of the captured index with what is placed: whatever
+    the change log did not name (attachments Orthanc adds without logging a change) is placed now,
+    from the live storage or the previous backup; a file that is in neither fails the backup."""
+    late = delta_step.fetch()
+    delta["late_files"] = late["fetched_files"]
+    delta["late_examples"] = late["fetched_examples"]
+    if late["missing_files"]:
+        raise PacsError("copy storage (after the start)",
+                        f"{late['missing_files']} files that the captured index lists were neither seen by the hot "
+                        f"pass nor named by Orthanc's change log, so the stop window did not copy them, and now "
+                        f"neither {p['storage_source']} nor the previous backup holds them (e.g. "
+                        f"{late['missing_examples'][0]}): deleted since Orthanc was started again, or lost from the "
+                        "live archive; this backup would lack them. Run the backup again")
+    lost = late.get("lost_in_live_storage") or []
+    if lost:
+        delta["lost_in_live_storage"] = sorted(set(delta.get("lost_in_live_storage") or []) | set(lost))
+        module.warn(f"{len(lost)} files that Orthanc's index lists are gone from {p['storage_source']} "
+                    f"(e.g. {lost[0]}): THE LIVE ARCHIVE IS DAMAGED. This backup holds them, from the "
+                    "previous backup; restore them from it")
+
+
+def _window_record(delta: dict) -> dict:
+    """Which way the window pass ran, for the manifest: ``mode`` changes|full, why not by changes
+    (``reason``), the change position, and the files placed only after the start (``late_files``)."""
+    plan = delta.get("window_pass") or {}
+    return {"mode": plan.get("mode"), "reason": plan.get("reason"), "change_position": plan.get("change_position"),
+            "changes": plan.get("changes"), "fetched_files": delta.get("fetched_files"),
+            "late_files": delta.get("late_files", 0)}
 
 
 def main():

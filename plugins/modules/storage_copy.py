@@ -19,6 +19,10 @@ description:
     file when O(dest) is on the storage's filesystem, or a copy.
   - The C(hot) phase runs while Orthanc runs. It walks the storage tree, leaves files modified in
     the last O(settle_seconds) to the delta phase, and records what it placed in O(state_file).
+    Before it walks, it reads Orthanc's change position (C(GET /changes?last)) at O(url) and
+    records it with the files it left, so that M(pacs.orthanc.stopped_capture) examines only what
+    Orthanc's change log names since then while Orthanc is stopped (it compares every attachment
+    when the position is missing or cannot be trusted). Orthanc not answering is not an error.
   - The C(delta) phase runs while Orthanc is stopped, after M(pacs.orthanc.sqlite_capture). It does
     not walk the live tree, the captured O(index) lists every attachment and its size. It fetches
     what the hot phase did not place (or placed while it was still being written) and removes what
@@ -99,6 +103,7 @@ options:
     default: false
 extends_documentation_fragment:
   - pacs.orthanc.progress
+  - pacs.orthanc.rest
 attributes:
   check_mode:
     support: full
@@ -182,6 +187,16 @@ hardlink_from_source:
   description: Whether live files were hard-linked (same filesystem) rather than copied.
   type: bool
   returned: always
+change_position:
+  description:
+    - Hot phase, Orthanc's change position read before the walk (the C(seq) of its last change), or
+      null when Orthanc did not give it (then RV(change_position_error) says why).
+  type: int
+  returned: phase is hot
+change_position_error:
+  description: Hot phase, why the change position could not be read.
+  type: str
+  returned: phase is hot and the change position could not be read
 seconds:
   description: Hot phase, how long it took.
   type: float
@@ -199,7 +214,7 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import (
-    _backupset, _layout, _progress, _record, _specs, _storage)
+    _backupset, _layout, _progress, _record, _rest, _specs, _storage)
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
@@ -221,10 +236,14 @@ def _snapshot_phase(module, p, state_file, common):
         files, nbytes = p["expected_files"], p["expected_bytes"]
         if files is None and nbytes is None and last:
             files, nbytes = last.get("files"), last.get("bytes")
+        position, position_error = change_position(p)  # before the walk begins
         with _progress.from_params(p["progress"], "hot pass", module.check_mode, files_total=files,
                                    bytes_total=nbytes, estimated=True) as progress:
             result = _storage.hot_pass(p["source"], p["dest"], state_file, settle=p["settle_seconds"],
-                                       progress=progress, limit_rate=max(0, p["limit_rate"]) * 1024, **common)
+                                       progress=progress, limit_rate=max(0, p["limit_rate"]) * 1024,
+                                       change_position=position, **common)
+        if position_error:
+            result["change_position_error"] = position_error
         if last:
             result["last_time"] = last
         changed = result["files"] > 0
@@ -264,6 +283,19 @@ def _snapshot_phase(module, p, state_file, common):
     return result
 
 
+def change_position(p) -> tuple:
+    """(Orthanc's change position, None) or (None, why not): the ``Last`` of ``GET /changes?last``,
+    the seq of the last change (Orthanc gives its sequence's value when the log is empty)."""
+    try:
+        answer = _rest.get(p["url"], "/changes?last", p["username"], p["password"], timeout=10)
+        last = answer.get("Last") if isinstance(answer, dict) else None
+        if isinstance(last, bool) or not isinstance(last, int):
+            return None, f"{p['url']}/changes?last gave no position: {str(answer)[:200]}"
+        return last, None
+    except _rest.REQUEST_ERRORS as exc:  # any failure: the window compares everything
+        return None, f"{p['url']}/changes?last: {_rest.failure(exc)}"
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -282,6 +314,7 @@ def main():
             limit_rate=dict(type="int", default=0),
             expected_files=dict(type="int"),
             expected_bytes=dict(type="int"),
+            **_rest.ARGUMENT_SPEC,
             **_specs.PROGRESS,
         ),
         required_if=[("phase", "delta", ("index", "dump"), True)],
