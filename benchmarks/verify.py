@@ -99,13 +99,19 @@ def write_config_and_manifest(path: Path, counts: dict, orthanc: dict) -> None:
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def build_backup(workdir: Path, gib: float, seed: int) -> Backup:
-    """A consistent backup folder of about ``gib`` GiB of storage, checked with verify_backup:
-    the storage and the index of an archive from benchmarks/_archive.py."""
+def build_backup(workdir: Path, gib: float, seed: int, tiny: int = 0) -> Backup:
+    """A consistent backup folder of about ``gib`` GiB of storage (or, with ``tiny``, that many
+    files of 1-4 KB, as benchmarks/scale.py stores), checked with verify_backup: the storage and
+    the index of an archive from benchmarks/_archive.py."""
     path = workdir / "20240101T000000Z"
-    log(f"building a {gib:g} GiB backup in {path}")
     started = time.perf_counter()
-    archive = build_archive(workdir / "build", size_bytes=int(gib * GIB), seed=seed, name="benchverify")
+    if tiny:
+        log(f"building a backup of {tiny} files of 1-4 KB in {path}")
+        archive = build_archive(workdir / "build", instances=tiny, file_size=(1_000, 4_000), seed=seed,
+                                name="benchverify")
+    else:
+        log(f"building a {gib:g} GiB backup in {path}")
+        archive = build_archive(workdir / "build", size_bytes=int(gib * GIB), seed=seed, name="benchverify")
     server = archive.server
     orthanc = server.rest("GET", "/system")
     server.stop()
