@@ -240,10 +240,6 @@ def sha256_file(path: str) -> str:
     return file_digest(path, hashlib.sha256)
 
 
-def md5_file(path: str) -> str:
-    return file_digest(path, hashlib.md5)  # Orthanc records MD5s; this is a checksum, not security
-
-
 def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 

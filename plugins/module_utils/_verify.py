@@ -19,7 +19,7 @@ import re
 import sqlite3
 import stat
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     PacsError, hash_open_file, open_for_hashing, os_error_cause, safe_relative, sha256_file)
@@ -59,7 +59,9 @@ def describe_problems(problems: dict) -> str:
                      for kind, entry in sorted(problems.items()))
 
 
-def check_manifest_files(backup: str, manifest: dict, report: Report) -> None:
+def check_manifest_files(backup: str, manifest: dict, report: Report) -> set:
+    """The SHA-256 of every file the manifest names; returns the names whose SHA-256 matches."""
+    matched = set()
     for rel, digest in sorted(manifest.get("files", {}).items()):
         if not safe_relative(rel):
             report.add("paths outside the backup named by the manifest", repr(rel))
@@ -69,6 +71,13 @@ def check_manifest_files(backup: str, manifest: dict, report: Report) -> None:
             report.add("missing files outside storage", rel)
         elif sha256_file(path) != digest:
             report.add("files outside storage with a wrong SHA-256", rel)
+        else:
+            matched.add(rel)
+    return matched
+
+
+INDEX_CHECKED = "integrity_check"  # manifest verification.index_integrity: the completion check ran it and it passed
+INDEX_REL = _layout.INDEX + "/index"
 
 
 HASH_WINDOW = 2048  # index rows per batch handed to a worker: memory stays flat however many files
@@ -242,8 +251,8 @@ def _batches(rows, shards: list, hash_filter):
 
 
 def check_storage(backup: str, index_file: str | None, report: Report, hash_filter=None,
-                  workers: int | None = None, orphans: bool = True, listed: str | None = None,
-                  known_missing=frozenset(), progress=None) -> None:
+                  workers: int | None = None, orphans: bool = True, listed=None,
+                  known_missing=frozenset(), progress=None, started=None) -> None:
     """Every attachment the index lists is in storage/ with its size, and, for the uuids that
     ``hash_filter(uuid)`` accepts (all when None), its MD5; the files in storage/ the index does
     not list are orphans. ``listed`` (a SQLite connection with a table ``listing(uuid, size,
@@ -256,7 +265,8 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     and reads and hashes its files (``check_batch``). Orphans come out of the same listings, so
     storage/ is walked once. Memory does not grow with the number of files
     (benchmarks/memory.py). ``progress`` (a _progress.Progress) counts the files checked; its
-    totals are the index's when every file is hashed, else what the caller set."""
+    totals are the index's when every file is hashed, else what the caller set. ``started()``
+    is called once the worker processes run: a thread the caller starts then is not forked."""
     storage = os.path.join(backup, _layout.STORAGE)
     source = "the dump's listing" if listed is not None else index_file
     query = ("SELECT uuid, size, COALESCE(md5, '') FROM listing ORDER BY uuid" if listed is not None else
@@ -275,6 +285,8 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
         rows = conn.execute(query)
         batches = _batches(rows, shards, hash_filter)
         if workers == 1:
+            if started is not None:
+                started()
             results = (check_batch(batch, wanted, folders, storage, known_missing)
                        for batch, wanted, folders in batches)
             _gather(results, report, progress)
@@ -282,7 +294,7 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
             context = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                                         initargs=(storage, known_missing)) as pool:
-                _gather(_in_flight(pool, batches, workers * PIPELINE), report, progress)
+                _gather(_in_flight(pool, batches, workers * PIPELINE, started), report, progress)
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
     except concurrent.futures.process.BrokenProcessPool as exc:
@@ -292,11 +304,14 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
             conn.close()
 
 
-def _in_flight(pool, batches, limit: int):
-    """Results of check_batch over ``batches`` in their order, at most ``limit`` submitted ahead."""
+def _in_flight(pool, batches, limit: int, started=None):
+    """Results of check_batch over ``batches`` in their order, at most ``limit`` submitted ahead.
+    The first submit forks the workers (all of them, before the pool's own thread)."""
     pending = collections.deque()
     for batch, wanted, folders in batches:
         pending.append(pool.submit(check_batch, batch, wanted, folders))
+        if started is not None and len(pending) == 1:
+            started()
         if len(pending) >= limit:
             yield pending.popleft().result()
     while pending:
@@ -324,15 +339,22 @@ def _hash_none(_uuid: str) -> bool:
 
 
 def _read_manifest(backup: str, report: Report):
+    """(manifest or None, names of the files whose SHA-256 matches it)."""
     try:
         manifest = _layout.read_manifest(backup)
     except FileNotFoundError:
-        return None
+        return None, set()
     except _layout.ManifestError as exc:
         report.add("unreadable manifest", str(exc.__cause__ or exc))
-        return None
-    check_manifest_files(backup, manifest, report)
-    return manifest
+        return None, set()
+    return manifest, check_manifest_files(backup, manifest, report)
+
+
+def index_checked_before(manifest, matched: set) -> bool:
+    """The index is byte for byte (SHA-256) the one that passed PRAGMA integrity_check when the
+    backup was completed (the manifest says so): running it again would find the same."""
+    return (INDEX_REL in matched and isinstance(manifest, dict) and isinstance(manifest.get("verification"), dict)
+            and manifest["verification"].get("index_integrity") == INDEX_CHECKED)
 
 
 def _compare_counts(manifest, counts: dict, report: Report) -> None:
@@ -451,7 +473,7 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none.
     ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped."""
     report = Report()
-    manifest = _read_manifest(backup, report)
+    manifest, matched = _read_manifest(backup, report)
     found = db_dump.find_dump(backup)
     if found:
         return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing,
@@ -461,9 +483,18 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
         report.add("missing index", "index/index")
         return report.as_dict()
     # The integrity check (SQLite, which releases the GIL) runs beside the storage check, whose
-    # hashing is the other long part: on a large index the two take about as long.
+    # hashing is the other long part, in a thread started once the hashing processes are forked.
+    # It costs about as much CPU per instance as hashing a small file; it is skipped when the
+    # index is, by its SHA-256, the one that passed it when the backup was completed.
+    index_check = "unchanged" if index_checked_before(manifest, matched) else INDEX_CHECKED
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as side:
-        integrity_future = side.submit(_sqlite.check_integrity, index_file, "full")
+        integrity_future: list = []
+
+        def start_integrity() -> None:
+            if not integrity_future:
+                integrity_future.append(side.submit(_sqlite.check_integrity, index_file,
+                                                    "none" if index_check == "unchanged" else "full"))
+
         if md5 == "none":
             chosen = _hash_none
         elif md5 == "all":
@@ -473,10 +504,12 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
         storage_report = Report()
         storage_error = None
         try:
-            check_storage(backup, index_file, storage_report, chosen, workers, progress=progress)
+            check_storage(backup, index_file, storage_report, chosen, workers, progress=progress,
+                          started=start_integrity)
         except PacsError as exc:
             storage_error = exc
-        integrity = integrity_future.result()
+        start_integrity()  # when the storage check stopped before it started any
+        integrity = integrity_future[0].result()
     for problem in integrity:
         report.add("index integrity errors", problem)
     if integrity:
@@ -491,5 +524,5 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     _compare_counts(manifest, summary["counts"], report)
     result = report.as_dict()
     result.update({"counts": summary["counts"], "schema_version": summary["schema_version"],
-                   "schema_patch_level": summary.get("patch_level")})
+                   "schema_patch_level": summary.get("patch_level"), "index_check": index_check})
     return result

@@ -109,3 +109,30 @@ def test_a_dump_s_listing_streams_into_sqlite_in_batches(name, tmp_path, monkeyp
     assert result["problems"] == {"storage files with a wrong MD5": {"count": 1, "examples": [first]},
                                   "missing storage files": {"count": 1, "examples": [second]}}
     assert result["files_hashed"] == 1 and result["orphan_examples"] == [orphan]
+
+
+def test_the_integrity_check_is_skipped_only_for_the_index_that_passed_it(tmp_path, monkeypatch):
+    """A complete backup's manifest records that its index passed PRAGMA integrity_check; an
+    index with that SHA-256 is not checked again, any other one is."""
+    storage, index, conn = backup_with(tmp_path, 3)
+    conn.executescript("CREATE TABLE GlobalProperties(property INTEGER PRIMARY KEY, value TEXT);"
+                       "CREATE TABLE Resources(internalId INTEGER PRIMARY KEY, resourceType INTEGER);")
+    conn.close()
+    backup = storage.parent
+    manifest = {"files": {"index/index": hashlib.sha256(index.read_bytes()).hexdigest()},
+                "verification": {"md5": "new", "index_integrity": "integrity_check"}}
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    ran = []
+    real = _verify._sqlite.check_integrity
+    monkeypatch.setattr(_verify._sqlite, "check_integrity", lambda path, level: ran.append(level) or real(path, level))
+    result = _verify.verify_backup(str(backup), workers=1)
+    assert result["ok"] and result["index_check"] == "unchanged" and ran == ["none"]
+    del manifest["verification"]["index_integrity"]  # a backup completed before the manifest said so
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    result = _verify.verify_backup(str(backup), workers=1)
+    assert result["ok"] and result["index_check"] == "integrity_check" and ran[-1] == "full"
+    manifest["verification"]["index_integrity"] = "integrity_check"
+    manifest["files"]["index/index"] = "0" * 64  # another index than the one checked
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    result = _verify.verify_backup(str(backup), workers=1)
+    assert not result["ok"] and result["index_check"] == "integrity_check" and ran[-1] == "full"
