@@ -277,10 +277,12 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
     try:
+        count, total = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM listing" if listed is not None else
+            "SELECT COUNT(*), COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone()
         if progress is not None and hash_filter is None and progress.files_total is None:
-            progress.totals(*conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM listing" if listed is not None else
-                "SELECT COUNT(*), COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone())
+            progress.totals(count, total)
+        workers = max(1, min(workers, -(-count // HASH_WINDOW)))  # no process without a batch to check
         shards = _shards(storage) if orphans else []
         rows = conn.execute(query)
         batches = _batches(rows, shards, hash_filter)
