@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import random
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -79,6 +80,11 @@ def step(name: str, work: Path) -> dict:
         out["files"] = files
     out["seconds"] = time.monotonic() - t0
     out["rss_mib"] = peak_rss_mib()
+    # worker processes (verification): the largest one's peak (pages shared with this process
+    # at fork included); the step's whole footprint is at most rss_mib + workers x that
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if children:
+        out["worker_peak_rss_mib"] = round(children)
     return out
 
 

@@ -353,7 +353,10 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
         "steps": dict(_record.step_times(records), check={
             "seconds": round(time.monotonic() - checked_from, 3), "files": report["files_checked"]}),
         "verification": {"md5": md5, "files_checked": report["files_checked"],
-                         "files_hashed": report["files_hashed"], "orphans": report["orphans"]},
+                         "files_hashed": report["files_hashed"], "orphans": report["orphans"],
+                         # the index passed PRAGMA integrity_check: a later check whose SHA-256 of
+                         # index/index matches need not run it again (_verify.index_checked_before)
+                         "index_integrity": report.get("index_check")},
         "files": files,
     }
     if records.get("pre_upgrade") is not None:

@@ -184,26 +184,60 @@ def safe_relative(name) -> bool:
     return ".." not in name.replace("\\", "/").split("/")
 
 
+def hash_open_file(fd: int, constructor, size: int | None = None) -> tuple:
+    """(bytes read, hex digest) of the open file ``fd``, read from where it stands to its end: the
+    one hashing routine of the collection (verification of storage files, SHA-256 of the files a
+    manifest names). With ``size`` (the length the caller expects), a file of up to HASH_CHUNK
+    bytes is read in one os.read, and a file of another length is not hashed: (its length, None).
+    Larger files are read into one reused buffer, with sequential read-ahead asked of the kernel."""
+    if size is not None and size <= HASH_CHUNK:
+        data = os.read(fd, size + 1)  # one more than expected: a longer file shows at once
+        if len(data) != size:
+            return os.fstat(fd).st_size, None
+        return size, constructor(data).hexdigest()
+    if size is not None:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            return actual, None
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+    digest = constructor()
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    total = 0
+    while True:
+        count = os.readv(fd, [buffer])
+        if not count:
+            break
+        digest.update(view[:count])
+        total += count
+    if size is not None and total != size:
+        return total, None
+    return total, digest.hexdigest()
+
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def open_for_hashing(path: str) -> int:
+    """A read-only descriptor of ``path``; O_NONBLOCK so that a FIFO left in a backup cannot
+    block the reader (it has no effect on regular files)."""
+    return os.open(path, _READ_FLAGS)
+
+
+def file_digest(path: str, constructor) -> str:
+    fd = open_for_hashing(path)
+    try:
+        return hash_open_file(fd, constructor)[1]
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            chunk = handle.read(HASH_CHUNK)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def md5_file(path: str) -> str:
-    digest = hashlib.md5()  # Orthanc records MD5s; this is a checksum, not security
-    with open(path, "rb") as handle:
-        while True:
-            chunk = handle.read(64 * 1024)  # small reads let the disk and the hashing overlap
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, hashlib.sha256)
 
 
 def utc_now() -> datetime.datetime:

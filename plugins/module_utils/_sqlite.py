@@ -228,36 +228,3 @@ def attachment_totals(path: str) -> tuple:
             conn.close()
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {path}: {exc}")
-
-
-def uuids_are_distinct(path: str) -> bool:
-    """Whether no uuid is listed twice (SQLite sorts on disk: nothing held in Python)."""
-    try:
-        conn = connect(path)
-        try:
-            return conn.execute("SELECT 1 FROM AttachedFiles GROUP BY uuid HAVING COUNT(*) > 1 LIMIT 1").fetchone() is None
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise PacsError("read index", f"cannot list the attachments of {path}: {exc}")
-
-
-class UuidSet:
-    """The uuids an index lists, for ``in`` tests, kept by SQLite in a temporary file (not in
-    memory): the slow path of a verification that found storage files the index may not list."""
-
-    def __init__(self, path: str):
-        try:
-            self.conn = sqlite3.connect("", isolation_level=None)  # "": a private temporary database on disk
-            self.conn.execute("ATTACH DATABASE ? AS idx", (f"file:{path}?mode=ro",))
-            self.conn.execute("CREATE TABLE listed (uuid TEXT PRIMARY KEY) WITHOUT ROWID")
-            self.conn.execute("INSERT OR IGNORE INTO listed SELECT uuid FROM idx.AttachedFiles")
-            self.conn.execute("DETACH DATABASE idx")
-        except sqlite3.Error as exc:
-            raise PacsError("read index", f"cannot list the attachments of {path}: {exc}")
-
-    def __contains__(self, uuid: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM listed WHERE uuid = ?", (uuid,)).fetchone() is not None
-
-    def close(self) -> None:
-        self.conn.close()

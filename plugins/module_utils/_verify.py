@@ -8,16 +8,26 @@ backup can be checked file by file without any Orthanc running."""
 
 from __future__ import annotations
 
+import bisect
+import collections
 import concurrent.futures
+import concurrent.futures.process
+import hashlib
+import multiprocessing
 import os
+import re
+import sqlite3
+import stat
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite, _storage
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, md5_file, safe_relative, sha256_file
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
+    PacsError, hash_open_file, open_for_hashing, os_error_cause, safe_relative, sha256_file)
 
 __metaclass__ = type
 
 MAX_EXAMPLES = 10
+_SHARD = re.compile(r"^[0-9a-f]{2}$")  # the xx and yy folders of storage/, as _storage.walk_storage reads them
 
 
 class Report:
@@ -49,7 +59,9 @@ def describe_problems(problems: dict) -> str:
                      for kind, entry in sorted(problems.items()))
 
 
-def check_manifest_files(backup: str, manifest: dict, report: Report) -> None:
+def check_manifest_files(backup: str, manifest: dict, report: Report) -> set:
+    """The SHA-256 of every file the manifest names; returns the names whose SHA-256 matches."""
+    matched = set()
     for rel, digest in sorted(manifest.get("files", {}).items()):
         if not safe_relative(rel):
             report.add("paths outside the backup named by the manifest", repr(rel))
@@ -59,104 +71,269 @@ def check_manifest_files(backup: str, manifest: dict, report: Report) -> None:
             report.add("missing files outside storage", rel)
         elif sha256_file(path) != digest:
             report.add("files outside storage with a wrong SHA-256", rel)
-
-
-HASH_WINDOW = 2048  # files handed to the hashing threads at once: memory stays flat however many
-
-
-class _Hasher:
-    """Hashes files in windows of HASH_WINDOW on ``workers`` threads and reports wrong MD5s."""
-
-    def __init__(self, report: Report, workers: int, progress=None):
-        self.report = report
-        self.progress = progress
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-        self.window: list = []
-
-    def add(self, uuid: str, path: str, md5: str, size: int) -> None:
-        self.window.append((uuid, path, md5, size))
-        if len(self.window) >= HASH_WINDOW:
-            self.flush()
-
-    def flush(self) -> None:
-        window, self.window = self.window, []
-        if self.pool is None:  # a pool of one thread only adds its own cost
-            digests = (md5_file(item[1]) for item in window)
         else:
-            digests = self.pool.map(lambda item: md5_file(item[1]), window)
-        for (uuid, _path, expected, size), actual in zip(window, digests):
-            self.report.stats["files_hashed"] += 1
-            self.report.stats["bytes_hashed"] += size
-            if self.progress is not None:
-                self.progress.add(1, size)
-            if actual != expected:
-                self.report.add("storage files with a wrong MD5", uuid)
+            matched.add(rel)
+    return matched
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+
+INDEX_CHECKED = "integrity_check"  # manifest verification.index_integrity: the completion check ran it and it passed
+INDEX_REL = _layout.INDEX + "/index"
+
+
+HASH_WINDOW = 2048  # index rows per batch handed to a worker: memory stays flat however many files
+PIPELINE = 2        # batches in flight per worker
+
+
+def default_workers() -> int:
+    """One worker per CPU: reading and hashing scale with the cores (each worker is a process,
+    so Python's own per-file work runs in parallel too), and a worker waiting for the disk
+    leaves its core to another."""
+    return max(1, os.cpu_count() or 1)
+
+
+_WORKER: dict = {}  # what the pool's processes share, set before they are forked
+
+
+def _start_worker(storage: str, known_missing) -> None:
+    _WORKER.update(storage=storage, known_missing=known_missing)
+
+
+def _listing(storage: str, shard: tuple, problems: list):
+    """The names in storage/xx/yy (empty when it does not exist); None, and a problem noted,
+    when it cannot be read."""
+    try:
+        return set(os.listdir(os.path.join(storage, shard[0], shard[1])))
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        problems.append(("unreadable storage folders", f"{shard[0]}/{shard[1]} ({os_error_cause(exc)})"))
+        return None
+
+
+def _is_stored(path: str) -> bool:
+    """What walk_storage counts as a storage file: a regular file (not a link), no dot file."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode) and not os.path.basename(path).startswith(".")
+    except OSError:
+        return False
+
+
+def check_batch(rows: list, wanted, shards: list, storage: str | None = None, known_missing=None) -> dict:
+    """Check a batch of index rows (uuid, size, md5), sorted by uuid, against storage/: the one
+    routine that checks storage files, in a worker process or in the caller's.
+
+    ``wanted``: None to hash every file that has an MD5, False to hash none, else one flag per
+    row. ``shards``: the (xx, yy) folders of storage/ this batch answers for (every folder whose
+    name sorts after the previous batch's last row and up to this batch's last): each is listed
+    once, so a missing file costs no failed open, and the files it holds that no row names are
+    the orphans. Returns counts, problems (kind, example) in row order and orphans."""
+    storage = storage if storage is not None else _WORKER["storage"]
+    known_missing = known_missing if known_missing is not None else _WORKER["known_missing"]
+    result = {"files_checked": 0, "bytes_checked": 0, "files_hashed": 0, "bytes_hashed": 0, "known_missing": 0,
+              "problems": [], "orphans": 0, "orphan_examples": []}
+    problems = result["problems"]
+    listed = {shard: _listing(storage, shard, problems) for shard in shards}
+    present = 0  # distinct uuids found in the folders this batch answers for
+    previous = None
+    md5_of = hashlib.md5
+    for number, (uuid, size, expected) in enumerate(rows):
+        shard = (uuid[0:2], uuid[2:4])
+        if shard in listed:
+            names = listed[shard]
+            if names is not None and uuid in names and uuid != previous:
+                present += 1
+                previous = uuid
+        else:  # a folder outside storage/'s xx/yy tree (or orphans not asked for): listed on demand
+            names = listed[shard] = _listing(storage, shard, problems)
+        if names is None:  # its folder cannot be read: noted once, above
+            continue
+        if uuid not in names:
+            if uuid in known_missing:
+                result["known_missing"] += 1
+            else:
+                problems.append(("missing storage files", uuid))
+            continue
+        path = f"{storage}/{shard[0]}/{shard[1]}/{uuid}"
+        want = bool(expected) and (wanted is None or (wanted is not False and wanted[number]))
+        try:
+            if want:
+                fd = open_for_hashing(path)
+                try:
+                    actual, digest = hash_open_file(fd, md5_of, size)
+                finally:
+                    os.close(fd)
+            else:
+                actual, digest = os.stat(path).st_size, None
+        except FileNotFoundError:  # listed, then gone: a backup being changed under the check
+            problems.append(("missing storage files", uuid))
+            continue
+        except OSError as exc:
+            problems.append(("unreadable storage files", f"{uuid} ({os_error_cause(exc)})"))
+            continue
+        result["files_checked"] += 1
+        result["bytes_checked"] += actual
+        if actual != size:
+            problems.append(("storage files with a wrong size", f"{uuid} ({actual} bytes, index says {size})"))
+            continue
+        if want:
+            result["files_hashed"] += 1
+            result["bytes_hashed"] += size
+            if digest != expected:
+                problems.append(("storage files with a wrong MD5", uuid))
+    if present == sum(len(listed[shard] or ()) for shard in shards):
+        return result  # every name in these folders is a file the rows name: no orphan
+    named: dict = {}
+    for uuid, _size, _md5 in rows:
+        named.setdefault((uuid[0:2], uuid[2:4]), set()).add(uuid)
+    for shard in shards:
+        extra = (listed[shard] or set()) - named.get(shard, set())
+        for name in sorted(extra):
+            if _is_stored(os.path.join(storage, shard[0], shard[1], name)):
+                result["orphans"] += 1
+                if len(result["orphan_examples"]) < MAX_EXAMPLES:
+                    result["orphan_examples"].append(name)
+    return result
+
+
+def _shards(storage: str) -> list:
+    """The (xx, yy) folders of storage/, sorted: what walk_storage walks."""
+    found = []
+    try:
+        level1 = sorted(e.name for e in os.scandir(storage) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return found
+    except OSError as exc:
+        raise PacsError("walk storage", f"cannot list the storage folder: {os_error_cause(exc)}")
+    for name1 in level1:
+        try:
+            level2 = sorted(e.name for e in os.scandir(os.path.join(storage, name1))
+                            if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+        except OSError as exc:
+            raise PacsError("walk storage", f"cannot list {os.path.join(storage, name1)}: {os_error_cause(exc)}")
+        found.extend((name1, name2) for name2 in level2)
+    return found
+
+
+def _batches(rows, shards: list, hash_filter):
+    """(rows, wanted, shards) batches of about HASH_WINDOW rows, each ending at the end of a
+    folder (rows come sorted by uuid, i.e. in folder order), with the storage folders each
+    answers for; the last one answers for every folder left."""
+    lookahead = None
+    first_shard = 0
+    while True:
+        batch = [lookahead] if lookahead is not None else []
+        lookahead = None
+        batch.extend(rows.fetchmany(max(1, HASH_WINDOW - len(batch))))
+        if batch:
+            last = (batch[-1][0][0:2], batch[-1][0][2:4])
+            while True:  # the rest of the last row's folder
+                row = rows.fetchone()
+                if row is None:
+                    break
+                if (row[0][0:2], row[0][2:4]) != last:
+                    lookahead = row
+                    break
+                batch.append(row)
+        if lookahead is None:  # the last batch answers for every folder left
+            end = len(shards)
+        else:
+            end = bisect.bisect_right(shards, last, lo=first_shard)
+        if not batch and end == first_shard:
+            return
+        if hash_filter is None:
+            wanted = None
+        else:
+            wanted = [bool(hash_filter(uuid)) for uuid, _size, _md5 in batch]  # the filter sees every file
+        yield batch, wanted, shards[first_shard:end]
+        first_shard = end
+        if lookahead is None:
+            return
 
 
 def check_storage(backup: str, index_file: str | None, report: Report, hash_filter=None,
-                  workers: int = 2, orphans: bool = True, listed: dict | None = None,
-                  known_missing=frozenset(), progress=None) -> None:
+                  workers: int | None = None, orphans: bool = True, listed=None,
+                  known_missing=frozenset(), progress=None, started=None) -> None:
     """Every attachment the index lists is in storage/ with its size, and, for the uuids that
-    ``hash_filter(uuid)`` accepts (all when None), its MD5. ``listed`` ({uuid: (size, md5)})
-    replaces the index file (a database dump's listing); ``known_missing`` are files that the
+    ``hash_filter(uuid)`` accepts (all when None), its MD5; the files in storage/ the index does
+    not list are orphans. ``listed`` (a SQLite connection with a table ``listing(uuid, size,
+    md5)``, a ``DumpListing``) replaces the index file (a database dump's listing); ``known_missing`` are files that the
     manifest records as deleted while the dump ran.
 
-    The index's attachments are read one at a time and hashed in bounded windows, and orphans
-    (files the index does not list) are found by counting: when the storage holds as many files
-    as the index lists and finds present, and the index lists no uuid twice, there is none; only
-    otherwise are they looked up, in a set that SQLite keeps on disk. Memory does not grow with
-    the number of files (benchmarks/memory.py). ``progress`` (a _progress.Progress) counts the
-    files hashed; its totals are the index's when every file is hashed, else what the caller set."""
+    The rows are read sorted by uuid (SQLite sorts on disk), i.e. folder by folder, the order
+    the files sit in storage/, and handed in batches of HASH_WINDOW to ``workers`` processes
+    (one per CPU when None), a few batches in flight: each lists the folders of its batch once
+    and reads and hashes its files (``check_batch``). Orphans come out of the same listings, so
+    storage/ is walked once. Memory does not grow with the number of files
+    (benchmarks/memory.py). ``progress`` (a _progress.Progress) counts the files checked; its
+    totals are the index's when every file is hashed, else what the caller set. ``started()``
+    is called once the worker processes run: a thread the caller starts then is not forked."""
     storage = os.path.join(backup, _layout.STORAGE)
-    if listed is None:
-        rows = _sqlite.iter_attachments(index_file)
-    else:
-        rows = ((uuid, size, md5) for uuid, (size, md5) in listed.items())
-    present = 0  # listed files found in storage/, whatever their size
-    hasher = _Hasher(report, workers, progress)
-    if progress is not None and hash_filter is None and progress.files_total is None:
-        progress.totals(*(_sqlite.attachment_totals(index_file) if listed is None else
-                          (len(listed), sum(size for size, _md5 in listed.values()))))
+    source = "the dump's listing" if listed is not None else index_file
+    query = ("SELECT uuid, size, COALESCE(md5, '') FROM listing ORDER BY uuid" if listed is not None else
+             "SELECT uuid, compressedSize, COALESCE(compressedMD5, '') FROM AttachedFiles ORDER BY uuid")
+    workers = default_workers() if not workers else workers
     try:
-        for uuid, size, md5 in rows:
-            path = os.path.join(storage, _storage.relpath(uuid))
-            try:
-                actual = os.stat(path).st_size
-            except FileNotFoundError:
-                if uuid in known_missing:
-                    report.stats["known_missing"] = report.stats.get("known_missing", 0) + 1
-                    continue
-                report.add("missing storage files", uuid)
-                continue
-            present += 1
-            report.stats["files_checked"] += 1
-            report.stats["bytes_checked"] += actual
-            if actual != size:
-                report.add("storage files with a wrong size", f"{uuid} ({actual} bytes, index says {size})")
-                continue
-            if (hash_filter is None or hash_filter(uuid)) and md5:  # the filter sees every file in place
-                hasher.add(uuid, path, md5, size)
-        hasher.flush()
+        conn = listed if listed is not None else _sqlite.connect(index_file)
+    except sqlite3.Error as exc:
+        raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
+    try:
+        count, total = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM listing" if listed is not None else
+            "SELECT COUNT(*), COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone()
+        if progress is not None and hash_filter is None and progress.files_total is None:
+            progress.totals(count, total)
+        workers = max(1, min(workers, -(-count // HASH_WINDOW)))  # no process without a batch to check
+        shards = _shards(storage) if orphans else []
+        rows = conn.execute(query)
+        batches = _batches(rows, shards, hash_filter)
+        if workers == 1:
+            if started is not None:
+                started()
+            results = (check_batch(batch, wanted, folders, storage, known_missing)
+                       for batch, wanted, folders in batches)
+            _gather(results, report, progress)
+        else:
+            context = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                                        initargs=(storage, known_missing)) as pool:
+                _gather(_in_flight(pool, batches, workers * PIPELINE, started), report, progress)
+    except sqlite3.Error as exc:
+        raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
+    except concurrent.futures.process.BrokenProcessPool as exc:
+        raise PacsError("verify storage", f"a hashing process died: {exc}")
     finally:
-        hasher.close()
-    if orphans and os.path.isdir(storage):
-        stored = sum(1 for _entry in _storage.walk_storage(storage))
-        distinct = True if listed is not None else _sqlite.uuids_are_distinct(index_file)
-        if stored != present or not distinct:
-            members = listed if listed is not None else _sqlite.UuidSet(index_file)
-            try:
-                for uuid, _entry in _storage.walk_storage(storage):
-                    if uuid not in members:
-                        report.stats["orphans"] += 1
-                        if len(report.orphan_examples) < MAX_EXAMPLES:
-                            report.orphan_examples.append(uuid)
-            finally:
-                if listed is None:
-                    members.close()
+        if listed is None:
+            conn.close()
+
+
+def _in_flight(pool, batches, limit: int, started=None):
+    """Results of check_batch over ``batches`` in their order, at most ``limit`` submitted ahead.
+    The first submit forks the workers (all of them, before the pool's own thread)."""
+    pending = collections.deque()
+    for batch, wanted, folders in batches:
+        pending.append(pool.submit(check_batch, batch, wanted, folders))
+        if started is not None and len(pending) == 1:
+            started()
+        if len(pending) >= limit:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _gather(results, report: Report, progress) -> None:
+    stats = report.stats
+    for result in results:
+        for key in ("files_checked", "bytes_checked", "files_hashed", "bytes_hashed"):
+            stats[key] += result[key]
+        if result["known_missing"]:
+            stats["known_missing"] = stats.get("known_missing", 0) + result["known_missing"]
+        for kind, example in result["problems"]:
+            report.add(kind, example)
+        stats["orphans"] += result["orphans"]
+        room = MAX_EXAMPLES - len(report.orphan_examples)
+        report.orphan_examples.extend(result["orphan_examples"][:room])
+        if progress is not None:
+            progress.add(result["files_hashed"], result["bytes_hashed"])
 
 
 def _hash_none(_uuid: str) -> bool:
@@ -164,15 +341,22 @@ def _hash_none(_uuid: str) -> bool:
 
 
 def _read_manifest(backup: str, report: Report):
+    """(manifest or None, names of the files whose SHA-256 matches it)."""
     try:
         manifest = _layout.read_manifest(backup)
     except FileNotFoundError:
-        return None
+        return None, set()
     except _layout.ManifestError as exc:
         report.add("unreadable manifest", str(exc.__cause__ or exc))
-        return None
-    check_manifest_files(backup, manifest, report)
-    return manifest
+        return None, set()
+    return manifest, check_manifest_files(backup, manifest, report)
+
+
+def index_checked_before(manifest, matched: set) -> bool:
+    """The index is byte for byte (SHA-256) the one that passed PRAGMA integrity_check when the
+    backup was completed (the manifest says so): running it again would find the same."""
+    return (INDEX_REL in matched and isinstance(manifest, dict) and isinstance(manifest.get("verification"), dict)
+            and manifest["verification"].get("index_integrity") == INDEX_CHECKED)
 
 
 def _compare_counts(manifest, counts: dict, report: Report) -> None:
@@ -183,8 +367,48 @@ def _compare_counts(manifest, counts: dict, report: Report) -> None:
                 report.add("counts that differ from the manifest", f"{key}: manifest {recorded}, index {value}")
 
 
+class DumpListing:
+    """What a database dump lists, streamed into a private temporary SQLite database (on disk,
+    removed when closed) in batches, as the dump's delta pass does (``_storage.State.load_listing``):
+    ``listing(uuid, size, md5)`` the attachments, ``stored(uuid, size, md5)`` the files kept in
+    the database. Nothing per file is held in Python, however many the dump lists."""
+
+    def __init__(self):
+        self.conn = sqlite3.connect("", isolation_level=None)  # "": a private temporary database
+        self.conn.execute("CREATE TABLE listing (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL, md5 TEXT) WITHOUT ROWID")
+        self.conn.execute("CREATE TABLE stored (uuid TEXT PRIMARY KEY, size INTEGER, md5 TEXT) WITHOUT ROWID")
+        self.pending: dict = {"listing": [], "stored": []}
+
+    def _add(self, table: str, row: tuple) -> None:
+        rows = self.pending[table]
+        rows.append(row)
+        if len(rows) >= HASH_WINDOW:
+            self.flush()
+
+    def attachment(self, uuid, size, md5) -> None:
+        self._add("listing", (uuid, size, md5))
+
+    def stored(self, uuid, size, md5) -> None:
+        self._add("stored", (uuid, size, md5))
+
+    def flush(self) -> None:
+        with self.conn:  # the last of two rows for one uuid wins, as it did in a dict
+            self.conn.execute("BEGIN")
+            for table, rows in self.pending.items():
+                if rows:
+                    self.conn.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?)", rows)
+                    rows.clear()
+
+    def has_stored(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM stored LIMIT 1").fetchone() is not None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def verify_database_backup(backup: str, found: tuple, manifest, report: Report, md5: str = "all",
-                           workers: int = 2, hash_filter=None, known_missing=frozenset(), progress=None) -> dict:
+                           workers: int | None = None, hash_filter=None, known_missing=frozenset(),
+                           progress=None) -> dict:
     """A backup whose index is a database dump: the dump reads back and lists what the backup
     holds, whether the files are in the dump (large objects, LONGBLOBs) or in storage/."""
     engine, fmt, path = found
@@ -197,47 +421,61 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
         except (OSError, ValueError):
             dump_record = None
     container = (dump_record or {}).get("container")
+    listed = DumpListing()
     try:
-        db_dump.check_dump(engine, path, fmt, container=container)
-        listing = db_listing.read_dump(engine, path, with_contents=True, container=container)
-    except PacsError as exc:
-        report.add("unreadable database dump", exc.cause)
-        return report.as_dict()
-    in_database = bool(listing["stored"]) or bool((manifest or {}).get("storage_in_database"))
-    if in_database:
-        for uuid, (size, expected_md5) in listing["attachments"].items():
-            stored = listing["stored"].get(uuid)
-            if stored is None or stored[0] is None:
-                report.add("files missing from the database dump", uuid)
-                continue
-            report.stats["files_checked"] += 1
-            report.stats["bytes_checked"] += stored[0]
-            if stored[0] != size:
-                report.add("files in the dump with a wrong size", f"{uuid} ({stored[0]} bytes, index says {size})")
-            elif expected_md5 and md5 != "none":
-                report.stats["files_hashed"] += 1
-                report.stats["bytes_hashed"] += size
-                if stored[1] != expected_md5:
-                    report.add("files in the dump with a wrong MD5", uuid)
-    else:
-        chosen = _hash_none if md5 == "none" else (None if md5 == "all" else hash_filter)
-        known = set((manifest or {}).get("storage", {}).get("deleted_during_capture") or []) | set(known_missing)
-        check_storage(backup, None, report, chosen, workers, listed=listing["attachments"], known_missing=known,
-                      progress=progress)
-    _compare_counts(manifest, listing["counts"], report)
+        try:
+            db_dump.check_dump(engine, path, fmt, container=container)
+            summary = db_listing.stream_dump(engine, path, listed.attachment, listed.stored, with_contents=True,
+                                             container=container)
+            listed.flush()
+        except PacsError as exc:
+            report.add("unreadable database dump", exc.cause)
+            return report.as_dict()
+        in_database = listed.has_stored() or bool((manifest or {}).get("storage_in_database"))
+        if in_database:
+            _check_in_database(listed, md5, report)
+        else:
+            chosen = _hash_none if md5 == "none" else (None if md5 == "all" else hash_filter)
+            known = set((manifest or {}).get("storage", {}).get("deleted_during_capture") or []) | set(known_missing)
+            check_storage(backup, None, report, chosen, workers, listed=listed.conn, known_missing=known,
+                          progress=progress)
+    except sqlite3.Error as exc:
+        raise PacsError("verify backup", f"cannot keep the listing of the dump {path} in a temporary database: {exc}")
+    finally:
+        listed.close()
+    _compare_counts(manifest, summary["counts"], report)
     result = report.as_dict()
-    result.update({"counts": listing["counts"], "schema_version": listing["schema_version"],
-                   "schema_patch_level": listing.get("patch_level"),
+    result.update({"counts": summary["counts"], "schema_version": summary["schema_version"],
+                   "schema_patch_level": summary.get("patch_level"),
                    "dump": {"engine": engine, "format": fmt, "path": path}, "storage_in_database": in_database})
     return result
 
 
-def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=None,
+def _check_in_database(listed: DumpListing, md5: str, report: Report) -> None:
+    """Every attachment the dump lists is kept in it (large object, LONGBLOB) with its size and MD5."""
+    query = ("SELECT l.uuid, l.size, l.md5, s.size, s.md5 FROM listing AS l "
+             "LEFT JOIN stored AS s ON s.uuid = l.uuid ORDER BY l.uuid")
+    for uuid, size, expected_md5, stored_size, stored_md5 in listed.conn.execute(query):
+        if stored_size is None:
+            report.add("files missing from the database dump", uuid)
+            continue
+        report.stats["files_checked"] += 1
+        report.stats["bytes_checked"] += stored_size
+        if stored_size != size:
+            report.add("files in the dump with a wrong size", f"{uuid} ({stored_size} bytes, index says {size})")
+        elif expected_md5 and md5 != "none":
+            report.stats["files_hashed"] += 1
+            report.stats["bytes_hashed"] += size
+            if stored_md5 != expected_md5:
+                report.add("files in the dump with a wrong MD5", uuid)
+
+
+def verify_backup(backup: str, md5: str = "all", workers: int | None = None, hash_filter=None,
                   known_missing=frozenset(), progress=None) -> dict:
     """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none.
     ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped."""
     report = Report()
-    manifest = _read_manifest(backup, report)
+    manifest, matched = _read_manifest(backup, report)
     found = db_dump.find_dump(backup)
     if found:
         return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing,
@@ -247,9 +485,18 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
         report.add("missing index", "index/index")
         return report.as_dict()
     # The integrity check (SQLite, which releases the GIL) runs beside the storage check, whose
-    # hashing is the other long part: on a large index the two take about as long.
+    # hashing is the other long part, in a thread started once the hashing processes are forked.
+    # It costs about as much CPU per instance as hashing a small file; it is skipped when the
+    # index is, by its SHA-256, the one that passed it when the backup was completed.
+    index_check = "unchanged" if index_checked_before(manifest, matched) else INDEX_CHECKED
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as side:
-        integrity_future = side.submit(_sqlite.check_integrity, index_file, "full")
+        integrity_future: list = []
+
+        def start_integrity() -> None:
+            if not integrity_future:
+                integrity_future.append(side.submit(_sqlite.check_integrity, index_file,
+                                                    "none" if index_check == "unchanged" else "full"))
+
         if md5 == "none":
             chosen = _hash_none
         elif md5 == "all":
@@ -259,10 +506,12 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
         storage_report = Report()
         storage_error = None
         try:
-            check_storage(backup, index_file, storage_report, chosen, workers, progress=progress)
+            check_storage(backup, index_file, storage_report, chosen, workers, progress=progress,
+                          started=start_integrity)
         except PacsError as exc:
             storage_error = exc
-        integrity = integrity_future.result()
+        start_integrity()  # when the storage check stopped before it started any
+        integrity = integrity_future[0].result()
     for problem in integrity:
         report.add("index integrity errors", problem)
     if integrity:
@@ -277,5 +526,5 @@ def verify_backup(backup: str, md5: str = "all", workers: int = 2, hash_filter=N
     _compare_counts(manifest, summary["counts"], report)
     result = report.as_dict()
     result.update({"counts": summary["counts"], "schema_version": summary["schema_version"],
-                   "schema_patch_level": summary.get("patch_level")})
+                   "schema_patch_level": summary.get("patch_level"), "index_check": index_check})
     return result

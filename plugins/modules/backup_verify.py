@@ -11,12 +11,13 @@ short_description: Verify an Orthanc backup offline, file by file, against its o
 version_added: 0.1.0
 description:
   - Checks a backup folder without any Orthanc, the SHA-256 of every file that C(manifest.json)
-    lists, the integrity of the index copy (C(PRAGMA integrity_check)), every attachment that the
+    lists, the integrity of the index copy (C(PRAGMA integrity_check), unless the index is by its
+    SHA-256 the one that passed it when the backup was completed), every attachment that the
     index lists present in C(storage/) with the size and the MD5 that the index records
     (compressed storage included, the MD5 is that of the bytes on disk), the counts of the
     manifest against the index, and files in C(storage/) that the index does not know (orphans,
     reported but not an error).
-  - Files are hashed in parallel by O(workers) readers.
+  - Files are read and hashed in parallel by O(workers) processes, folder by folder of C(storage/).
   - Read-only; fails with a summary of the problems by kind when anything is wrong.
 options:
   path:
@@ -29,9 +30,9 @@ options:
     choices: [all, none]
     default: all
   workers:
-    description: Parallel readers.
+    description: Processes that read and hash storage files in parallel; C(0) starts one per CPU of the host.
     type: int
-    default: 2
+    default: 0
 extends_documentation_fragment:
   - pacs.orthanc.rest.READ_ONLY
   - pacs.orthanc.progress
@@ -76,6 +77,13 @@ orphans:
   description: Files in C(storage/) that the index does not list.
   type: int
   returned: always
+index_check:
+  description: >-
+    C(integrity_check) when C(PRAGMA integrity_check) ran on the SQLite index; C(unchanged) when
+    the index is, by its SHA-256, the one that passed it when the backup was completed (the
+    manifest records that check), so it was not run again.
+  type: str
+  returned: when the backup has a SQLite index
 seconds:
   description: Time the verification took.
   type: float
@@ -113,7 +121,7 @@ def main():
         argument_spec=dict(
             path=dict(type="path", required=True),
             md5=dict(type="str", choices=["all", "none"], default="all"),
-            workers=dict(type="int", default=2),
+            workers=dict(type="int", default=0),
             **_specs.PROGRESS,
         ),
         supports_check_mode=True,

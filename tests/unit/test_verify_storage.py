@@ -1,19 +1,25 @@
-"""The storage check of a verification on real files and a real SQLite index: it streams the
-index's attachments, hashes in bounded windows, and finds orphans by counting, looking them up
-(in a set SQLite keeps on disk) only when the counts differ or the index lists a uuid twice."""
+"""The storage check of a verification on real files and a real SQLite index (or a real dump's
+listing): it streams the attachments sorted by uuid, checks them in bounded batches (in worker
+processes) and finds orphans in the same listings of the storage folders, exactly also when the
+index lists a uuid twice."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pathlib
+import shutil
 import sqlite3
 
 import pytest
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils._db import listing as db_listing
 from tests.support.storage_tree import at, put
 
 pytestmark = pytest.mark.quick
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 
 
 def backup_with(tmp_path, files: int):
@@ -67,3 +73,66 @@ def test_orphans_found_when_counts_differ_and_when_a_uuid_is_listed_twice(tmp_pa
     conn.close()
     result = check(storage, index)
     assert result["files_checked"] == 6 and result["orphans"] == 1 and result["orphan_examples"] == [orphan]
+
+
+DUMPS = json.loads((FIXTURES / "expected.json").read_text())
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skipif(
+    n.endswith(".pgdump") and shutil.which("pg_restore") is None, reason="no pg_restore")) for n in sorted(DUMPS)])
+def test_a_dump_s_listing_streams_into_sqlite_in_batches(name, tmp_path, monkeypatch):
+    """A real dump (tests/unit/fixtures, made by pg_dump and mysqldump of Orthanc's databases) is
+    verified without its listing gathered into dicts: the readers that gather are out of reach,
+    the listing goes to SQLite one row per batch, and the check still finds what is wrong."""
+    def gathered(*_args, **_kwargs):
+        raise AssertionError("the dump's listing was gathered into a dict")
+    for reader in ("read_dump", "read_pg_dump", "read_mysql_dump"):
+        monkeypatch.setattr(db_listing, reader, gathered)
+    monkeypatch.setattr(_verify, "HASH_WINDOW", 1)
+    expected = DUMPS[name]
+    backup = tmp_path / "backup"
+    (backup / "database").mkdir(parents=True)
+    shutil.copy(FIXTURES / name, backup / "database" / ("orthanc.pgdump" if name.endswith(".pgdump") else "orthanc.sql"))
+    result = _verify.verify_backup(str(backup), md5="all", workers=2)
+    assert result["counts"] == expected["counts"] and result["schema_version"] == "6"
+    if expected["storage_in_database"]:
+        assert result["ok"] and result["storage_in_database"]
+        assert result["files_checked"] == result["files_hashed"] == len(expected["attachments"]) == 2
+        return
+    # files on disk: one with the right size and wrong bytes, one missing, one orphan
+    first, second = sorted(expected["attachments"])
+    target = at(backup / "storage", first)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"x" * expected["attachments"][first]["size"])
+    orphan = put(backup / "storage", b"not listed")
+    result = _verify.verify_backup(str(backup), md5="all", workers=2)
+    assert result["problems"] == {"storage files with a wrong MD5": {"count": 1, "examples": [first]},
+                                  "missing storage files": {"count": 1, "examples": [second]}}
+    assert result["files_hashed"] == 1 and result["orphan_examples"] == [orphan]
+
+
+def test_the_integrity_check_is_skipped_only_for_the_index_that_passed_it(tmp_path, monkeypatch):
+    """A complete backup's manifest records that its index passed PRAGMA integrity_check; an
+    index with that SHA-256 is not checked again, any other one is."""
+    storage, index, conn = backup_with(tmp_path, 3)
+    conn.executescript("CREATE TABLE GlobalProperties(property INTEGER PRIMARY KEY, value TEXT);"
+                       "CREATE TABLE Resources(internalId INTEGER PRIMARY KEY, resourceType INTEGER);")
+    conn.close()
+    backup = storage.parent
+    manifest = {"files": {"index/index": hashlib.sha256(index.read_bytes()).hexdigest()},
+                "verification": {"md5": "new", "index_integrity": "integrity_check"}}
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    ran = []
+    real = _verify._sqlite.check_integrity
+    monkeypatch.setattr(_verify._sqlite, "check_integrity", lambda path, level: ran.append(level) or real(path, level))
+    result = _verify.verify_backup(str(backup), workers=1)
+    assert result["ok"] and result["index_check"] == "unchanged" and ran == ["none"]
+    del manifest["verification"]["index_integrity"]  # a backup completed before the manifest said so
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    result = _verify.verify_backup(str(backup), workers=1)
+    assert result["ok"] and result["index_check"] == "integrity_check" and ran[-1] == "full"
+    manifest["verification"]["index_integrity"] = "integrity_check"
+    manifest["files"]["index/index"] = "0" * 64  # another index than the one checked
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    result = _verify.verify_backup(str(backup), workers=1)
+    assert not result["ok"] and result["index_check"] == "integrity_check" and ran[-1] == "full"

@@ -249,6 +249,24 @@ def read_dump(engine: str, path: str, with_contents: bool = True, bin_dir: str |
     return read_mysql_dump(path, with_contents)
 
 
+def stream_dump(engine: str, path: str, attachment, stored, with_contents: bool = True,
+                bin_dir: str | None = None, container: str | None = None) -> dict:
+    """What ``read_dump`` finds, with every attachment handed to ``attachment(uuid, size, md5 or
+    None)`` and every file kept in the database to ``stored(uuid, size, md5)`` as they are read,
+    instead of gathered (verification streams them into SQLite): returns the counts and the
+    schema version and patch level, with empty ``attachments`` and ``stored``."""
+    listing = _Listing()
+    listing.attachment = lambda uuid, size, md5: attachment(uuid, int(size) if size is not None else 0, md5 or None)
+    events = (_pg_dump_events(path, with_contents, bin_dir, container) if engine == "postgresql"
+              else _mysql_events(path, with_contents))
+    for event in events:
+        if event[0] == "stored":
+            stored(*event[1:])
+        else:
+            listing.consume((event,))
+    return listing.as_dict()
+
+
 def attachment_sizes(engine: str, path: str, bin_dir: str | None = None, container: str | None = None):
     """(uuid, compressed size) of every attachment a dump lists, one at a time, nothing held:
     what the storage delta pass of a dump compares with its state (``_storage.Delta``)."""
