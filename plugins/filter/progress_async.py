@@ -7,6 +7,10 @@ upload, shipping)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+
 DOCUMENTATION = r"""
 name: progress_async
 short_description: Decide whether a long step runs with async and progress lines, or synchronously
@@ -104,9 +108,6 @@ def backup_work(content) -> dict | None:
     """A backup's work for the estimate, from its manifest.json as ``slurp`` gives it (base64):
     ``{bytes, files}`` of its storage and dump; None when it cannot be read (the verification says
     why, in its own step)."""
-    import base64
-    import binascii
-    import json
     try:
         manifest = json.loads(base64.b64decode(content or "", validate=False).decode("utf-8"))
     except (TypeError, ValueError, binascii.Error, UnicodeDecodeError):
