@@ -33,8 +33,8 @@ WAIT_LINE = re.compile(r"\(item=progress shipping: waiting for a transfer slot o
                        r"test-holder \(backup b-1, since [\dT:Z-]+\), since \d+:\d\d:\d\d\)")
 
 
-def test_the_hot_pass_and_the_shipping_show_their_progress_in_the_play_and_the_status_file(servers, ssh_server,
-                                                                                            tmp_path):
+def test_the_hot_pass_and_the_shipping_show_their_progress_in_the_play_and_the_status_file(
+        servers, ssh_server, tmp_path):
     server = servers("progress")
     # files copied (not linked) at most 10 MiB/s: a hot pass of about 8 s, 16 intervals of 0.5 s (a busy machine
     # may show only a few of them)
