@@ -563,10 +563,11 @@ class RemoteSlot:
     run there (no python3, a forced command that allows rsync only)."""
 
     def __init__(self, prefix: list, folder: str, count: int, timeout: float, who: dict, step: str,
-                 where: str = "the backup server", waiting=None, python: str = "python3", grace: float = 60.0):
+                 where: str = "the backup server", waiting=None, python: str = "python3", grace: float = 60.0,
+                 remedy: str = ""):
         self.argv = list(prefix) + [slot_holder_command(folder, count, timeout, who, python)]
         self.folder, self.count, self.timeout, self.step, self.where = folder, count, timeout, step, where
-        self.waiting, self.grace = waiting, grace
+        self.waiting, self.grace, self.remedy = waiting, grace, remedy
         self.program = None
         self.number = None
         self.waited = 0.0
@@ -600,8 +601,9 @@ class RemoteSlot:
                 rc = self.program.wait(timeout=10)
                 said = " ".join(self.program.errors().strip().splitlines()[-3:])
                 raise PacsError(self.step, f"could not take a transfer slot on {self.where} (exit {rc}"
-                                f"{': ' + said if said else ''}); the key's account there must be able to run "
-                                f"python3 (a forced command that allows rsync only cannot)")
+                                f"{': ' + said if said else ''}): the slot program (python3 -c) cannot run there "
+                                f"with this key (no python3, or a forced command such as rrsync that allows rsync "
+                                f"only){'; ' + self.remedy if self.remedy else ''}")
             buffer += chunk
             while b"\n" in buffer:
                 text, buffer = buffer.split(b"\n", 1)

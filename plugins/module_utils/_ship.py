@@ -258,9 +258,12 @@ def rsync_passes(source: str, remote: str, previous: str | None, ssh: list, bwli
        unchanged name and size is unchanged content), without times, so that a file copied anew
        on the managed host (a full local backup) still becomes a hard link on the server.
     2. Everything else (configuration, index, manifest last) with rsync's usual check of size
-       and time, hard-linking what did not change."""
+       and time, hard-linking what did not change.
+
+    Without ``--protect-args`` (``-s``), which ``rrsync`` refuses: the remote paths hold only
+    characters that no shell splits or expands (``transfer`` checks ``SAFE_REMOTE_PATH``)."""
     common = ["rsync", "--recursive", "--links", "--perms", "--owner", "--group", "--devices", "--specials",
-              "--numeric-ids", "--protect-args", "--stats", "-e", shlex.join(ssh), f"--timeout={io_timeout}"]
+              "--numeric-ids", "--stats", "-e", shlex.join(ssh), f"--timeout={io_timeout}"]
     if bwlimit:
         common.append(f"--bwlimit={bwlimit}")
     storage = common + ["--size-only"]
@@ -274,6 +277,9 @@ def rsync_passes(source: str, remote: str, previous: str | None, ssh: list, bwli
     passes.append(rest + [source.rstrip("/") + "/", remote + "/"])
     return passes
 
+
+# the remote paths of a transfer go to the server's shell (or rrsync) as they are: no quoting needed
+SAFE_REMOTE_PATH = re.compile(r"^[A-Za-z0-9_./@%+,:=-]+$")
 
 _OS_ERROR = re.compile(r"^rsync: .*\(\d+\)\s*$")  # "rsync: [receiver] write failed on ...: No space left on device (28)"
 
@@ -361,6 +367,10 @@ def transfer(source: str, server: str, dest: str, previous: str | None, port: in
         raise PacsError(step, f"the SSH key {key} does not exist on this host")
     if not dest.endswith(INCOMPLETE):
         raise PacsError(step, f"refusing to write into {dest}: transfers go into a '{INCOMPLETE}' folder only")
+    for path in (dest, previous or ""):
+        if path and not SAFE_REMOTE_PATH.match(path):
+            raise PacsError(step, f"the server path {path} holds a character that a shell would split or expand "
+                            "(orthanc_ship_root and the host's name: letters, digits and ._/@%+,:=- only)")
     ssh = ssh_command(port, user, key, known_hosts, strict_host_key_checking, connect_timeout)
     remote = f"{server}:{dest}"
     totals: dict = {}
@@ -371,7 +381,9 @@ def transfer(source: str, server: str, dest: str, previous: str | None, port: in
                 progress.wait_note(f"waiting for a transfer slot on {server}: all {max_parallel} taken by "
                                    f"{_lock.describe_holders(busy)}")
         slot = _lock.RemoteSlot(ssh + [server, "--"], slots_folder(dest), max_parallel, slot_timeout, who or {}, step,
-                                where=f"the backup server {server}", waiting=waiting)
+                                where=f"the backup server {server}", waiting=waiting,
+                                remedy="or set orthanc_ship_slots: play (the transfers are then bounded by the play's "
+                                       "throttle, and the key needs to run rsync only)")
     with slot:
         inherit = getattr(slot, "inherit", ())
         started, started_at = time.monotonic(), iso(utc_now())

@@ -303,9 +303,9 @@ time.sleep(60)
 
 def test_a_server_that_cannot_run_the_holder_is_named(tmp_path):
     broken = _lock.RemoteSlot(LOCAL, str(tmp_path / ".slots"), 1, 5, {}, "send the backup to the server",
-                              where="the test server", python="/nonexistent/python3")
+                              where="the test server", python="/nonexistent/python3", remedy="or do this")
     with pytest.raises(PacsError) as caught:
         with broken:
             pass
     assert caught.value.cause.startswith("could not take a transfer slot on the test server (exit 127"), caught.value.cause
-    assert "python3" in caught.value.cause
+    assert "python3" in caught.value.cause and caught.value.cause.endswith("; or do this"), caught.value.cause
