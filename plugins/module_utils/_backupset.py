@@ -95,6 +95,21 @@ def _free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def previous_work(previous: str | None) -> dict | None:
+    """What the previous backup's manifest says of its work: its long steps' times (``steps``)
+    and its storage's bytes and files; the role estimates this run's steps from it (whether a
+    step is short enough to run without its progress loop). None without a readable manifest."""
+    if not previous:
+        return None
+    try:
+        manifest = _layout.read_manifest(previous)
+    except (OSError, ValueError):
+        return None
+    storage = manifest.get("storage") if isinstance(manifest.get("storage"), dict) else {}
+    return {"steps": manifest.get("steps") or {}, "storage_bytes": storage.get("bytes"),
+            "storage_files": storage.get("files")}
+
+
 def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
                 expected_storage_bytes: int = 0, min_free_bytes: int = 0,
                 stale_lock_seconds: int = 900, space_check: bool = True,
@@ -151,6 +166,7 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
                 already = 0
         needed += max(0, expected_storage_bytes - already)
     free = _free_bytes(root)
+    result["previous_work"] = previous_work(previous)
     result.update({"previous": previous, "free_bytes": free, "needed_bytes": needed,
                    "previous_storage": os.path.join(previous, _layout.STORAGE) if previous else None})
     if space_check and free < needed:

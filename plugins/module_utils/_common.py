@@ -62,12 +62,13 @@ class Program:
     error output in a temporary file (a pipe could fill up, or be held open by a daemon it leaves
     behind). ``stdin`` and ``stdout`` are open files, DEVNULL (the default) or PIPE; ``data=True``
     gives a pipe to standard input for ``communicate``. ``detach`` starts it in its own session
-    (a server that may outlive this module), with ``stderr`` a file of its own.
+    (a server that may outlive this module), with ``stderr`` a file of its own. ``pass_fds``: open
+    descriptors it inherits (a lock that must live as long as it, see _lock.RemoteSlot).
 
     As a context manager: a program still running at the end is killed (unless detached)."""
 
     def __init__(self, argv: list, step: str, env: dict | None = None, stdin=None, stdout=None, stderr=None,
-                 data: bool = False, cwd: str | None = None, detach: bool = False):
+                 data: bool = False, cwd: str | None = None, detach: bool = False, pass_fds=()):
         self.argv = list(argv)
         self.step = step
         self.name = os.path.basename(str(argv[0]))
@@ -82,7 +83,7 @@ class Program:
                 self.argv, stdin=PIPE if data else (DEVNULL if stdin is None else stdin),
                 stdout=DEVNULL if stdout is None else stdout,
                 stderr=self.err_file if stderr is None else stderr,
-                env=full_env, cwd=cwd, start_new_session=detach, close_fds=True)
+                env=full_env, cwd=cwd, start_new_session=detach, close_fds=True, pass_fds=tuple(pass_fds))
         except FileNotFoundError:
             self.close()
             raise PacsError(step, f"program not found: {argv[0]}")
@@ -150,7 +151,7 @@ class Program:
 
 def run_command(argv: list, step: str, data: bytes | None = None, env: dict | None = None,
                 check: bool = True, timeout: float | None = None, stdin=None, stdout=None,
-                timeout_hint: str = ""):
+                timeout_hint: str = "", pass_fds=()):
     """Run a program to its end (through Program: an argument list, LC_ALL=C, secrets through
     ``data`` (standard input) or ``env``, never through argv). ``stdin``: an open file it reads
     instead of ``data``; ``stdout``: an open file (or DEVNULL) it writes to, then the returned
@@ -163,7 +164,7 @@ def run_command(argv: list, step: str, data: bytes | None = None, env: dict | No
     with contextlib.ExitStack() as stack:
         out_file = stack.enter_context(tempfile.TemporaryFile()) if stdout is None else None
         program = stack.enter_context(Program(argv, step, env=env, stdin=stdin, data=data is not None,
-                                              stdout=out_file if stdout is None else stdout))
+                                              stdout=out_file if stdout is None else stdout, pass_fds=pass_fds))
         returncode = program.wait(timeout=timeout, data=data, hint=timeout_hint)
         out = ""
         if out_file is not None:

@@ -27,12 +27,13 @@ import fcntl
 import json
 import os
 import select
+import shlex
 import subprocess
 import sys
 import time
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, os_error_cause
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PIPE, PacsError, Program, os_error_cause
 
 __metaclass__ = type
 
@@ -471,3 +472,170 @@ def unregister_step(path: str | None) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+# -- slots: at most N holders at once, on another machine ------------------------------------------
+#
+# The backup server takes at most N transfers at once, from every play and controller alike
+# (orthanc_ship_max_parallel). A transfer holds one of N slot files of <server root>/.slots with an
+# flock for as long as it runs. The flock is taken on the server by the small program below, run
+# through the transfer's own SSH connection (python3 -c): it takes a free slot (or waits, saying who
+# holds them, until its timeout), prints "slot N", then holds the slot until its standard input
+# ends. That input is a pipe from the module, inherited by the transfer's rsync processes: the slot
+# is released when the module and its rsync processes have all ended, however they end (killed
+# too), and by the kernel if the holder itself dies.
+
+SLOTS_FOLDER = ".slots"
+SLOT_POLL = 1.0
+
+_SLOT_HOLDER = r"""
+import fcntl, json, os, sys, time
+folder, count, timeout, who = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), json.loads(sys.argv[4])
+def say(text):
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+try:
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+except OSError as exc:
+    say("error cannot create %s: %s" % (folder, exc.strerror or exc))
+    sys.exit(2)
+deadline, told = time.monotonic() + timeout, None
+while True:
+    busy = []
+    for number in range(count):
+        path = os.path.join(folder, "slot.%d" % number)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            say("error cannot open %s: %s" % (path, exc.strerror or exc))
+            sys.exit(2)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                busy.append(json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}"))
+            except ValueError:
+                busy.append({})
+            os.close(fd)
+            continue
+        record = dict(who, pid=os.getpid(), since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+        say("slot %d" % number)
+        while os.read(0, 65536):
+            pass
+        sys.exit(0)
+    if time.monotonic() >= deadline:
+        say("timeout " + json.dumps(busy))
+        sys.exit(3)
+    holders = sorted(str(b.get("host")) for b in busy)
+    if holders != told:
+        say("wait " + json.dumps(busy))
+        told = holders
+    time.sleep(POLL)
+"""
+
+
+def slot_holder_command(folder: str, count: int, timeout: float, who: dict, python: str = "python3") -> str:
+    """The shell command that takes one of ``count`` slots in ``folder`` (see above); for ssh's
+    remote command line, or ``sh -c`` here."""
+    program = _SLOT_HOLDER.replace("POLL", repr(SLOT_POLL))
+    return shlex.join([python, "-c", program, folder, str(int(count)), str(float(timeout)),
+                       json.dumps(who, sort_keys=True)])
+
+
+def describe_holders(busy: list) -> str:
+    """'pacs-2 (backup 20261130T020000Z, since 2026-11-30T02:04:10Z), pacs-3 (...)'."""
+    parts = []
+    for record in busy:
+        detail = ", ".join(f"{key} {record[key]}" for key in ("backup", "since") if record.get(key))
+        parts.append(f"{record.get('host') or '?'}" + (f" ({detail})" if detail else ""))
+    return ", ".join(parts) or "?"
+
+
+class RemoteSlot:
+    """Hold one of ``count`` slots in ``folder`` on the machine that ``prefix`` reaches (an ssh
+    command line ending with the server's address; ``["sh", "-c"]`` for this machine) while the
+    ``with`` block runs. ``waiting(busy)`` is called when all slots are taken (the records of their
+    holders), again whenever the holders change. ``inherit`` is the descriptor to hand to the
+    processes that must hold the slot too (Program's ``pass_fds``): the slot is free once they and
+    this process have ended. Raises PacsError (``step``) on a timeout or when the holder cannot
+    run there (no python3, a forced command that allows rsync only)."""
+
+    def __init__(self, prefix: list, folder: str, count: int, timeout: float, who: dict, step: str,
+                 where: str = "the backup server", waiting=None, python: str = "python3", grace: float = 60.0,
+                 remedy: str = ""):
+        self.argv = list(prefix) + [slot_holder_command(folder, count, timeout, who, python)]
+        self.folder, self.count, self.timeout, self.step, self.where = folder, count, timeout, step, where
+        self.waiting, self.grace, self.remedy = waiting, grace, remedy
+        self.program = None
+        self.number = None
+        self.waited = 0.0
+
+    @property
+    def inherit(self) -> tuple:
+        return (self.program.proc.stdin.fileno(),) if self.program is not None else ()
+
+    def __enter__(self):
+        started = time.monotonic()
+        self.program = Program(self.argv, self.step, data=True, stdout=PIPE)
+        try:
+            self.number = self._read_slot(started + self.timeout + self.grace)
+        except BaseException:
+            self._end()
+            raise
+        self.waited = time.monotonic() - started
+        return self
+
+    def _read_slot(self, deadline: float) -> int:
+        out = self.program.stdout
+        buffer = b""
+        while True:
+            left = deadline - time.monotonic()
+            ready, _w, _x = select.select([out], [], [], max(0.0, left))
+            if not ready:
+                raise PacsError(self.step, f"no answer about a transfer slot from {self.where} within "
+                                f"{self.timeout + self.grace:.0f} s")
+            chunk = os.read(out.fileno(), 65536)
+            if not chunk:
+                rc = self.program.wait(timeout=10)
+                said = " ".join(self.program.errors().strip().splitlines()[-3:])
+                raise PacsError(self.step, f"could not take a transfer slot on {self.where} (exit {rc}"
+                                f"{': ' + said if said else ''}): the slot program (python3 -c) cannot run there "
+                                f"with this key (no python3, or a forced command such as rrsync that allows rsync "
+                                f"only){'; ' + self.remedy if self.remedy else ''}")
+            buffer += chunk
+            while b"\n" in buffer:
+                text, buffer = buffer.split(b"\n", 1)
+                word, _sep, rest = text.decode("utf-8", "replace").partition(" ")
+                if word == "slot":
+                    return int(rest)
+                if word in ("wait", "timeout"):
+                    try:
+                        busy = json.loads(rest)
+                    except ValueError:
+                        busy = []
+                    if word == "timeout":
+                        raise PacsError(self.step, f"no transfer slot free on {self.where} within {self.timeout:.0f} s: "
+                                        f"all {self.count} are taken by {describe_holders(busy)} "
+                                        f"(orthanc_ship_max_parallel, orthanc_ship_slot_timeout)")
+                    if self.waiting is not None:
+                        self.waiting(busy)
+                elif word == "error":
+                    raise PacsError(self.step, f"could not take a transfer slot on {self.where}: {rest}")
+
+    def _end(self) -> None:
+        program, self.program = self.program, None
+        if program is None:
+            return
+        try:
+            program.proc.stdin.close()  # the holder reads the end of its input and lets go
+            program.wait(timeout=30)
+        except (OSError, PacsError):
+            pass
+        finally:
+            program.close()
+
+    def __exit__(self, *_exc):
+        self._end()
+        return False

@@ -69,6 +69,10 @@ def line(record: dict) -> str:
     the last one says ``done in`` (or ``FAILED after``) instead of the ETA. Totals that are
     estimates are marked ``~``, unknown ones ``?``."""
     state = record.get("state", "running")
+    who = " ".join(p for p in (record.get("host"), record.get("step")) if p)
+    if state == "waiting":  # before the work: what it waits for (a transfer slot), and since when
+        text = f"{record.get('note') or 'waiting'}, since {duration(record.get('elapsed_seconds'))}"
+        return f"{who}: {text}" if who else text
     mark = "~" if record.get("estimated") else ""
     parts = []
     files_done, files_total = record.get("files_done") or 0, record.get("files_total")
@@ -87,7 +91,6 @@ def line(record: dict) -> str:
         parts.append(f"FAILED after {duration(record.get('elapsed_seconds'))}")
     else:
         parts.append(f"ETA {duration(record.get('eta_seconds'))}")
-    who = " ".join(p for p in (record.get("host"), record.get("step")) if p)
     return f"{who}: {', '.join(parts)}" if who else ", ".join(parts)
 
 
@@ -113,6 +116,7 @@ class Progress:
         self.ended = None
         self._files_since = self._bytes_since = 0
         self.error = None  # why a report could not be written (reporting never fails the step)
+        self.note = None  # what the step waits for before its work begins (wait_note)
         self._write("running", announce=True)
 
     # the calls of the step's loop: cheap
@@ -136,6 +140,18 @@ class Progress:
         if bytes_total is not None:
             self.bytes_total = int(bytes_total)
         self.tick()
+
+    def wait_note(self, note: str) -> None:
+        """The step waits before its work (for a transfer slot, say): a report that says so now."""
+        self.note = note
+        self._write("waiting")
+
+    def begin(self) -> None:
+        """The work begins now (after a wait): its rate, ETA and time count from here."""
+        if self.note is not None:
+            self.note = None
+            self.started = self.last_write = self.clock()
+            self.started_at = iso(utc_now())
 
     def totals(self, files=None, nbytes=None, estimated: bool = False) -> None:
         self.files_total, self.bytes_total, self.estimated = files, nbytes, estimated
@@ -186,6 +202,8 @@ class Progress:
             "eta_seconds": None if state != "running" else eta_seconds(done, total, elapsed),
             "interval_seconds": self.interval,
         }
+        if state == "waiting":
+            record["note"] = self.note
         record["line"] = line(record)
         return record
 

@@ -14,6 +14,7 @@ side runs wherever Ansible can reach with Python 3."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -21,10 +22,11 @@ import shlex
 import shutil
 import tempfile
 import threading
+import time
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _layout, _lock, _storage, _verify
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, Program, os_error_cause, run_command)
+    PacsError, Program, iso, os_error_cause, run_command, utc_now)
 
 __metaclass__ = type
 
@@ -256,9 +258,12 @@ def rsync_passes(source: str, remote: str, previous: str | None, ssh: list, bwli
        unchanged name and size is unchanged content), without times, so that a file copied anew
        on the managed host (a full local backup) still becomes a hard link on the server.
     2. Everything else (configuration, index, manifest last) with rsync's usual check of size
-       and time, hard-linking what did not change."""
+       and time, hard-linking what did not change.
+
+    Without ``--protect-args`` (``-s``), which ``rrsync`` refuses: the remote paths hold only
+    characters that no shell splits or expands (``transfer`` checks ``SAFE_REMOTE_PATH``)."""
     common = ["rsync", "--recursive", "--links", "--perms", "--owner", "--group", "--devices", "--specials",
-              "--numeric-ids", "--protect-args", "--stats", "-e", shlex.join(ssh), f"--timeout={io_timeout}"]
+              "--numeric-ids", "--stats", "-e", shlex.join(ssh), f"--timeout={io_timeout}"]
     if bwlimit:
         common.append(f"--bwlimit={bwlimit}")
     storage = common + ["--size-only"]
@@ -272,6 +277,9 @@ def rsync_passes(source: str, remote: str, previous: str | None, ssh: list, bwli
     passes.append(rest + [source.rstrip("/") + "/", remote + "/"])
     return passes
 
+
+# the remote paths of a transfer go to the server's shell (or rrsync) as they are: no quoting needed
+SAFE_REMOTE_PATH = re.compile(r"^[A-Za-z0-9_./@%+,:=-]+$")
 
 _OS_ERROR = re.compile(r"^rsync: .*\(\d+\)\s*$")  # "rsync: [receiver] write failed on ...: No space left on device (28)"
 
@@ -292,12 +300,12 @@ def describe_rsync_failure(rc: int, err: str) -> str:
 _PROGRESS2 = re.compile(rb"^\s*([\d,]+)\s+(\d+)%.*?(?:to-chk=(\d+)/(\d+))?\)?\s*$")
 
 
-def progress_runner(progress):
+def progress_runner(progress, pass_fds=()):
     """A runner (as run_command) that gives rsync --info=progress2 and feeds its overall progress
     (bytes done, their share of the total, files left of the files known) into ``progress``,
     read from its output by a thread as it comes."""
 
-    def run(argv, step, check=False):
+    def run(argv, step, check=False, pass_fds=pass_fds):
         argv = argv[:1] + ["--info=progress2"] + argv[1:]
         with tempfile.TemporaryFile() as out:
             done = threading.Event()
@@ -325,7 +333,7 @@ def progress_runner(progress):
                         return
 
             watcher = threading.Thread(target=feed, daemon=True)
-            with Program(argv, step, stdout=out) as program:
+            with Program(argv, step, stdout=out, pass_fds=pass_fds) as program:
                 watcher.start()
                 try:
                     rc = program.wait()
@@ -338,12 +346,20 @@ def progress_runner(progress):
     return run
 
 
+def slots_folder(dest: str) -> str:
+    """The server's transfer slots: ``<server root>/.slots`` (``dest`` is ``<root>/<host>/<name>.incomplete``)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.normpath(dest))), _lock.SLOTS_FOLDER)
+
+
 def transfer(source: str, server: str, dest: str, previous: str | None, port: int = 22, user: str = "root",
              key: str | None = None, known_hosts: str | None = None, strict_host_key_checking: str = "yes",
              bwlimit: int = 0, io_timeout: int = 300, connect_timeout: int = 30, runner=run_command,
-             progress=None) -> dict:
+             progress=None, max_parallel: int = 0, slot_timeout: float = 86400, who: dict | None = None) -> dict:
     """Push the local backup ``source`` into ``dest`` (the ``.incomplete`` folder on the server).
-    ``progress`` (a _progress.Progress): the storage pass reports rsync's own progress into it."""
+    ``progress`` (a _progress.Progress): the storage pass reports rsync's own progress into it.
+    ``max_parallel``: first take one of that many transfer slots on the server (_lock.RemoteSlot,
+    waiting up to ``slot_timeout`` seconds), held until rsync has ended; 0, no bound. ``who`` (host,
+    backup) is what the slot records for the messages of those who wait."""
     step = "send the backup to the server"
     if not _layout.is_complete(source):
         raise PacsError(step, f"{source} is not a complete backup (no manifest.json)")
@@ -351,19 +367,41 @@ def transfer(source: str, server: str, dest: str, previous: str | None, port: in
         raise PacsError(step, f"the SSH key {key} does not exist on this host")
     if not dest.endswith(INCOMPLETE):
         raise PacsError(step, f"refusing to write into {dest}: transfers go into a '{INCOMPLETE}' folder only")
+    for path in (dest, previous or ""):
+        if path and not SAFE_REMOTE_PATH.match(path):
+            raise PacsError(step, f"the server path {path} holds a character that a shell would split or expand "
+                            "(orthanc_ship_root and the host's name: letters, digits and ._/@%+,:=- only)")
     ssh = ssh_command(port, user, key, known_hosts, strict_host_key_checking, connect_timeout)
     remote = f"{server}:{dest}"
     totals: dict = {}
-    for number, argv in enumerate(rsync_passes(source, remote, previous, ssh, bwlimit, io_timeout)):
-        run = progress_runner(progress) if progress is not None and number == 0 else runner
-        rc, out, err = run(argv, step, check=False)
-        if rc != 0:
-            raise PacsError(step, describe_rsync_failure(rc, err), rc=rc)
-        for key_, value in parse_stats(out).items():
-            totals[key_] = totals.get(key_, 0) + value
+    slot = contextlib.nullcontext()
+    if max_parallel:
+        def waiting(busy):
+            if progress is not None:
+                progress.wait_note(f"waiting for a transfer slot on {server}: all {max_parallel} taken by "
+                                   f"{_lock.describe_holders(busy)}")
+        slot = _lock.RemoteSlot(ssh + [server, "--"], slots_folder(dest), max_parallel, slot_timeout, who or {}, step,
+                                where=f"the backup server {server}", waiting=waiting,
+                                remedy="or set orthanc_ship_slots: play (the transfers are then bounded by the play's "
+                                       "throttle, and the key needs to run rsync only)")
+    with slot:
+        inherit = getattr(slot, "inherit", ())
+        started, started_at = time.monotonic(), iso(utc_now())
+        if progress is not None:
+            progress.begin()
+        for number, argv in enumerate(rsync_passes(source, remote, previous, ssh, bwlimit, io_timeout)):
+            run = progress_runner(progress, inherit) if progress is not None and number == 0 else runner
+            rc, out, err = run(argv, step, check=False, **({"pass_fds": inherit} if inherit else {}))
+            if rc != 0:
+                raise PacsError(step, describe_rsync_failure(rc, err), rc=rc)
+            for key_, value in parse_stats(out).items():
+                totals[key_] = totals.get(key_, 0) + value
+        # before the slot is released: the next transfer starts after it
+        seconds, ended_at = round(time.monotonic() - started, 3), iso(utc_now())
     totals.setdefault("bytes_sent", 0)
     return {"changed": True, "stats": totals, "bytes_sent": totals["bytes_sent"],
-            "remote": remote, "previous": previous}
+            "remote": remote, "previous": previous, "seconds": seconds, "started_at": started_at, "ended_at": ended_at,
+            "slot": getattr(slot, "number", None), "slot_wait_seconds": round(getattr(slot, "waited", 0.0), 3)}
 
 
 def fetch(server: str, remote: str, name: str, dest: str, port: int = 22, user: str = "root", key: str | None = None,

@@ -191,6 +191,13 @@ previous_storage:
   description: The storage folder of RV(previous) (where unchanged files are linked from), or null.
   type: str
   returned: prepare
+previous_work:
+  description:
+    - What the manifest of RV(previous) says of its work, or null - C(steps) (the long steps' C(seconds),
+      C(files), C(bytes)), C(storage_bytes), C(storage_files). The role estimates from it whether a
+      long step is short enough to run without its progress loop.
+  type: dict
+  returned: prepare
 dump_path:
   description: Where the database dump goes in this backup, or null for a SQLite index (needs O(orthanc)).
   type: str

@@ -87,6 +87,21 @@ options:
   name:
     description: The backup's name. Required for C(remove_local) and C(fetched).
     type: str
+  max_parallel:
+    description:
+      - C(transfer), at most this many transfers into the server at once, from any host, play or
+        controller. Before rsync starts, the transfer takes one of that many slots on the server
+        (an C(flock) on a file of C(<server root>/.slots/), the server root being the parent of the
+        host's folder above O(dest)), through its own SSH connection (C(python3) on the server,
+        as the SSH user). The slot is held until the module and its rsync processes have ended,
+        however they end. While every slot is taken it waits, saying who holds them (O(progress)).
+      - C(0) takes no slot (no bound).
+    type: int
+    default: 0
+  slot_timeout:
+    description: C(transfer), seconds to wait for a free slot before failing, naming who holds them.
+    type: int
+    default: 86400
 attributes:
   check_mode:
     support: full
@@ -126,16 +141,24 @@ remote:
   description: Where the backup was sent, C(server:dest).
   type: str
   returned: transfer
+slot:
+  description: The slot the transfer held on the server (from 0), or null without O(max_parallel).
+  type: int
+  returned: transfer
+slot_wait_seconds:
+  description: Time spent waiting for a free slot on the server.
+  type: float
+  returned: transfer
 seconds:
-  description: Time the transfer took.
+  description: Time the transfer took (after its slot was taken).
   type: float
   returned: transfer
 started_at:
-  description: When the transfer started (UTC, measured on the managed host).
+  description: When the transfer started, once its slot was taken (UTC, measured on the managed host).
   type: str
   returned: transfer
 ended_at:
-  description: When the transfer ended (UTC, measured on the managed host).
+  description: When the transfer ended, before its slot was released (UTC, measured on the managed host).
   type: str
   returned: transfer
 removed:
@@ -144,12 +167,12 @@ removed:
   returned: remove_local
 """
 
-import time
+import os
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _progress, _ship, _specs
-from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, iso, run_module, utc_now
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
 def act(module):
@@ -175,14 +198,13 @@ def act(module):
         return {"changed": True, "bytes_sent": 0, "stats": {}, "remote": f"{p['server']}:{p['dest']}", "seconds": 0.0}
     module.get_bin_path("rsync", required=True)
     module.get_bin_path("ssh", required=True)
-    start = time.monotonic()
-    started_at = iso(utc_now())
+    who = {"host": (p["progress"] or {}).get("host") or os.uname().nodename,
+           "backup": os.path.basename(os.path.normpath(p["source"]))}
     with _progress.from_params(p["progress"], "shipping") as progress:
-        result = _ship.transfer(p["source"], p["server"], p["dest"], p["previous"], p["port"], p["user"],
-                                p["ssh_key"], p["known_hosts"], p["strict_host_key_checking"], p["bwlimit"],
-                                p["io_timeout"], p["connect_timeout"], progress=progress if p["progress"] else None)
-    result.update({"seconds": round(time.monotonic() - start, 3), "started_at": started_at, "ended_at": iso(utc_now())})
-    return result
+        return _ship.transfer(p["source"], p["server"], p["dest"], p["previous"], p["port"], p["user"],
+                              p["ssh_key"], p["known_hosts"], p["strict_host_key_checking"], p["bwlimit"],
+                              p["io_timeout"], p["connect_timeout"], progress=progress if p["progress"] else None,
+                              max_parallel=p["max_parallel"], slot_timeout=p["slot_timeout"], who=who)
 
 
 def main():
@@ -204,6 +226,8 @@ def main():
             connect_timeout=dict(type="int", default=30),
             root=dict(type="path"),
             name=dict(type="str"),
+            max_parallel=dict(type="int", default=0),
+            slot_timeout=dict(type="int", default=86400),
             **_specs.PROGRESS,
         ),
         supports_check_mode=True,

@@ -1,4 +1,4 @@
-"""Fleet runs of the backup playbook: HA pairs, a broken host, shipping with a throttle, the
+"""Fleet runs of the backup playbook: HA pairs, a broken host, shipping bounded by the server's slots, the
 summary, and the status files; an HA group of five members, --check and --limit; an unreachable
 canary. Real Orthanc servers, a real backup server over SSH.
 
@@ -122,7 +122,8 @@ def test_fleet_with_ha_pairs_a_broken_host_and_a_throttled_server(servers, ssh_s
         windows[name] = (iso_seconds(manifest["stopped_at"]), iso_seconds(manifest["restarted_at"]))
     assert not overlap(windows["a1"], windows["a2"]) and not overlap(windows["b1"], windows["b2"]), windows
 
-    # throttle 1: the transfers to the server never overlapped
+    # one slot on the server (orthanc_ship_max_parallel 1): the transfers, all started at once in the
+    # background, never overlapped (each one's times are taken while it holds the slot)
     shipped = {}
     for name in names[1:]:
         status = json.loads((tmp_path / f"backups-{name}" / "status.json").read_text())

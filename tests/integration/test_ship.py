@@ -22,6 +22,8 @@ from tests.support import checks, procs, sshd
 from tests.support.playbook import local_host, run_playbook
 from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
 
+RRSYNC = "/usr/bin/rrsync"  # Debian's rsync package
+
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sshd.available(), reason="needs openssh-server, ssh and rsync"),
               pytest.mark.skipif(os.geteuid() != 0, reason="runs sshd and mounts a small filesystem: needs root")]
@@ -43,7 +45,10 @@ def incomplete(folder: pathlib.Path) -> list:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".incomplete")) if folder.exists() else []
 
 
+@pytest.mark.skipif(not os.path.exists(RRSYNC), reason="needs rrsync (Debian's rsync package)")
 def test_two_runs_ship_only_new_files(servers, ssh_server, tmp_path):
+    """A full transfer, then (through a key confined to rsync by rrsync, with orthanc_ship_slots:
+    play) one that sends only what is new and hard-links the rest on the server."""
     server = servers("alpha")
     checks.store_studies(server, tmp_path, patients=2, via="rest", instances=4, pixel_bytes=200_000)
     local_root, server_root = tmp_path / "backups", tmp_path / "server"
@@ -61,9 +66,28 @@ def test_two_runs_ship_only_new_files(servers, ssh_server, tmp_path):
     checks.assert_backup_matches(server, host_folder / first_name)
     assert (host_folder / "latest").resolve() == host_folder / first_name
 
-    checks.store_studies(server, tmp_path, patients=1, via="rest", instances=1, pixel_bytes=20_000)
+    # from now on a key confined to rsync by a forced command (rrsync, docs/fleet.md): the default
+    # slots cannot run through it, and the failure names the remedy...
+    confined = tmp_path / "confined_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(confined)], check=True,
+                   stdin=subprocess.DEVNULL)
+    with open(ssh_server.folder / "authorized_keys", "a", encoding="ascii") as keys:
+        keys.write(f'command="{RRSYNC} -no-lock /",restrict {pathlib.Path(f"{confined}.pub").read_text()}')
+    inventory = fleet_inventory(tmp_path / "confined.json", {
+        "alpha": local_host(server, local_root, orthanc_backup_textfile_dir=str(textfiles),
+                            **ssh_server.ship_vars(server_root, orthanc_ship_ssh_key=str(confined)))}, ssh_server)
     time.sleep(1.1)  # backups are named by the second
-    second = run_playbook(inventory)
+    refused = run_playbook(inventory)
+    assert refused.returncode != 0, refused.stdout
+    line = re.search(r'"alpha: ok, .*"', refused.stdout).group(0)
+    assert re.search(r"SHIPPING to backupsrv FAILED at 'Send the backup to the backup server': could not take a "
+                     r"transfer slot on the backup server .*rrsync.* or set orthanc_ship_slots: play", line), line
+    assert server_backups(host_folder) == [first_name] and not incomplete(host_folder)
+
+    # ...which is orthanc_ship_slots: play (throttle, at once); rsync alone then ships, incrementally
+    checks.store_studies(server, tmp_path, patients=1, via="rest", instances=1, pixel_bytes=20_000)
+    time.sleep(1.1)
+    second = run_playbook(inventory, extra_vars={"orthanc_ship_slots": "play"})
     assert second.returncode == 0, second.stdout
     names = server_backups(host_folder)
     assert len(names) == 2 and names[0] == first_name

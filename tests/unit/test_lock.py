@@ -231,3 +231,81 @@ def test_a_folder_lock_is_one_step_at_a_time(tmp_path):
                 pass
     with _lock.FolderLock(str(tmp_path), "z"):
         pass
+
+
+# -- transfer slots (the backup server's bound on transfers at once), here through sh -c ---------
+
+LOCAL = ["sh", "-c"]
+
+
+def slot(folder, who, count=1, timeout=5.0, waiting=None):
+    return _lock.RemoteSlot(LOCAL, str(folder), count, timeout, who, "send the backup to the server",
+                            where="the test server", waiting=waiting, grace=10)
+
+
+def test_slots_bound_the_holders_and_say_who_holds_them(tmp_path):
+    folder = tmp_path / ".slots"
+    with slot(folder, {"host": "pacs-1", "backup": "20261130T020000Z"}, count=2) as first, \
+            slot(folder, {"host": "pacs-2", "backup": "20261130T020001Z"}, count=2) as second:
+        assert {first.number, second.number} == {0, 1}
+        assert held(folder / "slot.0") and held(folder / "slot.1")
+        seen = []
+        started = time.monotonic()
+        with pytest.raises(PacsError) as caught:
+            with slot(folder, {"host": "pacs-3"}, count=2, timeout=1.5, waiting=seen.append):
+                pass
+        assert time.monotonic() - started >= 1.5
+        cause = caught.value.cause
+        assert cause.startswith("no transfer slot free on the test server within 2 s: all 2 are taken by "), cause
+        assert "pacs-1 (backup 20261130T020000Z, since 20" in cause and "pacs-2 (backup 20261130T020001Z" in cause
+        assert len(seen) == 1 and sorted(r["host"] for r in seen[0]) == ["pacs-1", "pacs-2"], seen
+    # released at the end of the block: a newcomer gets slot 0 at once
+    with slot(folder, {"host": "pacs-3"}, count=2, timeout=1) as third:
+        assert third.number == 0 and third.waited < 1
+
+
+def test_a_waiting_holder_takes_the_slot_when_it_is_released(tmp_path):
+    folder = tmp_path / ".slots"
+    seen = []
+    with slot(folder, {"host": "pacs-1"}) as first:
+        # the first holder lets go in about a second, from another thread
+        import threading
+        timer = threading.Timer(1.0, first.__exit__, (None, None, None))
+        timer.start()
+        with slot(folder, {"host": "pacs-2"}, timeout=20, waiting=seen.append) as second:
+            assert second.number == 0 and second.waited >= 0.9
+        timer.join()
+    assert [r["host"] for r in seen[0]] == ["pacs-1"]
+
+
+def test_the_slot_lives_as_long_as_the_processes_that_inherit_it_even_when_its_taker_is_killed(tmp_path):
+    folder = tmp_path / ".slots"
+    taker = subprocess.Popen(["python3", "-c", f"""
+import os, subprocess, sys, time
+sys.path[:0] = {json.dumps([p for p in __import__('sys').path if p])}
+from ansible_collections.pacs.orthanc.plugins.module_utils import _lock
+held = _lock.RemoteSlot(["sh", "-c"], {str(folder)!r}, 1, 5, {{"host": "taker"}}, "step").__enter__()
+child = subprocess.Popen(["sleep", "3"], pass_fds=held.inherit)  # rsync, say
+print(child.pid, flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(taker.stdout.readline())
+        taker.kill()  # SIGKILL: nothing of it runs again
+        taker.wait()
+        assert held(folder / "slot.0")  # its child still runs: the slot is still taken
+        assert wait_for(lambda: gone(child), 10)
+        assert wait_for(lambda: not held(folder / "slot.0"), 10)  # the child ended: the slot is free
+    finally:
+        if taker.poll() is None:
+            taker.kill()
+
+
+def test_a_server_that_cannot_run_the_holder_is_named(tmp_path):
+    broken = _lock.RemoteSlot(LOCAL, str(tmp_path / ".slots"), 1, 5, {}, "send the backup to the server",
+                              where="the test server", python="/nonexistent/python3", remedy="or do this")
+    with pytest.raises(PacsError) as caught:
+        with broken:
+            pass
+    assert caught.value.cause.startswith("could not take a transfer slot on the test server (exit 127"), caught.value.cause
+    assert "python3" in caught.value.cause and caught.value.cause.endswith("; or do this"), caught.value.cause

@@ -13,6 +13,7 @@ import pytest
 from ansible_collections.pacs.orthanc.plugins.filter import backup_summary
 from ansible_collections.pacs.orthanc.plugins.module_utils import _progress, _restic, _ship, _status
 from ansible_collections.pacs.orthanc.plugins.modules import progress_wait
+from ansible_collections.pacs.orthanc.plugins.filter.progress_async import backup_work, estimate_seconds, progress_async
 
 pytestmark = pytest.mark.quick
 GIB = 1024 ** 3
@@ -212,3 +213,60 @@ def test_an_rsync_failure_names_the_first_os_error():
     assert "No space left on device (28) ... rsync error: error in file IO (code 11) at receiver.c" in text
     short = _ship.describe_rsync_failure(11, "rsync: [sender] write error: Broken pipe (32)\n")
     assert short == "rsync exited with 11 (error in file I/O): rsync: [sender] write error: Broken pipe (32)"
+
+
+# -- the one decision: a long step runs at once when it is expected to be short -----------------
+
+
+ASYNC = 2592000
+
+
+def test_nothing_known_runs_in_the_background():
+    for work in (None, {}, {"rate": 1000}, {"last": None}, "junk"):
+        assert estimate_seconds(work) is None
+        assert progress_async(work, 30, ASYNC) == ASYNC
+
+
+def test_a_small_step_runs_at_once_and_a_large_one_in_the_background():
+    small = {"bytes": 50 * 10 ** 6, "files": 1000}  # 1 + 2.5 + 5 s
+    assert estimate_seconds(small) == pytest.approx(8.5)
+    assert progress_async(small, 30, ASYNC) == 0
+    assert progress_async(small, 8, ASYNC) == ASYNC  # not below one interval
+    assert progress_async({"bytes": 10 ** 9}, 30, ASYNC) == ASYNC  # 50 s at 20 MB/s
+
+
+def test_limits_rounds_and_the_last_time_only_make_the_estimate_longer():
+    base = {"bytes": 100 * 10 ** 6}
+    assert estimate_seconds(dict(base, rate=10 ** 6)) == pytest.approx(101)  # a bandwidth limit below 20 MB/s
+    assert estimate_seconds(dict(base, rate=10 ** 9)) == pytest.approx(6)  # never above 20 MB/s
+    assert estimate_seconds(dict(base, rounds=3)) == pytest.approx(18)  # waiting for a slot
+    # the last time took 20 s for half the bytes: 20 x 2 x 1.5
+    assert estimate_seconds(dict(base, last={"seconds": 20, "bytes": 50 * 10 ** 6})) == pytest.approx(60)
+    # a fast last time never makes it shorter than the sizes say
+    assert estimate_seconds(dict(base, last={"seconds": 0.1, "bytes": 10 ** 9})) == pytest.approx(6)
+    # only the last time is known
+    assert progress_async({"last": {"seconds": 25}}, 30, ASYNC) == ASYNC  # 37.5 s
+    assert progress_async({"last": {"seconds": 2}}, 30, ASYNC) == 0
+
+
+def test_the_work_of_a_backup_from_its_manifest_as_slurp_gives_it():
+    import base64
+    import json
+    encoded = base64.b64encode(json.dumps({"storage": {"bytes": 1000, "files": 3}, "dump": {"bytes": 500}}).encode())
+    assert backup_work(encoded.decode()) == {"bytes": 1500, "files": 3}
+    assert backup_work(base64.b64encode(b"{not json").decode()) is None
+    assert backup_work("") is None and backup_work(None) is None
+
+
+def test_a_step_that_waits_says_for_what_and_counts_its_time_from_when_its_work_begins():
+    clock = [100.0]
+    progress = _progress.Progress("shipping", host="pacs-3", interval=30, clock=lambda: clock[0])
+    clock[0] = 131.0
+    progress.wait_note("waiting for a transfer slot on backup-1: all 1 taken by pacs-1")
+    record = progress.record("waiting")
+    assert record["line"] == "pacs-3 shipping: waiting for a transfer slot on backup-1: all 1 taken by pacs-1, since 0:00:31"
+    progress.begin()
+    clock[0] = 141.0
+    progress.set(nbytes=10 ** 8)
+    done = progress.finish()
+    assert done["elapsed_seconds"] == 10 and done["line"].endswith("10.0 MB/s, done in 0:00:10"), done["line"]

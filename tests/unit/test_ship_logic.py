@@ -114,7 +114,8 @@ def test_the_transfer_commands(tmp_path):
     assert rest[-2:] == [f"{source}/", "backup.example:/srv/b/h/20261129T070000Z.incomplete/"]
     assert "--times" in rest and "--exclude=/storage/" in rest and "--link-dest=../20261128T070000Z" in rest
     for argv in calls:
-        assert "--bwlimit=500" in argv and "--stats" in argv and "--protect-args" in argv
+        # no --protect-args (-s): rrsync refuses it; the remote paths need no quoting (checked)
+        assert "--bwlimit=500" in argv and "--stats" in argv and "--protect-args" not in argv
         ssh = argv[argv.index("-e") + 1]
         assert "BatchMode=yes" in ssh and "-p 2222" in ssh and "-l ship" in ssh
         assert f"-i '{key}'" in ssh and "'UserKnownHostsFile=/k h'" in ssh
@@ -134,6 +135,8 @@ def test_a_failed_transfer_names_rsync_and_its_cause(tmp_path):
     assert "No space left on device" in err.value.cause
     with pytest.raises(PacsError, match="into a '.incomplete' folder only"):
         _ship.transfer(str(source), "srv", "/srv/h/n", None, runner=runner)
+    with pytest.raises(PacsError, match="a character that a shell would split or expand"):
+        _ship.transfer(str(source), "srv", "/srv/my backups/h/n.incomplete", None, runner=runner)
 
 
 def test_server_prepare_removes_leftovers_and_discard_never_touches_complete(tmp_path):
