@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import multiprocessing
 import os
 import random
 import secrets
@@ -268,7 +269,7 @@ NULL = "\\N"
 
 
 class PostgresIndex:
-    """Orthanc's index in PostgreSQL (orthanc-postgresql 4.0), written while Orthanc is stopped.
+    r"""Orthanc's index in PostgreSQL (orthanc-postgresql 4.0), written while Orthanc is stopped.
 
     The rows are spooled in COPY's text format into one file per table next to the archive
     (``begin``/``write``: no database work while the files are written, so that PostgreSQL's
@@ -556,9 +557,42 @@ def seed_real_instances(server: OrthancServer, workdir: Path) -> None:
 Index = SqliteIndex | PostgresIndex
 
 
+WRITERS = 2          # processes that write the storage files (this machine has 2 cores)
+CHUNK = 250          # files per task given to a writer
+_folders: set[str] = set()  # the folders a writer process made already
+
+
+def _write_chunk(task: tuple[str, float, list[tuple[str, int]]]) -> list[str]:
+    """In a writer process: write random bytes of each (uuid, size) to ``root/xx/yy/uuid``,
+    dated ``mtime``; return their MD5s, in order."""
+    root, mtime, items = task
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    md5s = []
+    for file_uuid, size in items:
+        data = os.urandom(size)
+        md5s.append(hashlib.md5(data).hexdigest())
+        folder = f"{root}/{file_uuid[0:2]}/{file_uuid[2:4]}"
+        if folder not in _folders:
+            os.makedirs(folder, exist_ok=True)
+            _folders.add(folder)
+        fd = os.open(f"{folder}/{file_uuid}", flags, 0o666)
+        try:
+            done = os.write(fd, data)
+            while done < size:  # a short write (regular files rarely do)
+                done += os.write(fd, data[done:])
+            os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+    return md5s
+
+
 def write_files(index: Index, tpl: Templates, storage: Path, sizes: Iterator[int],
                 rng: random.Random) -> tuple[int, int, int, list[tuple[str, str]]]:
     """Write one storage file per size and the rows of its instance, in batches.
+
+    The rows are made here, the files by ``WRITERS`` processes (``_write_chunk``: the bytes,
+    their MD5, the file), a batch at a time: while the writers write batch k, this process makes
+    the rows of batch k+1 and writes those of batch k-1 to the index with their MD5s.
 
     Returns the first synthetic internalId, the files and bytes written and a few
     (publicId, md5) samples."""
@@ -566,42 +600,49 @@ def write_files(index: Index, tpl: Templates, storage: Path, sizes: Iterator[int
     synth = Synthesizer(tpl, first_id, rng, time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() - ARCHIVE_AGE)),
                         index.TYPE_OFFSET)
     old = time.time() - ARCHIVE_AGE
-    samples: list[tuple[str, str]] = []
-    folders: set[str] = set()
-    files = written = 0
-    next_log = time.monotonic() + 30
     root = os.fspath(storage)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    getrandbits, urandom, md5_of = rng.getrandbits, os.urandom, hashlib.md5
-    for position, size in zip(plan_hierarchy(rng), sizes):
-        rid, pub = synth.instance(position)
-        data = urandom(size)
-        md5 = md5_of(data).hexdigest()
-        file_uuid = str(uuidlib.UUID(int=getrandbits(128), version=4))
-        folder = f"{root}/{file_uuid[0:2]}/{file_uuid[2:4]}"
-        if folder not in folders:
-            os.makedirs(folder, exist_ok=True)
-            folders.add(folder)
-        fd = os.open(f"{folder}/{file_uuid}", flags, 0o666)
-        try:
-            done = os.write(fd, data)
-            while done < size:  # a short write (regular files rarely do)
-                done += os.write(fd, data[done:])
-            os.utime(fd, (old, old))
-        finally:
-            os.close(fd)
-        synth.attach(rid, file_uuid, size, md5)
-        if (len(samples) < 3 or rng.random() < 0.001) and len(samples) < 6:
-            samples.append((pub, md5))
-        files += 1
-        written += size
-        if files % BATCH == 0:
-            index.write(synth.take())
-            if time.monotonic() > next_log:
-                log(f"  {files} files, {written / GIB:.2f} GiB")
-                next_log = time.monotonic() + 30
-    index.write(synth.take())
-    return first_id, files, written, samples
+    samples: list[tuple[str, str]] = []
+    totals = {"files": 0, "written": 0}
+    next_log = [time.monotonic() + 30]
+    pending = None  # (rows, [(rid, pub)], [(uuid, size)], AsyncResult) of the batch being written
+
+    def complete(batch) -> None:
+        rows, meta, items, result = batch
+        md5s = [md5 for chunk in result.get() for md5 in chunk]
+        for (rid, pub), (file_uuid, size), md5 in zip(meta, items, md5s):
+            rows.attachments.append((rid, 1, file_uuid, size, size, 1, md5, md5))  # as Synthesizer.attach
+            if (len(samples) < 3 or rng.random() < 0.001) and len(samples) < 6:
+                samples.append((pub, md5))
+            totals["written"] += size
+        totals["files"] += len(items)
+        index.write(rows)
+        if time.monotonic() > next_log[0]:
+            log(f"  {totals['files']} files, {totals['written'] / GIB:.2f} GiB")
+            next_log[0] = time.monotonic() + 30
+
+    getrandbits = rng.getrandbits
+    with multiprocessing.get_context("fork").Pool(WRITERS) as pool:
+        meta: list[tuple[int, str]] = []
+        items: list[tuple[str, int]] = []
+        for position, size in zip(plan_hierarchy(rng), sizes):
+            meta.append(synth.instance(position))
+            items.append((str(uuidlib.UUID(int=getrandbits(128), version=4)), size))
+            if len(items) == BATCH:
+                result = pool.map_async(_write_chunk, [(root, old, items[i:i + CHUNK])
+                                                       for i in range(0, len(items), CHUNK)])
+                if pending is not None:
+                    complete(pending)
+                pending = (synth.take(), meta, items, result)
+                meta, items = [], []
+        if items:
+            result = pool.map_async(_write_chunk, [(root, old, items[i:i + CHUNK])
+                                                   for i in range(0, len(items), CHUNK)])
+            if pending is not None:
+                complete(pending)
+            pending = (synth.take(), meta, items, result)
+        if pending is not None:
+            complete(pending)
+    return first_id, totals["files"], totals["written"], samples
 
 
 def inflate_index(index: Index, first_id: int, instances: int, target_bytes: int,
