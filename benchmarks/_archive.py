@@ -1,4 +1,4 @@
-"""One synthetic archive that Orthanc accepts as its own, for every benchmark.
+r"""One synthetic archive that Orthanc accepts as its own, for every benchmark.
 
 Storing GiBs or millions of instances over REST would take too long, so ``build_archive``
 builds the archive of a private Orthanc 1.10.1 (tests/support/orthanc_server.py) synthetically
@@ -21,11 +21,22 @@ It streams: file sizes and the hierarchy are generators, each file is written an
 rows go to the index in batches of ``BATCH`` instances, and the padding is one SQL statement per
 round. Memory does not grow with the number of instances (issue 15 asks for 1 M and 5 M).
 
+At scale (issue 15: 1 M and 5 M instances) the time goes to creating files and to inserting
+rows into B-trees, so: the files are written by ``WRITERS`` processes with ``os.open`` /
+``os.write`` / ``futimens`` while this process makes the rows of the next batch; Orthanc's
+secondary indexes are dropped before the rows and made again after them (one sort each instead
+of a random insertion per row); the SQLite connection of the builder has no fsync, its journal
+in memory and a large page cache; PostgreSQL's rows are spooled to files in COPY's format while
+the files are written and loaded afterwards in one transaction (no fsync of PostgreSQL's stalls
+the file creation; neither triggers nor foreign-key checks fire per row: what the triggers keep
+is set from the tables afterwards).
+
 The archive is given by its size (``size_bytes``) or by its number of instances (``instances``).
 ``backend`` names the index: ``sqlite`` (Orthanc's default, written with Python's sqlite3) or
 ``postgresql`` (Debian's orthanc-postgresql plugin on the server that scripts/databases.sh
-starts, in a new database with a random name; rows loaded with ``psql``'s ``COPY``, the
-password in ``PGPASSWORD``, never on a command line; files stay on disk).
+starts, in a new database with a random name; rows loaded with ``psql``'s ``\copy`` by the
+database's superuser, the passwords in ``PGPASSWORD``, never on a command line; files stay on
+disk).
 """
 
 from __future__ import annotations
