@@ -1,4 +1,4 @@
-"""One synthetic archive that Orthanc accepts as its own, for every benchmark.
+r"""One synthetic archive that Orthanc accepts as its own, for every benchmark.
 
 Storing GiBs or millions of instances over REST would take too long, so ``build_archive``
 builds the archive of a private Orthanc 1.10.1 (tests/support/orthanc_server.py) synthetically
@@ -21,17 +21,29 @@ It streams: file sizes and the hierarchy are generators, each file is written an
 rows go to the index in batches of ``BATCH`` instances, and the padding is one SQL statement per
 round. Memory does not grow with the number of instances (issue 15 asks for 1 M and 5 M).
 
+At scale (issue 15: 1 M and 5 M instances) the time goes to creating files and to inserting
+rows into B-trees, so: the files are written by ``WRITERS`` processes with ``os.open`` /
+``os.write`` / ``futimens`` while this process makes the rows of the next batch; Orthanc's
+secondary indexes are dropped before the rows and made again after them (one sort each instead
+of a random insertion per row); the SQLite connection of the builder has no fsync, its journal
+in memory and a large page cache; PostgreSQL's rows are spooled to files in COPY's format while
+the files are written and loaded afterwards in one transaction (no fsync of PostgreSQL's stalls
+the file creation; neither triggers nor foreign-key checks fire per row: what the triggers keep
+is set from the tables afterwards).
+
 The archive is given by its size (``size_bytes``) or by its number of instances (``instances``).
 ``backend`` names the index: ``sqlite`` (Orthanc's default, written with Python's sqlite3) or
 ``postgresql`` (Debian's orthanc-postgresql plugin on the server that scripts/databases.sh
-starts, in a new database with a random name; rows loaded with ``psql``'s ``COPY``, the
-password in ``PGPASSWORD``, never on a command line; files stay on disk).
+starts, in a new database with a random name; rows loaded with ``psql``'s ``\copy`` by the
+database's superuser, the passwords in ``PGPASSWORD``, never on a command line; files stay on
+disk).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import multiprocessing
 import os
 import random
 import secrets
@@ -152,10 +164,19 @@ class SqliteIndex:
 
     TYPE_OFFSET = 0  # Resources.resourceType = PATIENT .. INSTANCE
 
+    CACHE_KIB = 2 * 1024 * 1024  # the builder's page cache (only what is used is allocated)
+
     def __init__(self, server: OrthancServer) -> None:
         self.path = server.index_dir / "index"
         self.conn = sqlite3.connect(self.path, isolation_level=None)
-        self.conn.execute("PRAGMA synchronous = OFF")
+        # The builder's own connection, alone on the file: no fsync, the rollback journal in
+        # memory (the file's own mode is put back by finish), a large cache so that the B-trees
+        # being filled stay in memory, the file locked once.
+        self.journal_mode = self.conn.execute("PRAGMA journal_mode").fetchone()[0]
+        for pragma in ("synchronous = OFF", "journal_mode = MEMORY", f"cache_size = -{self.CACHE_KIB}",
+                       "locking_mode = EXCLUSIVE", "temp_store = MEMORY"):
+            self.conn.execute(f"PRAGMA {pragma}")
+        self.dropped: list[tuple[str, str]] = []  # (name, CREATE INDEX statement)
 
     def templates(self) -> Templates:
         """The rows Orthanc wrote for its first instance and that instance's parents."""
@@ -186,7 +207,13 @@ class SqliteIndex:
         return self.conn.execute("SELECT COALESCE(MAX(internalId), 0) + 1 FROM Resources").fetchone()[0]
 
     def begin(self) -> None:
+        """Open the transaction and drop Orthanc's secondary indexes (made again by commit:
+        one sort per index instead of a random B-tree insertion per row)."""
         self.conn.execute("BEGIN")
+        self.dropped = self.conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name").fetchall()
+        for name, _sql in self.dropped:
+            self.conn.execute(f'DROP INDEX "{name}"')
 
     def write(self, rows: Rows) -> None:
         conn = self.conn
@@ -200,6 +227,9 @@ class SqliteIndex:
                          rows.changes)
 
     def commit(self) -> None:
+        for _name, sql in self.dropped:
+            self.conn.execute(sql)
+        self.dropped = []
         self.conn.execute("COMMIT")
 
     def size(self) -> int:
@@ -232,6 +262,7 @@ class SqliteIndex:
             problems = conn.execute("PRAGMA quick_check").fetchall()
             if problems != [("ok",)]:
                 raise RuntimeError(f"the built index fails quick_check: {problems[:5]}")
+            conn.execute(f"PRAGMA journal_mode = {self.journal_mode}")  # the file's own mode again
             return counts
         finally:
             self.close()
@@ -244,19 +275,23 @@ class SqliteIndex:
         return sum(p.stat().st_size for p in self.path.parent.glob("index*"))
 
 
-def _copy_text(value) -> str:
-    """One field in COPY's text format."""
-    if value is None:
-        return "\\N"
-    return (str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
-            .replace("\r", "\\r"))
+COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+NULL = "\\N"
 
 
 class PostgresIndex:
-    """Orthanc's index in PostgreSQL (orthanc-postgresql 4.0), written with ``psql`` while
-    Orthanc is stopped: the rows with ``COPY`` in one transaction with the tables' triggers
-    disabled, then what the triggers keep (GlobalIntegers, PatientRecyclingOrder, the
-    sequence of internalIds) set from the tables. The plugin numbers resource types from 0."""
+    r"""Orthanc's index in PostgreSQL (orthanc-postgresql 4.0), written while Orthanc is stopped.
+
+    The rows are spooled in COPY's text format into one file per table next to the archive
+    (``begin``/``write``: no database work while the files are written, so that PostgreSQL's
+    fsyncs do not stall the creation of millions of files); ``commit`` then loads them in one
+    transaction of one ``psql`` session of the database's superuser: the public tables'
+    secondary indexes dropped, ``session_replication_role = replica`` (neither Orthanc's
+    triggers nor the foreign-key checks fire, row by row), ``\copy`` of each spool file, the
+    indexes created again from their own definitions (one sort each). ``finish`` then sets what
+    the triggers keep (GlobalIntegers, PatientRecyclingOrder, the sequence of internalIds) from
+    the tables. The password is in ``PGPASSWORD``, never on a command line. The plugin numbers
+    resource types from 0."""
 
     TYPE_OFFSET = -1
     TABLES = {  # Rows field -> COPY target
@@ -268,20 +303,22 @@ class PostgresIndex:
                        "uncompressedhash, compressedhash, revision)",
         "changes": "changes (changetype, internalid, resourcetype, date)",
     }
-    TRIGGERED = ("resources", "attachedfiles", "changes")
 
-    def __init__(self, server: OrthancServer) -> None:
+    def __init__(self, server: OrthancServer, database: databases.Database, spool: Path) -> None:
         section = server.extra_config["PostgreSQL"]
-        self.argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(section["Host"]),
-                     "-p", str(section["Port"]), "-U", section["Username"], "-d", section["Database"]]
+        where = ["-h", str(section["Host"]), "-p", str(section["Port"]), "-d", section["Database"]]
+        self.argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", *where, "-U", section["Username"]]
         self.env = dict(os.environ, PGPASSWORD=section["Password"])
-        self.session: subprocess.Popen | None = None
+        self.admin_argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", *where, "-U", database.admin_user]
+        self.admin_env = dict(os.environ, PGPASSWORD=database.admin_password)
+        self.spool_dir = spool
+        self.spool: dict[str, object] = {}
         self.first_id = 0
 
-    def query(self, sql: str) -> list[list[str]]:
+    def query(self, sql: str, admin: bool = False) -> list[list[str]]:
         """Rows of a query, as strings (no NULL nor tab expected in what is read here)."""
-        proc = subprocess.run([*self.argv, "-A", "-t", "-F", "\t", "-c", sql], env=self.env,
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run([*(self.admin_argv if admin else self.argv), "-A", "-t", "-F", "\t", "-c", sql],
+                              env=self.admin_env if admin else self.env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"psql: {proc.stderr.strip()}")
         return [line.split("\t") for line in proc.stdout.splitlines() if line]
@@ -314,36 +351,45 @@ class PostgresIndex:
         return self.first_id
 
     def begin(self) -> None:
-        self.session = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
-        self._send("BEGIN;\n" + "".join(f"ALTER TABLE {t} DISABLE TRIGGER USER;\n" for t in self.TRIGGERED))
-
-    def _send(self, text: str) -> None:
-        assert self.session is not None and self.session.stdin is not None
-        try:
-            self.session.stdin.write(text)
-        except BrokenPipeError:
-            self.session.wait()
-            raise RuntimeError(f"psql: {self.session.stderr.read().strip()}") from None
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = {name: open(self.spool_dir / f"{name}.copy", "w", encoding="utf-8", buffering=1 << 20)
+                      for name in self.TABLES}
 
     def write(self, rows: Rows) -> None:
-        for name, target in self.TABLES.items():
-            batch = getattr(rows, name)
-            if not batch:
-                continue
-            if name in ("metadata", "attachments"):
-                batch = [(*row, 0) for row in batch]  # revision 0, as Orthanc 1.10 writes
-            self._send(f"COPY {target} FROM STDIN;\n"
-                       + "".join("\t".join(_copy_text(v) for v in row) + "\n" for row in batch) + "\\.\n")
+        """Append the rows to the spool files, in COPY's text format (only text can hold a
+        character COPY escapes; revision 0, as Orthanc 1.10 writes)."""
+        esc = COPY_ESCAPES
+        out = self.spool
+        out["resources"].write("".join(
+            f"{rid}\t{rtype}\t{pub}\t{NULL if parent is None else parent}\n" for rid, rtype, pub, parent in rows.resources))
+        for name in ("main_tags", "identifiers"):
+            out[name].write("".join(f"{rid}\t{g}\t{e}\t{v.translate(esc)}\n" for rid, g, e, v in getattr(rows, name)))
+        out["metadata"].write("".join(f"{rid}\t{k}\t{v.translate(esc)}\t0\n" for rid, k, v in rows.metadata))
+        out["attachments"].write("".join(f"{rid}\t{ftype}\t{uuid}\t{c}\t{u}\t{ct}\t{uh}\t{ch}\t0\n"
+                                         for rid, ftype, uuid, c, u, ct, uh, ch in rows.attachments))
+        out["changes"].write("".join(f"{ctype}\t{rid}\t{rtype}\t{date}\n" for ctype, rid, rtype, date in rows.changes))
 
     def commit(self) -> None:
-        if self.session is None:
-            return
-        self._send("".join(f"ALTER TABLE {t} ENABLE TRIGGER USER;\n" for t in self.TRIGGERED) + "COMMIT;\n")
-        _out, err = self.session.communicate()
-        rc, self.session = self.session.returncode, None
-        if rc != 0:
-            raise RuntimeError(f"psql: {err.strip()}")
+        """Load the spool files in one transaction (see the class); remove them."""
+        for handle in self.spool.values():
+            handle.close()
+        self.spool = {}
+        indexes = self.query(  # the public tables' indexes that back no constraint
+            "SELECT i.indexname, i.indexdef FROM pg_indexes i WHERE i.schemaname = 'public' AND NOT EXISTS "
+            "(SELECT 1 FROM pg_constraint c WHERE c.conindid = (quote_ident(i.schemaname) || '.' || "
+            "quote_ident(i.indexname))::regclass) ORDER BY i.indexname", admin=True)
+        script = ("SET session_replication_role = replica;\nSET maintenance_work_mem = '512MB';\n"
+                  "SET synchronous_commit = off;\nBEGIN;\n"
+                  + "".join(f'DROP INDEX public."{name}";\n' for name, _def in indexes)
+                  + "".join(f"\\copy {target} FROM '{self.spool_dir / (name + '.copy')}'\n"
+                            for name, target in self.TABLES.items())
+                  + "".join(f"{definition};\n" for _name, definition in indexes)
+                  + "COMMIT;\n")
+        proc = subprocess.run(self.admin_argv, input=script, env=self.admin_env, capture_output=True, text=True,
+                              check=False)
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"psql: {proc.stderr.strip()}")
 
     def size(self) -> int:
         """Bytes of Orthanc's tables with their indexes and TOAST (not the empty database's own)."""
@@ -377,10 +423,10 @@ class PostgresIndex:
             "SELECT resourcetype, COUNT(*) FROM resources GROUP BY resourcetype ORDER BY resourcetype")}
 
     def close(self) -> None:
-        if self.session is not None:
-            self.session.kill()
-            self.session.wait()
-            self.session = None
+        for handle in self.spool.values():
+            handle.close()
+        self.spool = {}
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     def final_bytes(self) -> int:
         return self.size()
@@ -522,9 +568,42 @@ def seed_real_instances(server: OrthancServer, workdir: Path) -> None:
 Index = SqliteIndex | PostgresIndex
 
 
+WRITERS = 2          # processes that write the storage files (this machine has 2 cores)
+CHUNK = 250          # files per task given to a writer
+_folders: set[str] = set()  # the folders a writer process made already
+
+
+def _write_chunk(task: tuple[str, float, list[tuple[str, int]]]) -> list[str]:
+    """In a writer process: write random bytes of each (uuid, size) to ``root/xx/yy/uuid``,
+    dated ``mtime``; return their MD5s, in order."""
+    root, mtime, items = task
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    md5s = []
+    for file_uuid, size in items:
+        data = os.urandom(size)
+        md5s.append(hashlib.md5(data).hexdigest())
+        folder = f"{root}/{file_uuid[0:2]}/{file_uuid[2:4]}"
+        if folder not in _folders:
+            os.makedirs(folder, exist_ok=True)
+            _folders.add(folder)
+        fd = os.open(f"{folder}/{file_uuid}", flags, 0o666)
+        try:
+            done = os.write(fd, data)
+            while done < size:  # a short write (regular files rarely do)
+                done += os.write(fd, data[done:])
+            os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+    return md5s
+
+
 def write_files(index: Index, tpl: Templates, storage: Path, sizes: Iterator[int],
                 rng: random.Random) -> tuple[int, int, int, list[tuple[str, str]]]:
     """Write one storage file per size and the rows of its instance, in batches.
+
+    The rows are made here, the files by ``WRITERS`` processes (``_write_chunk``: the bytes,
+    their MD5, the file), a batch at a time: while the writers write batch k, this process makes
+    the rows of batch k+1 and writes those of batch k-1 to the index with their MD5s.
 
     Returns the first synthetic internalId, the files and bytes written and a few
     (publicId, md5) samples."""
@@ -532,33 +611,49 @@ def write_files(index: Index, tpl: Templates, storage: Path, sizes: Iterator[int
     synth = Synthesizer(tpl, first_id, rng, time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() - ARCHIVE_AGE)),
                         index.TYPE_OFFSET)
     old = time.time() - ARCHIVE_AGE
+    root = os.fspath(storage)
     samples: list[tuple[str, str]] = []
-    folders: set[Path] = set()
-    files = written = 0
-    next_log = time.monotonic() + 30
-    for position, size in zip(plan_hierarchy(rng), sizes):
-        rid, pub = synth.instance(position)
-        data = os.urandom(size)
-        md5 = hashlib.md5(data).hexdigest()
-        file_uuid = str(uuidlib.UUID(int=rng.getrandbits(128), version=4))
-        path = storage_path(storage, file_uuid)
-        if path.parent not in folders:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            folders.add(path.parent)
-        path.write_bytes(data)
-        os.utime(path, (old, old))
-        synth.attach(rid, file_uuid, size, md5)
-        if (len(samples) < 3 or rng.random() < 0.001) and len(samples) < 6:
-            samples.append((pub, md5))
-        files += 1
-        written += size
-        if files % BATCH == 0:
-            index.write(synth.take())
-            if time.monotonic() > next_log:
-                log(f"  {files} files, {written / GIB:.2f} GiB")
-                next_log = time.monotonic() + 30
-    index.write(synth.take())
-    return first_id, files, written, samples
+    totals = {"files": 0, "written": 0}
+    next_log = [time.monotonic() + 30]
+    pending = None  # (rows, [(rid, pub)], [(uuid, size)], AsyncResult) of the batch being written
+
+    def complete(batch) -> None:
+        rows, meta, items, result = batch
+        md5s = [md5 for chunk in result.get() for md5 in chunk]
+        for (rid, pub), (file_uuid, size), md5 in zip(meta, items, md5s):
+            rows.attachments.append((rid, 1, file_uuid, size, size, 1, md5, md5))  # as Synthesizer.attach
+            if (len(samples) < 3 or rng.random() < 0.001) and len(samples) < 6:
+                samples.append((pub, md5))
+            totals["written"] += size
+        totals["files"] += len(items)
+        index.write(rows)
+        if time.monotonic() > next_log[0]:
+            log(f"  {totals['files']} files, {totals['written'] / GIB:.2f} GiB")
+            next_log[0] = time.monotonic() + 30
+
+    getrandbits = rng.getrandbits
+    with multiprocessing.get_context("fork").Pool(WRITERS) as pool:
+        meta: list[tuple[int, str]] = []
+        items: list[tuple[str, int]] = []
+        for position, size in zip(plan_hierarchy(rng), sizes):
+            meta.append(synth.instance(position))
+            items.append((str(uuidlib.UUID(int=getrandbits(128), version=4)), size))
+            if len(items) == BATCH:
+                result = pool.map_async(_write_chunk, [(root, old, items[i:i + CHUNK])
+                                                       for i in range(0, len(items), CHUNK)])
+                if pending is not None:
+                    complete(pending)
+                pending = (synth.take(), meta, items, result)
+                meta, items = [], []
+        if items:
+            result = pool.map_async(_write_chunk, [(root, old, items[i:i + CHUNK])
+                                                   for i in range(0, len(items), CHUNK)])
+            if pending is not None:
+                complete(pending)
+            pending = (synth.take(), meta, items, result)
+        if pending is not None:
+            complete(pending)
+    return first_id, totals["files"], totals["written"], samples
 
 
 def inflate_index(index: Index, first_id: int, instances: int, target_bytes: int,
@@ -626,14 +721,20 @@ def build_archive(workdir: Path, *, size_bytes: int | None = None, instances: in
             seed_real_instances(server, workdir)
         finally:
             server.stop()
-        index = SqliteIndex(server) if database is None else PostgresIndex(server)
+        seed_files, seed_bytes = dir_bytes(server.storage_dir)  # Orthanc's own (the seed)
+        index = (SqliteIndex(server) if database is None
+                 else PostgresIndex(server, database, workdir / f"{name}-rows"))
         try:
             tpl = index.templates()
             log(f"  writing the files and their rows ({size_bytes / GIB:.2f} GiB, {backend} index)"
                 if size_bytes is not None else f"  writing {instances} files and their rows ({backend} index)")
             index.begin()
+            started = time.monotonic()
             first_id, files, written, samples = write_files(index, tpl, server.storage_dir, sizes, rng)
+            log(f"  {files} files and their rows written in {time.monotonic() - started:.0f} s; committing")
+            started = time.monotonic()
             index.commit()
+            log(f"  index committed (indexes made again) in {time.monotonic() - started:.0f} s")
             padding = 0
             if index_ratio > 0:
                 target = int(index_ratio * written)
@@ -642,9 +743,11 @@ def build_archive(workdir: Path, *, size_bytes: int | None = None, instances: in
         except BaseException:
             index.close()
             raise
+        started = time.monotonic()
         counts = index.finish()
         os.sync()
-        files, storage_bytes = dir_bytes(server.storage_dir)
+        log(f"  totals set, index checked, synced in {time.monotonic() - started:.0f} s; starting Orthanc")
+        files, storage_bytes = seed_files + files, seed_bytes + written
         index_bytes = index.final_bytes()
         server.start()
         check_archive(server, counts, samples)

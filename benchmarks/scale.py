@@ -1,17 +1,23 @@
-"""Issue 15's table in one run: a SQLite Orthanc archive of N instances, and side by side the
-downtime against the floor, a nightly incremental with 0.1% and 1% new instances against
-``rsync -a --link-dest`` and ``cp -al`` of the same tree, ``backup_verify`` (md5 all) against
-``md5sum``, and retention of one backup against ``rm -rf``.
+"""Issue 15's table in one run: an Orthanc archive of N instances (SQLite or PostgreSQL index),
+and side by side the downtime against the floor, a nightly incremental with 0.1% and 1% new
+instances against ``rsync -a --link-dest`` and ``cp -al`` of the same tree, ``backup_verify``
+(md5 all) against ``md5sum``, the restore's storage copy against ``cp -al``, retention of one
+backup against ``rm -rf``, and the peak RSS of the module work run outside Ansible.
 
 It composes the other benchmarks' pieces: the archive from ``_archive.build_archive`` (a private
 Orthanc 1.10.1, synthetic but consistent files and rows), the downtime of the floor and of the
 real backup playbook from ``downtime.py`` (``measure_floor``, ``run_ours``, the poller), new
 instances stored over REST (``_archive.store_generated``). The backups go to a root on the
-archive's filesystem (``link_mode`` auto: hard links, the cheapest case for every tool). Peak
-memory of each module is measured apart, by ``memory.py`` (a module run by Ansible is not a child
-this script can measure). One round of each: the times are as noisy as the machine.
+archive's filesystem (``link_mode`` auto: hard links, the cheapest case for every tool).
 
-    python3 benchmarks/scale.py --instances 1000000 [--workdir /var/tmp/scale] [--keep]
+The hot pass, ``backup_verify`` and the restore's storage copy also run outside Ansible, each in
+a child process of its own (``memory.py``'s steps), so that their peak RSS (``VmHWM``) is theirs
+alone (a module run by Ansible is not a child this script can measure). With ``--backend
+postgresql`` the backup uses the dump strategy: Orthanc is not stopped, and the reference of the
+first backup is ``pg_dump -Fc`` of the same database. One round of each: the times are as noisy
+as the machine.
+
+    python3 benchmarks/scale.py --instances 1000000 [--backend sqlite|postgresql] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ import time
 from pathlib import Path
 
 from _bench import log  # also sys.path
-from _archive import build_archive, store_generated
+from _archive import BACKENDS, build_archive, store_generated
 import downtime
+import memory
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _verify  # noqa: E402
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout  # noqa: E402
 
 
 def timed(argv: list) -> float:
@@ -58,16 +65,48 @@ def nightly(archive, workdir: Path, root: Path, fraction: float, label: str, row
     cpal = timed(["cp", "-al", str(storage), str(cpal_dest)])
     for folder in (rsync_dest, cpal_dest):
         shutil.rmtree(folder)
+    playbook = float(m.notes.split(";", maxsplit=1)[0].split()[1])  # "playbook 12.3 s"
     rows.append((f"nightly incremental, {label} new ({manifest['storage']['new_files']:,} files)",
-                 f"{m.notes.split(';', maxsplit=1)[0].replace('playbook ', '')}",
+                 f"{playbook:.1f} s (whole playbook)",
                  f"rsync --link-dest {rsync:.1f} s, cp -al {cpal:.1f} s",
-                 f"downtime {m.downtime:.2f} s"))
+                 f"{playbook / max(rsync, 1e-9):.2f}x rsync; Orthanc unanswered {m.downtime:.2f} s"))
     return backup
+
+
+def module_step(workdir: Path, name: str, backup: Path | None = None, live: Path | None = None) -> dict:
+    """One of memory.py's steps ("hot", "verify", "restore") in a child process, on this
+    archive: its seconds and peak RSS (MiB)."""
+    work = workdir / "steps"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    if backup is not None:
+        (work / "backup").symlink_to(backup)
+    if live is not None:
+        (work / "live").symlink_to(live)
+    os.sync()
+    try:
+        return memory.run_step(work, name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def pg_dump_seconds(archive, workdir: Path) -> float:
+    """``pg_dump -Fc`` of the index's database into a file (the dump strategy's raw tool)."""
+    section = archive.server.extra_config["PostgreSQL"]
+    target = workdir / "raw.dump"
+    env = dict(os.environ, PGPASSWORD=section["Password"])
+    t0 = time.monotonic()
+    subprocess.run(["pg_dump", "-Fc", "-h", str(section["Host"]), "-p", str(section["Port"]), "-U",
+                    section["Username"], "-f", str(target), section["Database"]], check=True, env=env)
+    seconds = time.monotonic() - t0
+    target.unlink()
+    return seconds
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--instances", type=int, default=1_000_000)
+    parser.add_argument("--backend", choices=BACKENDS, default="sqlite")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
@@ -76,30 +115,53 @@ def main() -> int:
     rows: list = []
     archive = None
     status = 0
+    load_start = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    built = ""
     try:
-        log(f"building {args.instances:,} instances")
-        archive = build_archive(workdir, instances=args.instances, file_size=(1_000, 4_000), index_ratio=0.05)
-        log(f"  built in {archive.build_seconds:.0f} s: {archive.files:,} files, index {archive.index_bytes / 2**20:.0f} MiB")
+        log(f"building {args.instances:,} instances ({args.backend} index); load average {load_start[0]:.2f}")
+        archive = build_archive(workdir, instances=args.instances, file_size=(1_000, 4_000), index_ratio=0.05,
+                                backend=args.backend)
+        built = (f"archive built in {archive.build_seconds:.0f} s: {archive.files:,} files, "
+                 f"{archive.storage_bytes / 2**30:.2f} GiB, index {archive.index_bytes / 2**20:.0f} MiB, {archive.counts}")
+        log("  " + built)
         root = workdir / "backups"
-        log("  floor: stop, cp index*, start")
-        floor = downtime.measure_floor(archive, workdir, False)
-        log("  ours, first backup")
-        first, _manifest, first_backup = downtime.run_ours(archive, root, "auto", "ours full", workdir, False, 0)
-        rows.append(("downtime, first backup", f"{first.downtime:.2f} s", f"floor {floor.downtime:.2f} s",
-                     f"{first.downtime / max(floor.downtime, 1e-9):.2f}x the floor; phases {first.phases}"))
+        if args.backend == "sqlite":
+            log("  floor: stop, cp index*, start")
+            floor = downtime.measure_floor(archive, workdir, False)
+            log("  ours, first backup")
+            first, _manifest, first_backup = downtime.run_ours(archive, root, "auto", "ours full", workdir, False, 0)
+            rows.append(("downtime, first backup", f"{first.downtime:.2f} s", f"floor {floor.downtime:.2f} s",
+                         f"{first.downtime / max(floor.downtime, 1e-9):.2f}x the floor; phases {first.phases}; "
+                         f"{first.notes.split(';', maxsplit=1)[0]}"))
+        else:
+            log("  pg_dump -Fc of the index's database")
+            raw = pg_dump_seconds(archive, workdir)
+            log("  ours, first backup (dump strategy)")
+            first, _manifest, first_backup = downtime.run_ours(archive, root, "auto", "ours full", workdir, False, 0)
+            rows.append(("first backup (dump strategy, Orthanc not stopped)",
+                         first.notes.split(";", maxsplit=1)[0].replace("playbook ", "") + " (whole playbook)",
+                         f"pg_dump -Fc {raw:.1f} s",
+                         f"Orthanc unanswered {first.downtime:.2f} s (manifest's downtime "
+                         f"{first.manifest_downtime})"))
+        log("  hot pass alone, in a child (peak RSS)")
+        hot = module_step(workdir, "hot", live=archive.server.storage_dir)
         last = None
         for fraction, label in ((0.001, "0.1%"), (0.01, "1%")):
             last = nightly(archive, workdir, root, fraction, label, rows, args)
-        log("  backup_verify md5=all, then md5sum of the same files")
-        os.sync()
-        t0 = time.monotonic()
-        report = _verify.verify_backup(str(last), md5="all")
-        ours = time.monotonic() - t0
-        if not report["ok"]:
-            raise RuntimeError(f"verify_backup fails: {report['problems']}")
+        log("  backup_verify md5=all in a child, then md5sum of the same files")
+        verified = module_step(workdir, "verify", backup=last)
+        if not verified["ok"]:
+            raise RuntimeError(f"verify_backup fails on {last}")
         md5sum = timed(["bash", "-c", f"find {last / 'storage'} -type f -print0 | xargs -0 md5sum"])
-        rows.append((f"backup_verify md5=all ({report['files_hashed']:,} files)", f"{ours:.1f} s",
-                     f"md5sum {md5sum:.1f} s", f"{md5sum / max(ours, 1e-9):.2f}x md5sum's throughput"))
+        rows.append((f"backup_verify md5=all ({verified['hashed']:,} files)", f"{verified['seconds']:.1f} s",
+                     f"md5sum {md5sum:.1f} s", f"{md5sum / max(verified['seconds'], 1e-9):.2f}x md5sum's throughput"))
+        log("  restore's storage copy (walk + place, hard links) in a child, then cp -al of the same tree")
+        restored = module_step(workdir, "restore", backup=last)
+        cpal = timed(["cp", "-al", str(last / "storage"), str(workdir / "cpal-restore")])
+        shutil.rmtree(workdir / "cpal-restore")
+        rows.append((f"restore: storage copy ({restored['files']:,} files, hard links)", f"{restored['seconds']:.1f} s",
+                     f"cp -al {cpal:.1f} s", f"{restored['seconds'] / max(cpal, 1e-9):.2f}x cp -al"))
         log("  retention: remove the first backup, and rm -rf of a cp -al copy of it")
         subprocess.run(["cp", "-al", str(first_backup), str(workdir / "copy-of-first")], check=True)
         os.sync()
@@ -109,19 +171,25 @@ def main() -> int:
         rmrf = timed(["rm", "-rf", str(workdir / "copy-of-first")])
         rows.append(("retention of one backup", f"{ours_rm:.1f} s", f"rm -rf {rmrf:.1f} s",
                      f"{ours_rm / max(rmrf, 1e-9):.2f}x rm -rf"))
+        rows.append(("peak RSS (child processes)", f"hot pass {hot['rss_mib']:.0f} MiB ({hot['seconds']:.1f} s), "
+                     f"verify md5=all {verified['rss_mib']:.0f} MiB, restore copy {restored['rss_mib']:.0f} MiB",
+                     "", "target: under 500 MB at 5 M"))
     except Exception as exc:  # report what was measured so far
         print(f"\nBENCHMARK BROKE: {type(exc).__name__}: {exc}", file=sys.stderr)
         status = 1
     finally:
         if archive is not None:
             archive.close()
-        print(f"{args.instances:,} instances, SQLite index, Orthanc 1.10.1; {os.cpu_count()} CPUs; "
-              f"load average {os.getloadavg()[0]:.2f} at the end; backups on the archive's filesystem (hard links)")
+        load_end = os.getloadavg()
+        print(f"{args.instances:,} instances, {args.backend} index, Orthanc 1.10.1; {os.cpu_count()} CPUs; started "
+              f"{started}; load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; backups on "
+              f"the archive's filesystem (hard links)")
+        if built:
+            print(built)
         print("| step | ours | reference | ratio, notes |")
         print("|---|---|---|---|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
-        print("Peak memory of each module: benchmarks/memory.py.")
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return status
