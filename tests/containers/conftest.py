@@ -8,6 +8,7 @@ Containers run with --init and --network host (dockerd has no bridge here), on f
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import pathlib
@@ -68,7 +69,7 @@ class Rest:
     def answers(self) -> bool:
         try:
             return self.rest("GET", "/system", timeout=2).get("Name") == self.name
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):  # cut off mid-answer: stopping
             return False
 
     def wait(self, timeout: float = 60) -> None:
