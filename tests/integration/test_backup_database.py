@@ -148,13 +148,14 @@ def test_backup_while_instances_keep_arriving(database, servers, tmp_path, engin
     root = tmp_path / "backups"
     inventory = write_inventory(tmp_path / "inventory.json", {
         "pacs": local_host(server, root, orthanc_backup_settle_seconds=0, **db.restore_vars())})
+    pid = server.pid()
     stop = threading.Event()
     failures, polls, stored, deleted = [], [0], [], []
     sources = dicomgen.make_instances(tmp_path / "stream", 400, size_range=(10_000, 60_000), seed=7)
 
     def poll():
         while not stop.is_set():
-            if not server.answers():
+            if not server.answers(timeout=30):  # a slow answer under load is still an answer
                 failures.append(time.time())
             polls[0] += 1
             time.sleep(0.03)
@@ -180,6 +181,7 @@ def test_backup_while_instances_keep_arriving(database, servers, tmp_path, engin
             thread.join()
     assert result.returncode == 0, result.stdout
     assert polls[0] > 10 and not failures, f"{len(failures)} of {polls[0]} polls unanswered"
+    assert server.pid() == pid  # never stopped
     assert len(stored) + len(deleted) > 5, "nothing was stored during the backup"
     backup = (root / "latest").resolve()
     manifest = checks.read_manifest(backup)

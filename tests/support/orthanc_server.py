@@ -266,10 +266,10 @@ class OrthancServer:
             return None
         return pid
 
-    def answers(self) -> bool:
-        """True when GET /system answers with this server's name."""
+    def answers(self, timeout: float = 2) -> bool:
+        """True when GET /system answers with this server's name within ``timeout`` seconds."""
         try:
-            return self.rest("GET", "/system", timeout=2).get("Name") == self.name
+            return self.rest("GET", "/system", timeout=timeout).get("Name") == self.name
         except (OSError, ValueError, AttributeError, http.client.HTTPException, OrthancError):
             return False
 
