@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the molecule scenarios of extensions/molecule/ on podman containers (as root):
 #   bash scripts/molecule.sh                  # every scenario (READY below): what CI runs
-#   bash scripts/molecule.sh sqlite           # one scenario, full `molecule test`
-#   MOLECULE_COMMAND=converge bash scripts/molecule.sh sqlite   # any molecule subcommand
-#   MOLECULE_ANSIBLE_ARGS="-e x=y -vv" bash scripts/molecule.sh sqlite   # passed to ansible-playbook
+#   bash scripts/molecule.sh fleet           # one scenario, full `molecule test`
+#   MOLECULE_COMMAND=converge bash scripts/molecule.sh fleet   # any molecule subcommand
+#   MOLECULE_ANSIBLE_ARGS="-e x=y -vv" bash scripts/molecule.sh fleet   # passed to ansible-playbook
 # Builds the image localhost/pacs-orthanc-debian12 first when it is missing or out of date
 # (scripts/molecule-image.sh), and puts the containers.podman collection (which molecule's podman
 # driver needs) into .work/collections, taken from PyPI's `ansible` package: Galaxy is not
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-READY=(sqlite databases)
+READY=(fleet)
 ANSIBLE_PACKAGE=ansible==12.3.0        # its containers.podman supports ansible-core 2.19
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${READY[@]}")

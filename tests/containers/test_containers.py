@@ -21,7 +21,7 @@ from tests.containers.conftest import DATA, IMAGE, Rest, engine_ready, sh
 from tests.support.orthanc_server import free_port
 from tests.support import checks
 from tests.support.interrupt import interrupt_during_downtime, wait_for
-from tests.support.playbook import run_module, run_playbook, write_inventory
+from tests.support.playbook import MODULE_PYTHON, run_module, run_playbook, write_inventory
 from ansible_collections.pacs.orthanc.plugins.module_utils import _control
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,7 @@ CONFIRM = {"orthanc_restore_confirm": True}
 
 
 def host_vars(url: str, tmp_path: pathlib.Path, **extra) -> dict:
-    import sys  # pylint: disable=import-outside-toplevel
-    hostvars = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "orthanc_url": url,
+    hostvars = {"ansible_connection": "local", "ansible_python_interpreter": MODULE_PYTHON, "orthanc_url": url,
                 "orthanc_backup_root": str(tmp_path / "backups"), "orthanc_backup_settle_seconds": 0}
     hostvars.update(extra)
     return hostvars

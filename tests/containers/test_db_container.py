@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -26,7 +25,7 @@ import pytest
 from tests.containers.conftest import DATA, IMAGE, OrthancContainer, engine_ready
 from tests.support import checks, databases, procs
 from tests.support.orthanc_server import OrthancServer, free_port, stop_all
-from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
+from tests.support.playbook import MODULE_PYTHON, local_host, run_module, run_playbook, write_inventory
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import container as db_container, listing
 
 pytestmark = pytest.mark.slow
@@ -240,7 +239,7 @@ def test_containerised_orthanc_beside_its_postgresql_container(db_containers, tm
         stored = orthanc.contents()
         assert len(stored) == 6
         inventory = write_inventory(tmp_path / "inventory.json", {"c": {
-            "ansible_connection": "local", "ansible_python_interpreter": sys.executable, "orthanc_url": orthanc.url,
+            "ansible_connection": "local", "ansible_python_interpreter": MODULE_PYTHON, "orthanc_url": orthanc.url,
             "orthanc_backup_root": str(tmp_path / "backups"), "orthanc_backup_settle_seconds": 0,
             "orthanc_compose_project": db.project, "orthanc_container_engine": "podman",
             "orthanc_restore_db_replace": True}})

@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import signal
-import sys
 import time
 import urllib.request
 
@@ -16,7 +15,7 @@ import pytest
 
 from tests.support.dicomgen import make_study
 from tests.support.orthanc_server import ORTHANC_BIN, free_port
-from tests.support.playbook import run_playbook, write_inventory
+from tests.support.playbook import MODULE_PYTHON, run_playbook, write_inventory
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -74,7 +73,7 @@ def test_a_storage_path_from_the_services_environment(env_orthanc, tmp_path):
         rest(o["url"] + "/instances", "POST", path.read_bytes())
     assert rest(o["url"] + "/statistics")["CountInstances"] == 2
     pid = int(o["pidfile"].read_text())
-    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+    host = {"ansible_connection": "local", "ansible_python_interpreter": MODULE_PYTHON,
             "orthanc_config_path": str(o["config"]), "orthanc_url": o["url"],
             "orthanc_backup_root": str(tmp_path / "backups"),
             "orthanc_backup_status_file": str(tmp_path / "status.json"),

@@ -14,7 +14,6 @@ import secrets
 import signal
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -22,7 +21,7 @@ import pytest
 
 from tests.support import checks, procs
 from tests.support.orthanc_server import free_port
-from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
+from tests.support.playbook import MODULE_PYTHON, local_host, run_module, run_playbook, write_inventory
 from ansible_collections.pacs.orthanc.plugins.module_utils import _verify
 
 pytestmark = [pytest.mark.slow,
@@ -179,7 +178,7 @@ def test_append_only_host_cannot_forget_maintenance_can(servers, tmp_path):
     folder.mkdir()
     secret, pw_file = password_file(tmp_path)
     root = tmp_path / "backups"
-    maintenance = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+    maintenance = {"ansible_connection": "local", "ansible_python_interpreter": MODULE_PYTHON,
                    "orthanc_restic_admin_password_file": str(pw_file), "orthanc_offsite_keep_last": 1,
                    "orthanc_offsite_keep_daily": 0, "orthanc_offsite_keep_weekly": 0, "orthanc_offsite_keep_monthly": 0,
                    "orthanc_offsite_read_days": 3, "orthanc_offsite_state_dir": str(tmp_path / "state"),

@@ -13,10 +13,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 from tests.support.orthanc_server import free_port
+from tests.support.playbook import MODULE_PYTHON
 
 SSHD = "/usr/sbin/sshd"
 
@@ -95,7 +95,7 @@ class SshServer:
             "ansible_user": "root",
             "ansible_ssh_private_key_file": str(self.client_key),
             "ansible_ssh_common_args": f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes",
-            "ansible_python_interpreter": sys.executable,
+            "ansible_python_interpreter": MODULE_PYTHON,
         }
         hostvars.update(extra)
         return hostvars
