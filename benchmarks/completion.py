@@ -15,11 +15,12 @@ manifest, not the rename) of that incomplete backup:
   statted and hashed (``storage_check: changed``).
 
 Also timed apart, for scale: ``PRAGMA integrity_check`` of the index (part of both, beside the
-storage check) and ``find storage -type f | wc -l``. The index here holds only the tables the
-collection reads (about 100 bytes per instance): a real Orthanc index is about ten times larger,
-and its integrity check takes longer in proportion.
+storage check) and ``find storage -type f | wc -l``. The index is grown to about
+``--index-bytes-per-file`` (default 1,000, as a real Orthanc index) with rows of Orthanc's
+``Metadata`` table, so that its integrity check costs what a real one does.
 
     python3 benchmarks/completion.py --files 200000 [--percent 1] [--rounds 2] [--before main]
+                                     [--index-bytes-per-file 1000]
                                      [--workdir /var/tmp/completion] [--keep]
 
 The work folder is deleted at the end unless ``--keep``. Results on stdout, progress on stderr.
@@ -32,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -72,10 +74,36 @@ def run_step(work: Path, code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def prepare(work: Path, n: int, percent: float, before: str) -> int:
+METADATA = """CREATE TABLE IF NOT EXISTS Metadata(
+       id INTEGER REFERENCES Resources(internalId) ON DELETE CASCADE,
+       type INTEGER,
+       value TEXT,
+       PRIMARY KEY(id, type)
+       )"""
+
+
+def pad_index(index: Path, per_file: int) -> None:
+    """Grow the index towards ``per_file`` bytes per instance, as a real Orthanc index is (959 MiB
+    for 1,000,006 instances, benchmarks/README.md "At scale"): Orthanc's own Metadata table, rows
+    of 80 characters per instance, so that PRAGMA integrity_check has a real index's work."""
+    rows = max(0, round((per_file - 200) / 110))  # what add_files writes per instance, then a row's cost
+    conn = sqlite3.connect(index, isolation_level=None)
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute(METADATA)
+    conn.execute("BEGIN")
+    conn.execute("WITH RECURSIVE k(t) AS (SELECT 1 UNION ALL SELECT t + 1 FROM k WHERE t < ?) "
+                 "INSERT OR IGNORE INTO Metadata SELECT r.internalId, 100 + k.t, hex(randomblob(40)) "
+                 "FROM Resources AS r, k", (rows,))
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def prepare(work: Path, n: int, percent: float, before: str, per_file: int) -> int:
     """The live archive, a complete first backup and the incomplete second one; returns the new files."""
     from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _storage  # noqa: E402
     build(work, n)
+    if per_file:
+        pad_index(work / "index", per_file)
     export = work / "before" / "ansible_collections" / "pacs" / "orthanc"
     export.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(_bench.REPO), "archive", before, "plugins"], check=True,
@@ -89,7 +117,10 @@ def prepare(work: Path, n: int, percent: float, before: str) -> int:
             new = int(n * percent / 100)
             log(f"  {new} new files ({percent}%)")
             add_files(work / "live", work / "index", new, random.Random(n + 1), age=600, keep=False, md5=True)
+            if per_file:
+                pad_index(work / "index", per_file)
             time.sleep(1.1)  # backups are named by the second
+        log(f"  index {(work / 'index').stat().st_size / 2 ** 20:.0f} MiB")
         opened = _backupset.open_backup(str(root), str(work / "etc"), str(work), str(work / "live"), space_check=False)
         t0 = time.monotonic()
         previous = os.path.join(opened["previous"], "storage") if opened["previous"] else None
@@ -111,6 +142,8 @@ def main() -> int:
     parser.add_argument("--percent", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--before", default="main", help="the git revision of 'before' (default main)")
+    parser.add_argument("--index-bytes-per-file", type=int, default=1000,
+                        help="grow the index to about this per instance, as a real one (0: as built)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/completion"))
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--step", action="store_true", help=argparse.SUPPRESS)
@@ -126,7 +159,7 @@ def main() -> int:
     load = os.getloadavg()[0]
     rows = []
     try:
-        new = prepare(work, args.files, args.percent, args.before)
+        new = prepare(work, args.files, args.percent, args.before, args.index_bytes_per_file)
         os.sync()
         t0 = time.monotonic()
         subprocess.run(f"find {work / 'backups'}/*.incomplete/storage -type f | wc -l", shell=True, check=True,

@@ -330,8 +330,7 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     storage = os.path.join(backup, _layout.STORAGE)
     source = "the dump's listing" if listed is not None else index_file
     if state is not None:
-        _compare_with_state(state, index_file, report)
-        listed, orphans, source = state.conn, False, f"the files placed new in {backup}"
+        listed, orphans, source = state.conn, False, f"{index_file} and the storage state"
     query = ("SELECT uuid, size, COALESCE(md5, '') FROM listing ORDER BY uuid" if listed is not None else
              "SELECT uuid, compressedSize, COALESCE(compressedMD5, '') FROM AttachedFiles ORDER BY uuid")
     workers = default_workers() if not workers else workers
@@ -339,27 +338,42 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
         conn = listed if listed is not None else _sqlite.connect(index_file)
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
-    try:
+
+    def batches():
+        """What is checked on disk: (count of rows, batches)."""
+        if state is not None:
+            _compare_with_state(state, index_file, report)
         count, total = conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM listing" if listed is not None else
             "SELECT COUNT(*), COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone()
         if progress is not None and hash_filter is None and progress.files_total is None:
             progress.totals(count, total)
+        return count, _batches(conn.execute(query), _shards(storage) if orphans else [], hash_filter)
+
+    try:
+        if state is not None:
+            # the files placed new are at most what the comparison hands on: the workers are forked
+            # (and ``started`` called) before it, so that the caller's thread runs beside it
+            found = None
+            count = state.summary()["new_files"]
+        else:
+            found = batches()
+            count = found[0]
         workers = max(1, min(workers, -(-count // HASH_WINDOW)))  # no process without a batch to check
-        shards = _shards(storage) if orphans else []
-        rows = conn.execute(query)
-        batches = _batches(rows, shards, hash_filter)
         if workers == 1:
             if started is not None:
                 started()
             results = (check_batch(batch, wanted, folders, storage, known_missing)
-                       for batch, wanted, folders in batches)
+                       for batch, wanted, folders in (found or batches())[1])
             _gather(results, report, progress)
         else:
             context = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                                         initargs=(storage, known_missing)) as pool:
-                _gather(_in_flight(pool, batches, workers * PIPELINE, started), report, progress)
+                pool.submit(_ready).result()  # the first submit forks every worker, before any thread
+                if started is not None:
+                    started()
+                _gather(_in_flight(pool, (found or batches())[1], workers * PIPELINE), report, progress)
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
     except concurrent.futures.process.BrokenProcessPool as exc:
@@ -369,14 +383,16 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
             conn.close()
 
 
-def _in_flight(pool, batches, limit: int, started=None):
-    """Results of check_batch over ``batches`` in their order, at most ``limit`` submitted ahead.
-    The first submit forks the workers (all of them, before the pool's own thread)."""
+def _ready() -> bool:
+    """Nothing: submitted first, so that the pool forks its workers at once."""
+    return True
+
+
+def _in_flight(pool, batches, limit: int):
+    """Results of check_batch over ``batches`` in their order, at most ``limit`` submitted ahead."""
     pending = collections.deque()
     for batch, wanted, folders in batches:
         pending.append(pool.submit(check_batch, batch, wanted, folders))
-        if started is not None and len(pending) == 1:
-            started()
         if len(pending) >= limit:
             yield pending.popleft().result()
     while pending:

@@ -46,11 +46,12 @@ def backup_and_state(tmp_path, files: int = 6):
     return backup, state_file, sorted(names)
 
 
-def changed_check(backup, state_file, md5: bool = True) -> dict:
+def changed_check(backup, state_file, md5: bool = True, started=None) -> dict:
     report = _verify.Report()
     with _storage.State(str(state_file), readonly=True) as state:
         _verify.check_storage(str(backup), str(backup / "index" / "index"), report,
-                              None if md5 else _verify._hash_none, state=state)
+                              None if md5 else _verify._hash_none, state=state,
+                              started=(lambda: started(state)) if started else None)
     return report.as_dict()
 
 
@@ -61,9 +62,17 @@ def index_sql(backup, statement: str, args=()) -> None:
     conn.close()
 
 
-def test_a_state_that_matches_the_index_checks_the_new_files_on_disk(tmp_path):
+@pytest.mark.parametrize("window", [2048, 2])  # one batch in this process; three in two worker processes
+def test_a_state_that_matches_the_index_checks_the_new_files_on_disk(tmp_path, monkeypatch, window):
+    monkeypatch.setattr(_verify, "HASH_WINDOW", window)
     backup, state_file, names = backup_and_state(tmp_path)
-    result = changed_check(backup, state_file)
+    before_comparison = []
+
+    def started(state):  # the caller's thread (the integrity check) starts before the comparison in SQL
+        before_comparison.append(state.listing is None)
+
+    result = changed_check(backup, state_file, started=started)
+    assert before_comparison == [True]
     assert result["ok"] and result["problems"] == {}
     assert result["files_compared"] == result["files_checked"] == result["files_hashed"] == 6
     assert result["orphans"] == 0
