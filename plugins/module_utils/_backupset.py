@@ -184,7 +184,7 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
     try:
         for leftover in sorted(os.listdir(root)):
             if leftover.endswith(INCOMPLETE) and leftover != name + INCOMPLETE:
-                shutil.rmtree(os.path.join(root, leftover))
+                _layout.remove_tree(os.path.join(root, leftover))
                 result["removed_incomplete"].append(leftover)
         if os.path.exists(path) or os.path.exists(os.path.join(root, name)):
             raise PacsError(step, f"a backup named {name} exists already; try again in a second")
@@ -240,7 +240,7 @@ def discard_backup(root: str, name: str, check_mode: bool = False) -> dict:
     if not check_mode:
         try:
             if existed:
-                shutil.rmtree(path)
+                _layout.remove_tree(path)
         finally:
             # released even when the folder could not be removed (it stays '.incomplete', never
             # complete, and the next run removes it): else the run's keeper would hold the lock
