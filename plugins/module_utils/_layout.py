@@ -227,7 +227,7 @@ def unpoint_latest(root: str, name: str) -> None:
         os.unlink(latest)
 
 
-REMOVE_WORKERS = 2  # processes that unlink a backup's storage/ (benchmarks/retention.py)
+REMOVE_WORKERS = 4  # processes that unlink a backup's storage/: 4 beat 2 on 2 CPUs (benchmarks/retention.py)
 
 
 def _remove_shard(path: str) -> None:

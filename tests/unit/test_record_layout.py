@@ -113,7 +113,7 @@ def test_latest_switches_and_a_removed_backup_never_looks_complete(tmp_path, mon
     assert sorted(os.listdir(tmp_path)) == ["20261130T010000Z", "latest"]
 
 
-def test_a_backup_s_storage_is_removed_by_two_processes_and_an_error_names_its_file(tmp_path, monkeypatch):
+def test_a_backup_s_storage_is_removed_by_worker_processes_and_an_error_names_its_file(tmp_path, monkeypatch):
     """remove_backup hands storage/'s top-level folders to worker processes: all of it goes, and
     while it goes the backup is no complete backup. A file none can remove fails with its name;
     the backup stays renamed '.deleting.incomplete' (never complete) for the next run."""
