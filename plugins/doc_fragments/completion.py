@@ -15,6 +15,12 @@ options:
     description:
       - Storage files that C(complete) hashes against the MD5 in the index. C(new), files that are
         not hard links to the previous (already checked) backup; C(all), every file; C(none), sizes only.
+      - On the managed host (M(pacs.orthanc.backup_set)), with C(new) or C(none) and a SQLite index,
+        the check follows what changed. The index is compared with the backup's storage state in
+        SQL (every attachment placed with its size; orphans) and only the files placed new are
+        statted and hashed on disk (manifest C(verification.storage_check=changed)). C(all), a
+        database dump and a backup without a state database check every file the index lists on
+        disk (C(storage_check=all)). The backup server always checks every file.
     type: str
     choices: [new, all, none]
     default: new

@@ -184,7 +184,7 @@ def open_backup(root: str, config_path: str, index_dir: str, storage_dir: str,
     try:
         for leftover in sorted(os.listdir(root)):
             if leftover.endswith(INCOMPLETE) and leftover != name + INCOMPLETE:
-                shutil.rmtree(os.path.join(root, leftover))
+                _layout.remove_tree(os.path.join(root, leftover))
                 result["removed_incomplete"].append(leftover)
         if os.path.exists(path) or os.path.exists(os.path.join(root, name)):
             raise PacsError(step, f"a backup named {name} exists already; try again in a second")
@@ -240,7 +240,7 @@ def discard_backup(root: str, name: str, check_mode: bool = False) -> dict:
     if not check_mode:
         try:
             if existed:
-                shutil.rmtree(path)
+                _layout.remove_tree(path)
         finally:
             # released even when the folder could not be removed (it stays '.incomplete', never
             # complete, and the next run removes it): else the run's keeper would hold the lock
@@ -307,19 +307,25 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
     lost_in_live_storage = _record.lost_in_live_storage(records)
     lock_taken_over = records.get("lock") or None
     checked_from = time.monotonic()
-    with _storage.State(_layout.state_file(path), readonly=True) as state, Heartbeat(path):
+    state_path = _layout.state_file(path)
+    with _storage.State(state_path, readonly=True) as state, Heartbeat(path):
         storage_totals = state.summary()
-        # what changed: the files not linked from the previous backup, asked of the state file per file
+        # what changed: the index is compared with the state in SQL and only the files placed new
+        # are read on disk (storage_check: changed); md5=all, a dump or a backup without a state
+        # database check every file, hashing those the state says are new (hash_filter)
         report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=state.is_new,
-                                       known_missing=set(deleted_during_capture))
+                                       known_missing=set(deleted_during_capture),
+                                       state=state if _storage.is_state_database(state_path) else None)
     if not report["ok"]:
         raise PacsError(step, f"the backup in {path} failed its check: "
                         f"{_verify.describe_problems(report['problems'])}", verification=report)
 
     ended = utc_now()
     files = {}
-    for directory, _subdirs, filenames in os.walk(path):
+    for directory, subdirs, filenames in os.walk(path):
         rel_dir = os.path.relpath(directory, path)
+        if rel_dir == os.curdir:
+            subdirs[:] = [d for d in subdirs if d not in (_layout.STORAGE, WORK)]  # storage/ is not walked
         if rel_dir.split(os.sep)[0] in (_layout.STORAGE, WORK):
             continue
         for filename in filenames:
@@ -368,7 +374,11 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
                     "lost_in_live_storage": lost_in_live_storage},
         "steps": dict(_record.step_times(records), check={
             "seconds": round(time.monotonic() - checked_from, 3), "files": report["files_checked"]}),
-        "verification": {"md5": md5, "files_checked": report["files_checked"],
+        # storage_check: changed (the index compared with the storage state in SQL, files_compared
+        # rows; only the files placed new statted and hashed on disk, files_checked) or all (every
+        # file the index lists statted, storage/'s folders listed for orphans)
+        "verification": {"md5": md5, "storage_check": report.get("storage_check"),
+                         "files_compared": report.get("files_compared"), "files_checked": report["files_checked"],
                          "files_hashed": report["files_hashed"], "orphans": report["orphans"],
                          # the index passed PRAGMA integrity_check: a later check whose SHA-256 of
                          # index/index matches need not run it again (_verify.index_checked_before)

@@ -13,9 +13,12 @@ reading a manifest. Standard library only."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import datetime
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -224,14 +227,44 @@ def unpoint_latest(root: str, name: str) -> None:
         os.unlink(latest)
 
 
+REMOVE_WORKERS = 4  # processes that unlink a backup's storage/: 4 beat 2 on 2 CPUs (benchmarks/retention.py)
+
+
+def _remove_shard(path: str) -> None:
+    """One top-level folder of a storage tree, in a worker process of ``remove_tree``. What cannot
+    be removed stays, for the last ``shutil.rmtree`` to name."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_tree(path: str, ignore_errors: bool = False, workers: int = REMOVE_WORKERS) -> None:
+    """``shutil.rmtree(path)``, whose ``storage/`` (a file per instance in ``xx/yy/``: nearly all
+    of a backup) is first removed by ``workers`` processes, its top-level folders handed out one
+    at a time (benchmarks/retention.py). Then ``shutil.rmtree`` removes the rest, and raises the
+    OSError of the first file that none could remove (unless ``ignore_errors``)."""
+    storage = os.path.join(path, STORAGE)
+    try:
+        shards = sorted(entry.path for entry in os.scandir(storage) if entry.is_dir(follow_symlinks=False))
+    except OSError:  # no storage/ (a dump holding the files), or unreadable: rmtree says what
+        shards = []
+    if workers > 1 and len(shards) > 1:
+        try:
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(shards)),
+                                                        mp_context=multiprocessing.get_context("fork")) as pool:
+                for _done in pool.map(_remove_shard, shards):
+                    pass
+        except (OSError, concurrent.futures.process.BrokenProcessPool):
+            pass  # a worker could not start or died: what is left is removed below
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def remove_backup(root: str, name: str, ignore_errors: bool = False) -> None:
     """Remove ``<root>/<name>``: renamed ``.deleting.incomplete`` first, so that a half-removed
-    backup never looks complete, then deleted."""
+    backup never looks complete, then deleted (``remove_tree``)."""
     trash = os.path.join(root, name + DELETING)
     if os.path.lexists(trash):
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(trash, ignore_errors=True)
     os.rename(os.path.join(root, name), trash)
-    shutil.rmtree(trash, ignore_errors=ignore_errors)
+    remove_tree(trash, ignore_errors=ignore_errors)
 
 
 def complete_folder(root: str, name: str) -> str:

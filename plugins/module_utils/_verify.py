@@ -250,9 +250,64 @@ def _batches(rows, shards: list, hash_filter):
             return
 
 
+STORAGE_CHECK_ALL = "all"          # manifest verification.storage_check: every file listed by the index statted
+STORAGE_CHECK_CHANGED = "changed"  # the index compared with the storage state in SQL; only new files statted
+
+
+def _compare_with_state(state, index_file: str, report: Report) -> int:
+    """The part of a completion check that needs no disk (issue 15): the captured index's
+    attachments against the files the backup's passes placed (the storage state, ``_storage.State``,
+    which records each file placed with its size: linked from the previous backup, linked from the
+    live file or copied). Every attachment must be placed with the size the index lists (else
+    "missing storage files", "storage files with a wrong size", as the full check words them); the
+    files placed that the index does not list are the orphans. The files placed new (not linked
+    from the previous backup) go into the table ``temp.listing`` (uuid, size, md5) of the state's
+    connection: the only ones the caller then checks on disk, as the full check would (exist, size,
+    MD5). A file linked from the previous backup needs no look on disk: ``os.link`` of the previous
+    backup's file succeeded (so the name exists, on that file's inode), after its size was found
+    equal to the listed one (``_storage.Placer.place``), and that file was itself checked (size,
+    and MD5 with md5=new) when it was placed new in an earlier backup that then completed. One
+    pass over the index in SQLite with a primary-key look-up per row; returns the rows compared."""
+    try:
+        state.attach_index(index_file)
+        conn = state.conn
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS listing (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL, md5 TEXT) "
+                     "WITHOUT ROWID")
+        conn.execute("DELETE FROM temp.listing")
+        missing = 0
+        pending: list = []
+
+        def flush() -> None:
+            with conn:
+                conn.execute("BEGIN")
+                conn.executemany("INSERT OR IGNORE INTO temp.listing VALUES (?, ?, ?)", pending)
+            pending.clear()
+
+        for uuid, size, md5, placed, _origin in state.completion_rows():
+            if placed is None:
+                missing += 1
+                report.add("missing storage files", uuid)
+            elif placed != size:
+                report.add("storage files with a wrong size", f"{uuid} ({placed} bytes as placed, index says {size})")
+            else:
+                pending.append((uuid, size, md5))
+                if len(pending) >= HASH_WINDOW:
+                    flush()
+        flush()
+        rows, distinct, placed_files = state.counts()
+        if missing or distinct != placed_files:
+            unlisted = state.orphans()
+            report.stats["orphans"] += len(unlisted)
+            report.orphan_examples.extend(unlisted[:MAX_EXAMPLES - len(report.orphan_examples)])
+    except sqlite3.Error as exc:
+        raise PacsError("read index", f"cannot compare {index_file} with the storage state {state.path}: {exc}")
+    report.stats["files_compared"] = rows
+    return rows
+
+
 def check_storage(backup: str, index_file: str | None, report: Report, hash_filter=None,
                   workers: int | None = None, orphans: bool = True, listed=None,
-                  known_missing=frozenset(), progress=None, started=None) -> None:
+                  known_missing=frozenset(), progress=None, started=None, state=None) -> None:
     """Every attachment the index lists is in storage/ with its size, and, for the uuids that
     ``hash_filter(uuid)`` accepts (all when None), its MD5; the files in storage/ the index does
     not list are orphans. ``listed`` (a SQLite connection with a table ``listing(uuid, size,
@@ -266,9 +321,16 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     storage/ is walked once. Memory does not grow with the number of files
     (benchmarks/memory.py). ``progress`` (a _progress.Progress) counts the files checked; its
     totals are the index's when every file is hashed, else what the caller set. ``started()``
-    is called once the worker processes run: a thread the caller starts then is not forked."""
+    is called once the worker processes run: a thread the caller starts then is not forked.
+
+    ``state`` (the ``_storage.State`` of this backup; a captured SQLite index only): the check of
+    what changed (``_compare_with_state``): the index is compared with the state in SQL, and only
+    the files placed new are checked on disk, by the same batches; the orphans are the files placed
+    that the index does not list (storage/'s folders are not listed)."""
     storage = os.path.join(backup, _layout.STORAGE)
     source = "the dump's listing" if listed is not None else index_file
+    if state is not None:
+        listed, orphans, source = state.conn, False, f"{index_file} and the storage state"
     query = ("SELECT uuid, size, COALESCE(md5, '') FROM listing ORDER BY uuid" if listed is not None else
              "SELECT uuid, compressedSize, COALESCE(compressedMD5, '') FROM AttachedFiles ORDER BY uuid")
     workers = default_workers() if not workers else workers
@@ -276,27 +338,42 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
         conn = listed if listed is not None else _sqlite.connect(index_file)
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
-    try:
+
+    def batches():
+        """What is checked on disk: (count of rows, batches)."""
+        if state is not None:
+            _compare_with_state(state, index_file, report)
         count, total = conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM listing" if listed is not None else
             "SELECT COUNT(*), COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone()
         if progress is not None and hash_filter is None and progress.files_total is None:
             progress.totals(count, total)
+        return count, _batches(conn.execute(query), _shards(storage) if orphans else [], hash_filter)
+
+    try:
+        if state is not None:
+            # the files placed new are at most what the comparison hands on: the workers are forked
+            # (and ``started`` called) before it, so that the caller's thread runs beside it
+            found = None
+            count = state.summary()["new_files"]
+        else:
+            found = batches()
+            count = found[0]
         workers = max(1, min(workers, -(-count // HASH_WINDOW)))  # no process without a batch to check
-        shards = _shards(storage) if orphans else []
-        rows = conn.execute(query)
-        batches = _batches(rows, shards, hash_filter)
         if workers == 1:
             if started is not None:
                 started()
             results = (check_batch(batch, wanted, folders, storage, known_missing)
-                       for batch, wanted, folders in batches)
+                       for batch, wanted, folders in (found or batches())[1])
             _gather(results, report, progress)
         else:
             context = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                                         initargs=(storage, known_missing)) as pool:
-                _gather(_in_flight(pool, batches, workers * PIPELINE, started), report, progress)
+                pool.submit(_ready).result()  # the first submit forks every worker, before any thread
+                if started is not None:
+                    started()
+                _gather(_in_flight(pool, (found or batches())[1], workers * PIPELINE), report, progress)
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
     except concurrent.futures.process.BrokenProcessPool as exc:
@@ -306,14 +383,16 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
             conn.close()
 
 
-def _in_flight(pool, batches, limit: int, started=None):
-    """Results of check_batch over ``batches`` in their order, at most ``limit`` submitted ahead.
-    The first submit forks the workers (all of them, before the pool's own thread)."""
+def _ready() -> bool:
+    """Nothing: submitted first, so that the pool forks its workers at once."""
+    return True
+
+
+def _in_flight(pool, batches, limit: int):
+    """Results of check_batch over ``batches`` in their order, at most ``limit`` submitted ahead."""
     pending = collections.deque()
     for batch, wanted, folders in batches:
         pending.append(pool.submit(check_batch, batch, wanted, folders))
-        if started is not None and len(pending) == 1:
-            started()
         if len(pending) >= limit:
             yield pending.popleft().result()
     while pending:
@@ -447,7 +526,8 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
     result = report.as_dict()
     result.update({"counts": summary["counts"], "schema_version": summary["schema_version"],
                    "schema_patch_level": summary.get("patch_level"),
-                   "dump": {"engine": engine, "format": fmt, "path": path}, "storage_in_database": in_database})
+                   "dump": {"engine": engine, "format": fmt, "path": path}, "storage_in_database": in_database,
+                   "storage_check": STORAGE_CHECK_ALL})
     return result
 
 
@@ -471,9 +551,13 @@ def _check_in_database(listed: DumpListing, md5: str, report: Report) -> None:
 
 
 def verify_backup(backup: str, md5: str = "all", workers: int | None = None, hash_filter=None,
-                  known_missing=frozenset(), progress=None) -> dict:
+                  known_missing=frozenset(), progress=None, state=None) -> dict:
     """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none.
-    ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped."""
+    ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped.
+    ``state``: the storage state (``_storage.State``) of an incomplete backup being completed:
+    with a captured SQLite index and md5 new or none, the storage check is the check of what
+    changed (``check_storage``'s ``state``, result ``storage_check: changed``); md5=all, a dump
+    and a backup without a state get the check of every file (``storage_check: all``)."""
     report = Report()
     manifest, matched = _read_manifest(backup, report)
     found = db_dump.find_dump(backup)
@@ -505,9 +589,12 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
             chosen = hash_filter
         storage_report = Report()
         storage_error = None
+        by_state = state is not None and md5 != "all" and not known_missing
+        if by_state:
+            chosen = _hash_none if md5 == "none" else None  # what the state selects is new: all hashed
         try:
             check_storage(backup, index_file, storage_report, chosen, workers, progress=progress,
-                          started=start_integrity)
+                          started=start_integrity, state=state if by_state else None)
         except PacsError as exc:
             storage_error = exc
         start_integrity()  # when the storage check stopped before it started any
@@ -526,5 +613,6 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     _compare_counts(manifest, summary["counts"], report)
     result = report.as_dict()
     result.update({"counts": summary["counts"], "schema_version": summary["schema_version"],
-                   "schema_patch_level": summary.get("patch_level"), "index_check": index_check})
+                   "schema_patch_level": summary.get("patch_level"), "index_check": index_check,
+                   "storage_check": STORAGE_CHECK_CHANGED if by_state else STORAGE_CHECK_ALL})
     return result

@@ -15,7 +15,9 @@ description:
     C(<root>/<UTC timestamp>.incomplete/) and copies the Orthanc configuration (file or whole
     folder) into its C(config/).
   - C(complete) checks the incomplete backup (index integrity, every file the index lists present in
-    C(storage/) with its size, and the MD5 that the index records for O(md5) files), writes
+    C(storage/) with its size, and the MD5 that the index records for O(md5) files; with O(md5=new)
+    or O(md5=none) and a SQLite index, the index is compared with the storage state in SQL and only
+    the files placed new are read on disk, see O(md5)), writes
     C(manifest.json) with a SHA-256 of every file outside C(storage/), renames the folder to its
     final name, points C(latest) at it, applies retention and releases the lock. When a check
     fails the folder stays incomplete and the module fails.
@@ -228,7 +230,10 @@ manifest:
   type: dict
   returned: complete
 verification:
-  description: The check C(complete) ran, counts of problems by kind, files checked and hashed, orphans.
+  description:
+    - The check C(complete) ran, counts of problems by kind, files checked (statted on disk) and hashed,
+      orphans; C(storage_check) (C(changed) or C(all), see O(md5)) and, for C(changed),
+      C(files_compared), the index's attachments compared with the storage state.
   type: dict
   returned: complete
 deleted_by_retention:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -18,7 +19,8 @@ import pytest
 
 from tests.support import checks, procs
 from tests.support.interrupt import interrupt_during_downtime, wait_for
-from tests.support.playbook import local_host, run_playbook, write_inventory
+from tests.support.playbook import local_host, run_module, run_playbook, write_inventory
+from tests.integration.test_stop_window import hot_pass, window
 from tests.integration.test_backup_failures import assert_failed_cleanly, earlier_backups, fingerprint, good_backup
 from ansible_collections.pacs.orthanc.plugins.module_utils import _lock, _verify
 
@@ -238,6 +240,60 @@ def test_a_storage_file_missing_or_unreadable(servers, tmp_path):
     assert server.answers()
     assert checks.complete_backups(root) == sorted(earlier)
     assert not [p for p in root.iterdir() if p.name.endswith(".incomplete")]
+
+
+def test_a_damaged_new_file_fails_completion_and_md5_all_checks_every_file(servers, tmp_path):
+    """The completion check follows what changed (manifest storage_check: changed): the index is
+    compared with the storage state in SQL, and only the files placed new are read on disk. A new
+    file damaged after the capture (same size, one byte flipped) still fails completion, by name;
+    md5=all checks every file, and so finds a file linked from the previous backup gone missing."""
+    server, root, inventory = one_host(servers, tmp_path)
+    good_backup(inventory)
+    previous = (root / "latest").resolve()
+    verification = checks.read_manifest(previous)["verification"]
+    files = checks.read_manifest(previous)["storage"]["files"]
+    assert verification["storage_check"] == "changed", verification
+    assert verification["files_compared"] == verification["files_checked"] == verification["files_hashed"] == files
+    old = {p.name for p in (previous / "storage").rglob("*") if p.is_file()}
+    checks.store_studies(server, tmp_path, patients=1, via="rest")
+    opened = run_module("backup_set", {"state": "prepare", "root": str(root), "config_path": str(server.config_path),
+                                       "space_check": False})
+    assert not opened.get("failed"), opened
+    backup = pathlib.Path(opened["path"])
+    hot_pass(server, backup, previous)
+    window(server, backup, previous)
+    stored = sorted(p for p in (backup / "storage").rglob("*") if p.is_file())
+    new = [p for p in stored if p.name not in old]
+    assert new and len(new) < len(stored)
+    good = new[0].read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF
+    new[0].unlink()  # a hard link to the live file: replaced, never written through
+    new[0].write_bytes(bytes(damaged))
+    complete = {"state": "complete", "root": str(root), "name": opened["name"], "host": "pacs"}
+    failed = run_module("backup_set", dict(complete, md5="new"))
+    assert failed.get("failed") and "failed its check: 1 storage files with a wrong MD5" in failed["msg"], failed
+    assert new[0].name in failed["msg"]
+    assert failed["verification"]["storage_check"] == "changed"
+    assert failed["verification"]["files_checked"] == failed["verification"]["files_hashed"] == len(new)
+    assert failed["verification"]["files_compared"] == len(stored)
+    assert checks.complete_backups(root) == [previous.name] and backup.is_dir()
+    new[0].unlink()
+    new[0].write_bytes(good)
+    # a file linked from the previous backup, gone from this one: the check of every file finds it
+    linked = next(p for p in stored if p.name in old)
+    kept = linked.read_bytes()
+    linked.unlink()
+    failed = run_module("backup_set", dict(complete, md5="all"))
+    assert failed.get("failed") and "1 missing storage files" in failed["msg"] and linked.name in failed["msg"], failed
+    assert failed["verification"]["storage_check"] == "all"
+    linked.write_bytes(kept)
+    closed = run_module("backup_set", dict(complete, md5="all"))
+    assert not closed.get("failed"), closed
+    verification = closed["manifest"]["verification"]
+    assert verification["storage_check"] == "all" and verification["files_compared"] is None
+    assert verification["files_checked"] == verification["files_hashed"] == len(stored)
+    assert _verify.verify_backup(closed["path"], md5="all")["ok"]
 
 
 @pytest.mark.parametrize("fault, cause", [

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _layout, _record, _storage
+from tests.support.storage_tree import put
 from tests.unit.test_backupset import make_orthanc
 
 INFO = {"version": "1.10.1", "name": "unit-orthanc", "backend": "sqlite", "storage": "filesystem",
@@ -110,6 +111,52 @@ def test_latest_switches_and_a_removed_backup_never_looks_complete(tmp_path, mon
     _layout.remove_backup(str(tmp_path), "20261129T010000Z")
     assert seen == [["20261130T010000Z"]]  # while it was being deleted it was no complete backup
     assert sorted(os.listdir(tmp_path)) == ["20261130T010000Z", "latest"]
+
+
+def test_a_backup_s_storage_is_removed_by_worker_processes_and_an_error_names_its_file(tmp_path, monkeypatch):
+    """remove_backup hands storage/'s top-level folders to worker processes: all of it goes, and
+    while it goes the backup is no complete backup. A file none can remove fails with its name;
+    the backup stays renamed '.deleting.incomplete' (never complete) for the next run."""
+    names = ("20261129T010000Z", "20261130T010000Z")
+    files = {}
+    for name in names:
+        (tmp_path / name).mkdir()
+        for number in range(40):
+            files[name] = put(tmp_path / name / "storage", os.urandom(number + 1))
+        _layout.write_json_atomic(str(tmp_path / name / _layout.MANIFEST), {"name": name})
+    assert len(os.listdir(tmp_path / names[0] / "storage")) > 2
+    pids = tmp_path.parent / f"{tmp_path.name}-pids"
+    pids.mkdir()
+    real_rmtree = _layout.shutil.rmtree
+
+    def rmtree(path, **kwargs):
+        (pids / str(os.getpid())).touch()  # the workers are forked: they run this too
+        return real_rmtree(path, **kwargs)
+
+    monkeypatch.setattr(_layout.shutil, "rmtree", rmtree)
+    _layout.remove_backup(str(tmp_path), names[0])
+    assert sorted(os.listdir(tmp_path)) == [names[1]]
+    assert len(set(os.listdir(pids)) - {str(os.getpid())}) >= 1  # the storage went through worker processes
+    monkeypatch.setattr(_layout.shutil, "rmtree", real_rmtree)
+    real_rmtree(pids)
+
+    stuck = files[names[1]]
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(path) == stuck:
+            raise PermissionError(13, "Permission denied", path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(_layout.os, "unlink", unlink)
+    with pytest.raises(PermissionError, match=stuck):
+        _layout.remove_backup(str(tmp_path), names[1])
+    assert os.listdir(tmp_path) == [names[1] + _layout.DELETING] and _layout.complete_backups(str(tmp_path)) == []
+    left = [p for p in (tmp_path / (names[1] + _layout.DELETING)).rglob("*") if p.is_file()]
+    assert [p.name for p in left] == [stuck]  # everything else went
+    monkeypatch.setattr(_layout.os, "unlink", real_unlink)
+    _layout.remove_tree(str(tmp_path / (names[1] + _layout.DELETING)))
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):

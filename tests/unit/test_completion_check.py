@@ -1,0 +1,179 @@
+"""The completion check of what changed (issue 15): the captured index compared with the storage
+state in SQL (every attachment placed with its size, orphans, counts), and only the files placed
+new read on disk; md5=all keeps the check of every file. Real files, a real SQLite index with
+Orthanc's AttachedFiles columns, the state written by the collection's own hot pass."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+
+import pytest
+
+from ansible_collections.pacs.orthanc.plugins.module_utils import _backupset, _storage, _verify
+from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError
+from tests.support.storage_tree import at, put
+from tests.unit.test_backupset import make_orthanc, take_backup
+
+pytestmark = pytest.mark.quick
+
+
+def backup_and_state(tmp_path, files: int = 6):
+    """A backup folder whose storage/ the hot pass filled (copies: every file new), its index
+    listing each file with size and MD5, and the state the hot pass wrote."""
+    live = tmp_path / "live"
+    live.mkdir()
+    backup = tmp_path / "backup"
+    (backup / "index").mkdir(parents=True)
+    conn = sqlite3.connect(backup / "index" / "index")
+    conn.execute("CREATE TABLE AttachedFiles (id INTEGER, fileType INTEGER, uuid TEXT, compressedSize INTEGER, "
+                 "uncompressedSize INTEGER, compressionType INTEGER, uncompressedMD5 TEXT, compressedMD5 TEXT)")
+    names = []
+    for number in range(files):
+        data = os.urandom(60 + number)
+        name = put(live, data)
+        md5 = hashlib.md5(data).hexdigest()
+        conn.execute("INSERT INTO AttachedFiles VALUES (?, 1, ?, ?, ?, 1, ?, ?)", (number, name, len(data), len(data), md5, md5))
+        names.append(name)
+    conn.commit()
+    conn.close()
+    state_file = tmp_path / "state"
+    _storage.hot_pass(str(live), str(backup / "storage"), str(state_file), link_mode="copy", settle=0)
+    return backup, state_file, sorted(names)
+
+
+def changed_check(backup, state_file, md5: bool = True, started=None) -> dict:
+    report = _verify.Report()
+    with _storage.State(str(state_file), readonly=True) as state:
+        _verify.check_storage(str(backup), str(backup / "index" / "index"), report,
+                              None if md5 else _verify._hash_none, state=state,
+                              started=(lambda: started(state)) if started else None)
+    return report.as_dict()
+
+
+def index_sql(backup, statement: str, args=()) -> None:
+    conn = sqlite3.connect(backup / "index" / "index")
+    conn.execute(statement, args)
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("window", [2048, 2])  # one batch in this process; three in two worker processes
+def test_a_state_that_matches_the_index_checks_the_new_files_on_disk(tmp_path, monkeypatch, window):
+    monkeypatch.setattr(_verify, "HASH_WINDOW", window)
+    backup, state_file, names = backup_and_state(tmp_path)
+    before_comparison = []
+
+    def started(state):  # the caller's thread (the integrity check) starts before the comparison in SQL
+        before_comparison.append(state.listing is None)
+
+    result = changed_check(backup, state_file, started=started)
+    assert before_comparison == [True]
+    assert result["ok"] and result["problems"] == {}
+    assert result["files_compared"] == result["files_checked"] == result["files_hashed"] == 6
+    assert result["orphans"] == 0
+    # a new file damaged on disk (same size, one byte flipped) is found: its MD5
+    victim = at(backup / "storage", names[2])
+    data = bytearray(victim.read_bytes())
+    data[5] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    result = changed_check(backup, state_file)
+    assert result["problems"] == {"storage files with a wrong MD5": {"count": 1, "examples": [names[2]]}}
+    # truncated on disk: its size; gone from disk: missing (the state still says it was placed)
+    victim.write_bytes(bytes(data[:10]))
+    at(backup / "storage", names[4]).unlink()
+    result = changed_check(backup, state_file, md5=False)
+    assert set(result["problems"]) == {"storage files with a wrong size", "missing storage files"}
+    assert result["problems"]["missing storage files"]["examples"] == [names[4]]
+    assert result["files_hashed"] == 0 and result["files_checked"] == 5
+
+
+def test_the_sql_comparison_finds_missing_wrong_size_and_orphans(tmp_path):
+    backup, state_file, names = backup_and_state(tmp_path)
+    with _storage.State(str(state_file)) as state:
+        state.remove([names[0]])                                    # listed, never placed
+        size = next(s for u, s, _o in state.rows() if u == names[1])
+        state.put([(names[1], size + 3, _storage.ORIGIN_COPY)])     # placed with another size
+        state.put([("ffffffff-0000-4000-8000-000000000001", 9, _storage.ORIGIN_PREVIOUS)])  # placed, not listed
+    result = changed_check(backup, state_file)
+    assert result["problems"]["missing storage files"] == {"count": 1, "examples": [names[0]]}
+    assert result["problems"]["storage files with a wrong size"] == {
+        "count": 1, "examples": [f"{names[1]} ({size + 3} bytes as placed, index says {size})"]}
+    assert len(result["problems"]) == 2
+    assert result["orphans"] == 1 and result["orphan_examples"] == ["ffffffff-0000-4000-8000-000000000001"]
+    assert result["files_compared"] == 6 and result["files_checked"] == 4  # the two above are not read on disk
+
+
+def test_equal_counts_with_a_uuid_listed_twice_still_find_the_orphan(tmp_path):
+    """Every listed uuid placed and as many rows listed as files placed is not enough: the index
+    lists one uuid twice, so one file placed is listed by no row."""
+    backup, state_file, names = backup_and_state(tmp_path)
+    index_sql(backup, "INSERT INTO AttachedFiles SELECT 99, 2, uuid, compressedSize, uncompressedSize, compressionType, "
+              "uncompressedMD5, compressedMD5 FROM AttachedFiles WHERE uuid = ?", (names[3],))
+    with _storage.State(str(state_file)) as state:
+        state.put([("ffffffff-0000-4000-8000-000000000002", 9, _storage.ORIGIN_PREVIOUS)])
+    result = changed_check(backup, state_file)
+    assert result["ok"] and result["files_compared"] == 7
+    assert result["orphans"] == 1 and result["orphan_examples"] == ["ffffffff-0000-4000-8000-000000000002"]
+    # and the counts alone, as the state reports them
+    with _storage.State(str(state_file), readonly=True) as state:
+        state.attach_index(str(backup / "index" / "index"))
+        assert state.counts() == (7, 6, 7)
+
+
+def test_an_incremental_reads_only_its_new_files_and_md5_all_reads_every_one(tmp_path):
+    config, storage, index_dir = make_orthanc(tmp_path, files=4)
+    root = tmp_path / "backups"
+    take_backup(tmp_path, root, config, storage, index_dir)
+    time.sleep(1.1)  # backups are named by the second
+    conn = sqlite3.connect(index_dir / "index")  # one new instance, as Orthanc would store it
+    data = os.urandom(321)
+    digest = hashlib.md5(data).hexdigest()
+    name = put(storage, data)
+    conn.execute("INSERT INTO Resources VALUES (99, 4, 'i99', 3)")
+    conn.execute("INSERT INTO AttachedFiles VALUES (99, 1, ?, ?, ?, 1, ?, ?)", (name, len(data), len(data), digest, digest))
+    conn.commit()
+    conn.close()
+    opened, closed = take_backup(tmp_path, root, config, storage, index_dir)
+    verification = closed["manifest"]["verification"]
+    assert verification["storage_check"] == "changed"
+    assert verification["files_compared"] == 5 and verification["files_checked"] == verification["files_hashed"] == 1
+    assert closed["manifest"]["storage"]["linked_files"] == 4 and closed["manifest"]["steps"]["check"]["files"] == 1
+
+    # the same with md5=all: every file statted and hashed, storage/'s folders listed
+    time.sleep(1.1)
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    _storage.hot_pass(str(storage), opened["storage_path"], opened["state_file"], settle=0, link_mode="copy",
+                      previous=os.path.join(opened["previous"], "storage"))
+    os.makedirs(opened["index_path"])
+    shutil.copy(index_dir / "index", opened["index_path"])
+    # a file linked from the previous backup, then lost from this one: only the check of every file sees it
+    linked = at(root / (opened["name"] + ".incomplete") / "storage", name)
+    linked.unlink()
+    with pytest.raises(PacsError, match="failed its check: 1 missing storage files") as failed:
+        _backupset.close_backup(str(root), opened["name"], "h", {}, 7, md5="all")
+    assert failed.value.details["verification"]["storage_check"] == "all"
+    shutil.copy(storage / name[0:2] / name[2:4] / name, linked)
+    closed = _backupset.close_backup(str(root), opened["name"], "h", {}, 7, md5="all")
+    verification = closed["manifest"]["verification"]
+    assert verification["storage_check"] == "all" and verification["files_compared"] is None
+    assert verification["files_checked"] == verification["files_hashed"] == 5
+    assert json.loads((root / opened["name"] / "manifest.json").read_text())["verification"] == verification
+
+
+def test_without_a_state_database_every_file_is_checked(tmp_path):
+    """A backup whose state is missing (or a text file of older versions) is checked in full."""
+    config, storage, index_dir = make_orthanc(tmp_path, files=3)
+    root = tmp_path / "backups"
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    _storage.hot_pass(str(storage), opened["storage_path"], opened["state_file"], link_mode="copy", settle=0)
+    os.makedirs(opened["index_path"])
+    shutil.copy(index_dir / "index", opened["index_path"])
+    os.unlink(opened["state_file"])
+    closed = _backupset.close_backup(str(root), opened["name"], "h", {}, 7, md5="new")
+    verification = closed["manifest"]["verification"]
+    assert verification["storage_check"] == "all" and verification["files_checked"] == 3
