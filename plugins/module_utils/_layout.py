@@ -243,7 +243,10 @@ def remove_tree(path: str, ignore_errors: bool = False, workers: int = REMOVE_WO
     OSError of the first file that none could remove (unless ``ignore_errors``)."""
     storage = os.path.join(path, STORAGE)
     try:
-        shards = sorted(entry.path for entry in os.scandir(storage) if entry.is_dir(follow_symlinks=False))
+        # never through a symbolic link: the workers would empty the folder it points to (the
+        # live storage, say), where shutil.rmtree refuses a link and removes only the link
+        shards = [] if os.path.islink(storage) else sorted(
+            entry.path for entry in os.scandir(storage) if entry.is_dir(follow_symlinks=False))
     except OSError:  # no storage/ (a dump holding the files), or unreadable: rmtree says what
         shards = []
     if workers > 1 and len(shards) > 1:

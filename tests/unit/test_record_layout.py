@@ -194,3 +194,17 @@ def test_a_snapshot_record_gives_the_snapshot_strategy_and_its_details():
     assert facts["stopped_at"] is None and facts["downtime_phases"] == {} and facts["dump"] is None
     # a failed precondition alone (no fallback ran) says nothing about the strategy
     assert "strategy" not in _record.facts_from({"snapshot": {"precondition_failed": True, "kind": "btrfs"}})
+
+
+def test_removing_a_backup_whose_storage_is_a_link_leaves_the_linked_folder_whole(tmp_path):
+    live = tmp_path / "live"
+    for shard in ("ab", "cd"):
+        (live / shard / "01").mkdir(parents=True)
+        (live / shard / "01" / f"{shard}01-file").write_bytes(b"DICM")
+    backup = tmp_path / "root" / "20261130T000000Z"
+    backup.mkdir(parents=True)
+    (backup / "manifest.json").write_text("{}")
+    (backup / _layout.STORAGE).symlink_to(live)
+    _layout.remove_tree(str(backup))
+    assert not backup.exists()
+    assert sorted(p.name for p in live.rglob("*-file")) == ["ab01-file", "cd01-file"]
