@@ -11,6 +11,7 @@ import uuid
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COLLECTIONS = REPO / ".work" / "collections"
+ANSIBLE_CFG = pathlib.Path(__file__).resolve().with_name("ansible.cfg")  # controller settings that cut its CPU
 # The interpreter of the modules on the tests' managed hosts: the system's python3, as on a real
 # Debian host (standard library only: a module that imported a package of the test environment
 # would fail here as it would there), else the controller's. Debian's build also starts and
@@ -61,6 +62,7 @@ def write_inventory(path: pathlib.Path, hosts: dict, group: str = "orthanc") -> 
 def _env() -> dict:
     env = dict(os.environ)
     env.update({
+        "ANSIBLE_CONFIG": str(ANSIBLE_CFG),
         "ANSIBLE_COLLECTIONS_PATH": str(link_collection()),
         "ANSIBLE_HOST_KEY_CHECKING": "0",
         "ANSIBLE_NOCOLOR": "1",
