@@ -93,3 +93,29 @@ def test_two_servers_store_restart(servers, tmp_path: Path) -> None:
     assert b.statistics()["CountInstances"] == 4
     check(a, files_a, exact=True)
     check(b, files_b, exact=False)
+
+
+@pytest.mark.parametrize("way", ["events", "sampling"])
+def test_secret_watch_sees_a_secret_in_argv_and_in_environ(way, monkeypatch) -> None:
+    """procs.SecretWatch, the tests' leak detector, finds a secret on a command line and in an
+    environment, whether it hears of each exec (where the kernel's connector can be read) or
+    samples /proc without a pause (elsewhere)."""
+    import os
+    import secrets
+    import time
+
+    from tests.support import procs
+
+    if way == "sampling":
+        monkeypatch.setattr(procs, "_exec_events", lambda: None)
+    secret = "pacs-secret-" + secrets.token_hex(8)
+    with procs.SecretWatch(secret, {"sleep"}) as watch:
+        time.sleep(0.2)  # the watch is running
+        subprocess.run(["sh", "-c", "sleep 0.3; true", secret], check=True)  # the secret is sh's $0
+        subprocess.run(["sleep", "0.3"], env={**os.environ, "PACS_TEST_SECRET": secret}, check=True)
+    if way == "events" and not watch.events:
+        pytest.skip("the process events connector cannot be read here: SecretWatch samples /proc")
+    assert watch.events is (way == "events")
+    assert "sleep" in watch.seen
+    assert ("sh", "argv") in {(name, kind) for _, name, kind in watch.leaks}, watch.leaks
+    assert ("sleep", "environ") in {(name, kind) for _, name, kind in watch.leaks}, watch.leaks
