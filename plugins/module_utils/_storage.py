@@ -51,6 +51,9 @@ ORIGIN_PREVIOUS = "previous"   # hard link to the previous backup's file
 ORIGIN_LINK = "link"           # hard link to the live file (same filesystem)
 ORIGIN_COPY = "copy"           # copied bytes
 
+LINK_WORKERS = 2    # threads linking the hot pass's files (the syscalls release the GIL)
+_IN_FLIGHT = 64     # xx/yy folders handed to the link threads ahead of the one being recorded
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 MAX_PENDING = 4096             # copies queued at most before the oldest are waited for
 BATCH = 5000                   # rows written to the state database per statement
 
@@ -600,11 +603,13 @@ def _prepare(source: str, dest: str, previous: str | None, link_mode: str, check
 def hot_pass(source: str, dest: str, state_file: str, previous: str | None = None,
              link_mode: str = "auto", settle: float = 5.0, workers: int = 4,
              check_mode: bool = False, progress=None, limit_rate: int = 0,
-             change_position: int | None = None) -> dict:
+             change_position: int | None = None, link_workers: int = LINK_WORKERS) -> dict:
     """``progress``: a _progress.Progress told of every file walked (placed, deferred or gone).
     ``limit_rate``: at most so many bytes per second placed (0: no limit), to spare a busy disk.
     ``change_position``: Orthanc's change position, read before this call (recorded before the
-    walk, with the files skipped as not settled: what lets the window examine only what changed)."""
+    walk, with the files skipped as not settled: what lets the window examine only what changed).
+    ``link_workers``: threads that walk the xx/yy folders and link their files (``_ShardLinker``);
+    copies still go to ``workers`` threads."""
     began = time.monotonic()
     placed_bytes = 0
     count = progress.add if progress is not None else _uncounted  # files walked but not placed
@@ -614,39 +619,36 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
         state.set_change_position(change_position)  # before the walk: what it misses comes after
         placer = Placer(source, dest, previous, link_source, workers, check_mode)
         placer.on_done = progress.add if progress is not None else None
+        linker = _ShardLinker(source, dest, previous, link_source, check_mode, time.time() - settle,
+                              known=state.known if again else None)
+        # one thread when the state is read per file (a second pass) or the rate is limited
+        threads = 1 if (again or limit_rate > 0) else max(1, link_workers)
         deferred = 0
-        cutoff = time.time() - settle
         batch: list = []
         skipped: list = []
         try:
-            for uuid, entry in walk_storage(source):
-                if again and state.known(uuid):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # deleted by Orthanc since it was listed
-                if st.st_mtime > cutoff:
-                    deferred += 1  # may still be being written: left to the delta pass
-                    skipped.append(uuid)
-                    if len(skipped) >= BATCH:
-                        state.skip(skipped)
-                        skipped = []
-                    count(1, st.st_size)
-                    continue
-                origin, size = placer.place(uuid, st.st_size)
-                if origin is None:
-                    count(1, st.st_size)  # gone meanwhile: walked all the same
-                elif limit_rate > 0 and origin != ORIGIN_PREVIOUS:
-                    placed_bytes += size
+            for work in _in_order(linker.run, _shards(source), threads):
+                count(work.walked, work.walked_bytes)
+                deferred += len(work.skipped)
+                skipped.extend(work.skipped)
+                batch.extend(work.rows)
+                for uuid, size in work.copies:  # another filesystem: copied by the placer's threads
+                    origin, size = placer.place(uuid, size)
+                    if origin is None:
+                        count(1, size)  # gone meanwhile: walked all the same
+                    else:
+                        batch.append((uuid, size, origin))
+                if limit_rate > 0:
+                    placed_bytes += work.source_bytes + sum(size for _uuid, size in work.copies)
                     ahead = placed_bytes / limit_rate - (time.monotonic() - began)
                     if ahead > 0:
                         time.sleep(ahead)
-                if origin:
-                    batch.append((uuid, size, origin))
-                    if len(batch) >= BATCH:
-                        state.put(batch)
-                        batch = []
+                if len(skipped) >= BATCH:
+                    state.skip(skipped)
+                    skipped = []
+                if len(batch) >= BATCH:
+                    state.put(batch)
+                    batch = []
         except (OSError, PacsError) as exc:
             placer.pool.shutdown(wait=True, cancel_futures=True)
             if isinstance(exc, PacsError):
@@ -660,6 +662,153 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
                    "previous": previous, "seconds": round(time.monotonic() - began, 3),
                    "change_position": change_position})
     return result
+
+
+def _shards(root: str):
+    """The "xx/yy" folders of a storage tree, in the order ``walk_storage`` walks them."""
+    try:
+        level1 = [e for e in os.scandir(root) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False)]
+    except OSError as exc:
+        raise PacsError("walk storage", f"cannot list the storage folder: {os_error_cause(exc)}")
+    for d1 in sorted(level1, key=lambda e: e.name):
+        try:
+            level2 = sorted(e.name for e in os.scandir(d1.path) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            continue  # emptied and removed by Orthanc since it was listed
+        for name in level2:
+            yield d1.name + "/" + name
+
+
+def _in_order(work, items, threads: int):
+    """``work(item)`` of every item, in order: at once, or by ``threads`` threads, at most
+    ``_IN_FLIGHT`` items ahead (memory stays flat however many folders there are)."""
+    if threads <= 1:
+        for item in items:
+            yield work(item)
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(work, item))
+                if len(pending) >= _IN_FLIGHT:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class _ShardWork:
+    """What the hot pass did in one xx/yy folder."""
+    __slots__ = ("rows", "skipped", "copies", "walked", "walked_bytes", "source_bytes")
+
+    def __init__(self):
+        self.rows: list = []        # (uuid, size, origin) of each file linked
+        self.skipped: list = []     # uuids not settled, left to the delta pass
+        self.copies: list = []      # (uuid, size) to copy (the live storage is on another filesystem)
+        self.walked = 0             # files linked, skipped or gone (the copies are counted when done)
+        self.walked_bytes = 0
+        self.source_bytes = 0       # bytes linked from the live storage (what limit_rate counts)
+
+
+class _ShardLinker:
+    """The hot pass's work in one xx/yy folder, the syscalls relative to the folders' descriptors
+    (no path is resolved from the root per file): list the previous backup's folder once (names
+    and inode numbers), then per live file one ``stat`` (size, mtime) and one ``link``. A live file
+    that is the very inode the previous backup holds under its name (the storage and the backups
+    on one filesystem: linked from there before) is that file; another is linked from the previous
+    backup only when the sizes match (one more ``stat``), as ``Placer.place`` does. ``run`` may be
+    called from several threads for different folders."""
+
+    def __init__(self, source: str, dest: str, previous: str | None, link_source: bool, check_mode: bool,
+                 cutoff: float, known=None):
+        self.source, self.dest, self.previous = source, dest, previous
+        self.link_source, self.check_mode, self.cutoff, self.known = link_source, check_mode, cutoff, known
+
+    def run(self, shard: str) -> _ShardWork:
+        work = _ShardWork()
+        try:
+            src_fd = os.open(os.path.join(self.source, shard), _DIR_FLAGS)
+        except FileNotFoundError:
+            return work  # emptied and removed by Orthanc since it was listed
+        prev_fd = dest_fd = None
+        try:
+            prev: dict = {}  # name -> inode number (None: not comparable, another filesystem)
+            if self.previous:
+                try:
+                    prev_fd = os.open(os.path.join(self.previous, shard), _DIR_FLAGS)
+                except FileNotFoundError:
+                    prev_fd = None
+                if prev_fd is not None:
+                    same_dev = os.fstat(prev_fd).st_dev == os.fstat(src_fd).st_dev
+                    with os.scandir(prev_fd) as listing:
+                        prev = {e.name: (e.inode() if same_dev else None) for e in listing}
+            with os.scandir(src_fd) as listing:
+                entries = [e for e in listing if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
+            for entry in entries:
+                uuid = entry.name
+                if self.known is not None and self.known(uuid):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted by Orthanc since it was listed
+                size = st.st_size
+                if st.st_mtime > self.cutoff:
+                    work.skipped.append(uuid)  # may still be being written: left to the delta pass
+                    work.walked += 1
+                    work.walked_bytes += size
+                    continue
+                from_fd, origin = None, None
+                if uuid in prev:
+                    inode = prev[uuid]
+                    if inode is not None and inode == st.st_ino:
+                        from_fd, origin = prev_fd, ORIGIN_PREVIOUS  # the same file
+                    else:
+                        try:
+                            prev_size = os.stat(uuid, dir_fd=prev_fd).st_size
+                        except FileNotFoundError:
+                            prev_size = None
+                        if prev_size == size:
+                            from_fd, origin = prev_fd, ORIGIN_PREVIOUS
+                if origin is None:
+                    if not self.link_source:
+                        work.copies.append((uuid, size))
+                        continue
+                    from_fd, origin = src_fd, ORIGIN_LINK
+                if not self.check_mode:
+                    if dest_fd is None:
+                        dest_fd = self._dest_folder(shard)
+                    try:
+                        os.link(uuid, uuid, src_dir_fd=from_fd, dst_dir_fd=dest_fd)
+                    except FileNotFoundError:
+                        if origin == ORIGIN_PREVIOUS:
+                            raise
+                        work.walked += 1  # gone meanwhile: walked all the same
+                        work.walked_bytes += size
+                        continue
+                if origin == ORIGIN_LINK:
+                    work.source_bytes += size
+                work.rows.append((uuid, size, origin))
+                work.walked += 1
+                work.walked_bytes += size
+        finally:
+            for fd in (src_fd, prev_fd, dest_fd):
+                if fd is not None:
+                    os.close(fd)
+        return work
+
+    def _dest_folder(self, shard: str) -> int:
+        path = os.path.join(self.dest, shard)
+        try:
+            os.mkdir(path, 0o700)
+        except FileNotFoundError:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            pass
+        return os.open(path, _DIR_FLAGS)
 
 
 def _uncounted(_files: int, _nbytes: int) -> None:
