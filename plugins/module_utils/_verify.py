@@ -22,7 +22,7 @@ import stat
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, hash_open_file, open_for_hashing, os_error_cause, safe_relative, sha256_file)
+    HASH_CHUNK, PacsError, hash_open_file, open_for_hashing, os_error_cause, safe_relative, sha256_file)
 
 __metaclass__ = type
 
@@ -94,8 +94,18 @@ def default_workers() -> int:
 _WORKER: dict = {}  # what the pool's processes share, set before they are forked
 
 
-def _start_worker(storage: str, known_missing) -> None:
-    _WORKER.update(storage=storage, known_missing=known_missing)
+def _start_worker(storage: str, known_missing, index_file: str | None = None, hashing: bool = True) -> None:
+    """A worker's setup: what it checks against. ``index_file``: the SQLite index it reads its
+    rows from itself (``_check_rows``), opened read-only on first use in this process."""
+    _WORKER.clear()  # nothing of the parent's (a connection it opened) is used after a fork
+    _WORKER.update(storage=storage, known_missing=known_missing, index=index_file, hashing=hashing)
+
+
+def _stop_worker() -> None:
+    conn = _WORKER.pop("conn", None)
+    if conn is not None:
+        conn.close()
+    _WORKER.clear()
 
 
 def _listing(storage: str, shard: tuple, problems: list):
@@ -250,6 +260,253 @@ def _batches(rows, shards: list, hash_filter):
             return
 
 
+# --------------------------------------------------------------------------------------------
+# The check of every file against a SQLite index (backup_verify, md5 all or none): the workers
+# read their rows themselves, in the table's own order, and open each file by its path
+#
+# Sorting the attachments by uuid (the index has no index on it) cost the caller about as much
+# CPU as hashing a tenth of the files, before the first batch could start, and handing every
+# row to a worker pickled cost as much again (benchmarks/README.md, "At scale"). Here each
+# worker opens the index read-only and reads a range of rowids (a seek in the table's b-tree:
+# nothing sorted), and a file is opened by its path: a missing one fails to open (ENOENT), as
+# cheap as finding it absent from a listing. The folders are listed by their own tasks, which
+# count the names and add their hashes; the files the rows found are counted and hashed alike.
+# Equal counts and sums: every name in storage/'s folders is named by a row, so there is no
+# orphan (two different sets of names with equal sums of 64-bit hashes: odds of 2**-64).
+# Otherwise (orphans, a uuid listed twice, a dot file or a folder in a shard) the orphans are
+# found exactly, by the sorted pass of before (``_exact_orphans``).
+
+ROWS_BY_ROWID = ("SELECT uuid, compressedSize, COALESCE(compressedMD5, '') FROM AttachedFiles "
+                 "WHERE _rowid_ >= ? AND _rowid_ < ?")
+_HASH_MASK = (1 << 64) - 1
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)  # as open_for_hashing
+
+
+def _folder_unreadable(storage: str, uuid: str, found: dict) -> str | None:
+    """Why storage/xx/yy of ``uuid`` cannot be listed (None when it can): a file in a folder
+    that cannot be read is not checked, its folder is reported once (as check_batch does)."""
+    shard = f"{uuid[0:2]}/{uuid[2:4]}"
+    if shard not in found:
+        try:
+            os.listdir(os.path.join(storage, uuid[0:2], uuid[2:4]))
+            found[shard] = None
+        except FileNotFoundError:
+            found[shard] = None
+        except OSError as exc:
+            found[shard] = f"{shard} ({os_error_cause(exc)})"
+    return found[shard]
+
+
+def _check_rows(first: int, end: int) -> dict:
+    """Check the attachments whose rowid is in [first, end): each file opened by its path,
+    its size and (when hashing and the index has one) its MD5 compared with the row's. Runs in
+    a worker (or the caller's process), which reads the rows from the index itself. Returns
+    counts, problems (kind, example), the unreadable folders met, and the count and the sum of
+    the hashes of the uuids whose file exists (for the orphans, see above)."""
+    worker = _WORKER
+    conn = worker.get("conn")
+    if conn is None:
+        conn = worker["conn"] = _sqlite.connect(worker["index"])
+    storage, known_missing, hashing = worker["storage"], worker["known_missing"], worker["hashing"]
+    checked = bytes_checked = hashed = bytes_hashed = known = present = 0
+    names_hash = 0
+    problems: list = []
+    folders: dict = {}
+    md5_of = hashlib.md5
+    open_file, read, fstat, close, stat_path = os.open, os.read, os.fstat, os.close, os.stat
+    for uuid, size, expected in conn.execute(ROWS_BY_ROWID, (first, end)):
+        if "/" in uuid or uuid[:1] in (".", "") or "\x00" in uuid:
+            # never the name of a storage file (walk_storage's): its path would lead elsewhere
+            problems.append(("missing storage files", uuid))
+            continue
+        path = f"{storage}/{uuid[0:2]}/{uuid[2:4]}/{uuid}"
+        want = hashing and expected
+        try:
+            if want:
+                fd = open_file(path, _OPEN_FLAGS)
+                try:
+                    if size <= HASH_CHUNK:
+                        data = read(fd, size + 1)  # one more than expected: a longer file shows at once
+                        if len(data) == size:
+                            actual, digest = size, md5_of(data).hexdigest()
+                        else:
+                            actual, digest = fstat(fd).st_size, None
+                    else:
+                        actual, digest = hash_open_file(fd, md5_of, size)
+                finally:
+                    close(fd)
+            else:
+                actual = stat_path(path).st_size
+        except FileNotFoundError:
+            if uuid in known_missing:
+                known += 1
+            else:
+                problems.append(("missing storage files", uuid))
+            continue
+        except OSError as exc:
+            if _folder_unreadable(storage, uuid, folders) is None:
+                problems.append(("unreadable storage files", f"{uuid} ({os_error_cause(exc)})"))
+                present += 1
+                names_hash += hash(uuid)
+            continue
+        present += 1
+        names_hash += hash(uuid)
+        checked += 1
+        bytes_checked += actual
+        if actual != size:
+            problems.append(("storage files with a wrong size", f"{uuid} ({actual} bytes, index says {size})"))
+        elif want:
+            hashed += 1
+            bytes_hashed += size
+            if digest != expected:
+                problems.append(("storage files with a wrong MD5", uuid))
+    return {"files_checked": checked, "bytes_checked": bytes_checked, "files_hashed": hashed,
+            "bytes_hashed": bytes_hashed, "known_missing": known, "problems": problems,
+            "orphans": 0, "orphan_examples": [], "present": present, "present_hash": names_hash & _HASH_MASK,
+            "folders": sorted(reason for reason in folders.values() if reason)}
+
+
+def _list_group(name1: str) -> dict:
+    """Count the names in the folders storage/<name1>/yy and add their hashes (see above); the
+    folders that cannot be listed are problems. Runs in a worker (or the caller's process)."""
+    top = os.path.join(_WORKER["storage"], name1)
+    try:
+        level2 = sorted(e.name for e in os.scandir(top) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+    except OSError as exc:
+        return {"error": f"cannot list {top}: {os_error_cause(exc)}"}
+    count = total = 0
+    folders = []
+    for name2 in level2:
+        try:
+            names = os.listdir(f"{top}/{name2}")
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            folders.append(f"{name1}/{name2} ({os_error_cause(exc)})")
+            continue
+        count += len(names)
+        total += sum(map(hash, names))
+    return {"names": count, "names_hash": total & _HASH_MASK, "folders": folders}
+
+
+def _exact_orphans(conn, storage: str, report: Report) -> None:
+    """The files in storage/'s xx/yy folders that no row names (orphans), found exactly: the
+    uuids sorted (by SQLite), merged folder by folder with a listing of each folder."""
+    rows = iter(conn.execute("SELECT uuid FROM AttachedFiles ORDER BY uuid"))
+    row = next(rows, None)
+    for shard in _shards(storage):
+        named = set()
+        while row is not None and (row[0][0:2], row[0][2:4]) < shard:
+            row = next(rows, None)
+        while row is not None and (row[0][0:2], row[0][2:4]) == shard:
+            named.add(row[0])
+            row = next(rows, None)
+        try:
+            names = os.listdir(os.path.join(storage, shard[0], shard[1]))
+        except OSError:
+            continue  # gone, or reported by the listing
+        for name in sorted(set(names) - named):
+            if _is_stored(os.path.join(storage, shard[0], shard[1], name)):
+                report.stats["orphans"] += 1
+                if len(report.orphan_examples) < MAX_EXAMPLES:
+                    report.orphan_examples.append(name)
+
+
+def _tasks(first: int | None, last: int | None, groups: list):
+    """The rowid ranges of HASH_WINDOW rows and the listing of each xx folder, interleaved."""
+    ranges = [] if first is None else list(range(first, last + 1, HASH_WINDOW))
+    every = max(1, -(-len(ranges) // max(1, len(groups))))  # a listing after every so many ranges
+    pending = collections.deque(groups)
+    for number, start in enumerate(ranges):
+        yield _check_rows, (start, min(start + HASH_WINDOW, last + 1))
+        if pending and number % every == every - 1:
+            yield _list_group, (pending.popleft(),)
+    while pending:
+        yield _list_group, (pending.popleft(),)
+
+
+def _check_index_files(conn, index_file: str, storage: str, report: Report, hashing: bool, workers: int,
+                       orphans: bool, known_missing, progress, started) -> None:
+    """Every attachment of a SQLite index file against storage/ (see above)."""
+    first, last = conn.execute("SELECT MIN(_rowid_), MAX(_rowid_) FROM AttachedFiles").fetchone()
+    count = conn.execute("SELECT COUNT(*) FROM AttachedFiles").fetchone()[0]
+    groups = []
+    if orphans:
+        try:
+            groups = sorted(e.name for e in os.scandir(storage) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            groups = []
+        except OSError as exc:
+            raise PacsError("walk storage", f"cannot list the storage folder: {os_error_cause(exc)}")
+    sums = {"present": 0, "present_hash": 0, "names": 0, "names_hash": 0}
+    folders: set = set()
+    error = None
+
+    def gather(results):
+        nonlocal error
+        stats = report.stats
+        for result in results:
+            for reason in result.get("folders", ()):
+                if reason not in folders:
+                    folders.add(reason)
+                    report.add("unreadable storage folders", reason)
+            if "error" in result:
+                error = error or result["error"]
+                continue
+            for key in sums:
+                sums[key] += result.get(key, 0)
+            if "names" in result:
+                continue
+            for key in ("files_checked", "bytes_checked", "files_hashed", "bytes_hashed"):
+                stats[key] += result[key]
+            if result["known_missing"]:
+                stats["known_missing"] = stats.get("known_missing", 0) + result["known_missing"]
+            for kind, example in result["problems"]:
+                report.add(kind, example)
+            if progress is not None:
+                progress.add(result["files_hashed"], result["bytes_hashed"])
+
+    if progress is not None and hashing and progress.files_total is None:
+        total = conn.execute("SELECT COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone()[0]
+        progress.totals(count, total)
+    tasks = _tasks(first, last, groups)
+    workers = max(1, min(workers, -(-count // HASH_WINDOW)))
+    try:
+        if workers == 1:
+            _start_worker(storage, known_missing, index_file, hashing)
+            if started is not None:
+                started()
+            gather(function(*args) for function, args in tasks)
+        else:
+            context = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                                        initargs=(storage, known_missing, index_file, hashing)) as pool:
+                pool.submit(_ready).result()  # the first submit forks every worker, before any thread
+                if started is not None:
+                    started()
+                gather(_submitted(pool, tasks, workers * PIPELINE * 2))
+    finally:
+        if workers == 1:
+            _stop_worker()
+    if error:
+        raise PacsError("walk storage", error)
+    if not orphans:
+        return
+    if sums["present"] != sums["names"] or (sums["present_hash"] - sums["names_hash"]) & _HASH_MASK:
+        _exact_orphans(conn, storage, report)
+
+
+def _submitted(pool, tasks, limit: int):
+    """Results of ``tasks`` ((function, args)) in their order, at most ``limit`` submitted ahead."""
+    pending = collections.deque()
+    for function, args in tasks:
+        pending.append(pool.submit(function, *args))
+        if len(pending) >= limit:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 STORAGE_CHECK_ALL = "all"          # manifest verification.storage_check: every file listed by the index statted
 STORAGE_CHECK_CHANGED = "changed"  # the index compared with the storage state in SQL; only new files statted
 
@@ -338,6 +595,17 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
         conn = listed if listed is not None else _sqlite.connect(index_file)
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
+    if listed is None and hash_filter in (None, _hash_none):  # every file of an index file: the workers read it
+        try:
+            _check_index_files(conn, index_file, storage, report, hash_filter is None, workers, orphans, known_missing,
+                               progress, started)
+        except sqlite3.Error as exc:
+            raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            raise PacsError("verify storage", f"a hashing process died: {exc}")
+        finally:
+            conn.close()
+        return
 
     def batches():
         """What is checked on disk: (count of rows, batches)."""
@@ -419,8 +687,8 @@ def _hash_none(_uuid: str) -> bool:
     return False
 
 
-def _read_manifest(backup: str, report: Report):
-    """(manifest or None, names of the files whose SHA-256 matches it)."""
+def _read_manifest(backup: str, report: Report, check_files: bool = True):
+    """(manifest or None, names of the files whose SHA-256 matches it: None when not checked)."""
     try:
         manifest = _layout.read_manifest(backup)
     except FileNotFoundError:
@@ -428,7 +696,7 @@ def _read_manifest(backup: str, report: Report):
     except _layout.ManifestError as exc:
         report.add("unreadable manifest", str(exc.__cause__ or exc))
         return None, set()
-    return manifest, check_manifest_files(backup, manifest, report)
+    return manifest, (check_manifest_files(backup, manifest, report) if check_files else None)
 
 
 def index_checked_before(manifest, matched: set) -> bool:
@@ -559,27 +827,29 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     changed (``check_storage``'s ``state``, result ``storage_check: changed``); md5=all, a dump
     and a backup without a state get the check of every file (``storage_check: all``)."""
     report = Report()
-    manifest, matched = _read_manifest(backup, report)
     found = db_dump.find_dump(backup)
+    manifest, matched = _read_manifest(backup, report, check_files=bool(found))
     if found:
         return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing,
                                       progress)
     index_file = os.path.join(backup, _layout.INDEX, "index")
     if not os.path.isfile(index_file):
+        if manifest:
+            check_manifest_files(backup, manifest, report)
         report.add("missing index", "index/index")
         return report.as_dict()
-    # The integrity check (SQLite, which releases the GIL) runs beside the storage check, whose
-    # hashing is the other long part, in a thread started once the hashing processes are forked.
-    # It costs about as much CPU per instance as hashing a small file; it is skipped when the
-    # index is, by its SHA-256, the one that passed it when the backup was completed.
-    index_check = "unchanged" if index_checked_before(manifest, matched) else INDEX_CHECKED
+    # What reads the index and the files outside storage/ runs in a thread beside the storage
+    # check (whose hashing is the long part), started once the hashing processes are forked:
+    # the SHA-256 of the files the manifest names (the index among them), then the integrity
+    # check (SQLite, which releases the GIL; about as much CPU per instance as hashing a small
+    # file), skipped when the index is, by that SHA-256, the one that passed it when the backup
+    # was completed, then the index's counts.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as side:
-        integrity_future: list = []
+        side_future: list = []
 
-        def start_integrity() -> None:
-            if not integrity_future:
-                integrity_future.append(side.submit(_sqlite.check_integrity, index_file,
-                                                    "none" if index_check == "unchanged" else "full"))
+        def start_side() -> None:
+            if not side_future:
+                side_future.append(side.submit(_check_index, backup, manifest, index_file))
 
         if md5 == "none":
             chosen = _hash_none
@@ -594,11 +864,13 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
             chosen = _hash_none if md5 == "none" else None  # what the state selects is new: all hashed
         try:
             check_storage(backup, index_file, storage_report, chosen, workers, progress=progress,
-                          started=start_integrity, state=state if by_state else None)
+                          started=start_side, state=state if by_state else None)
         except PacsError as exc:
             storage_error = exc
-        start_integrity()  # when the storage check stopped before it started any
-        integrity = integrity_future[0].result()
+        start_side()  # when the storage check stopped before it started it
+        files_report, index_check, integrity, summary = side_future[0].result()
+    for kind, entry in files_report.problems.items():
+        report.problems[kind] = entry
     for problem in integrity:
         report.add("index integrity errors", problem)
     if integrity:
@@ -609,10 +881,19 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
         report.problems[kind] = entry
     report.stats.update(storage_report.stats)
     report.orphan_examples = storage_report.orphan_examples
-    summary = _sqlite.read_summary(index_file)
     _compare_counts(manifest, summary["counts"], report)
     result = report.as_dict()
     result.update({"counts": summary["counts"], "schema_version": summary["schema_version"],
                    "schema_patch_level": summary.get("patch_level"), "index_check": index_check,
                    "storage_check": STORAGE_CHECK_CHANGED if by_state else STORAGE_CHECK_ALL})
     return result
+
+
+def _check_index(backup: str, manifest, index_file: str) -> tuple:
+    """The side thread of verify_backup: (report of the files the manifest names, index_check,
+    integrity problems, the index's summary or None when it has problems)."""
+    files_report = Report()
+    matched = check_manifest_files(backup, manifest, files_report) if manifest else set()
+    index_check = "unchanged" if index_checked_before(manifest, matched) else INDEX_CHECKED
+    integrity = _sqlite.check_integrity(index_file, "none" if index_check == "unchanged" else "full")
+    return files_report, index_check, integrity, (None if integrity else _sqlite.read_summary(index_file))
