@@ -22,7 +22,7 @@ import stat
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    HASH_CHUNK, PacsError, hash_open_file, open_for_hashing, os_error_cause, safe_relative, sha256_file)
+    PacsError, hash_open_file, open_for_hashing, os_error_cause, safe_relative, sha256_file)
 
 __metaclass__ = type
 
@@ -261,222 +261,98 @@ def _batches(rows, shards: list, hash_filter):
 
 
 # --------------------------------------------------------------------------------------------
-# The check of every file against a SQLite index (backup_verify, md5 all or none): the workers
-# read their rows themselves, in the table's own order, and open each file by its path
+# The check of every file against a SQLite index (backup_verify, md5 all or none): each worker
+# reads its own part of the index, sorted, and checks it folder by folder
 #
-# Sorting the attachments by uuid (the index has no index on it) cost the caller about as much
-# CPU as hashing a tenth of the files, before the first batch could start, and handing every
-# row to a worker pickled cost as much again (benchmarks/README.md, "At scale"). Here each
-# worker opens the index read-only and reads a range of rowids (a seek in the table's b-tree:
-# nothing sorted), and a file is opened by its path: a missing one fails to open (ENOENT), as
-# cheap as finding it absent from a listing. The folders are listed by their own tasks, which
-# count the names and add their hashes; the files the rows found are counted and hashed alike.
-# Equal counts and sums: every name in storage/'s folders is named by a row, so there is no
-# orphan (two different sets of names with equal sums of 64-bit hashes: odds of 2**-64).
-# Otherwise (orphans, a uuid listed twice, a dot file or a folder in a shard) the orphans are
-# found exactly, by the sorted pass of before (``_exact_orphans``).
+# The caller used to sort every attachment by uuid (the index has no index on it), hand them
+# to the workers pickled, batch by batch, and compute the SHA-256 of the index first: at 1 M
+# files that cost it about 2 s of CPU for the sort, 1 s to pickle, and the workers waited for
+# the first batch (benchmarks/README.md, "At scale"). Here storage/'s xx folders are split into
+# PARTS_PER_WORKER ranges per worker; a worker opens the index read-only and asks SQLite for
+# the attachments of one range, sorted (a scan of the table and a sort of that range, in the
+# worker, beside the others), then checks them batch by batch with ``check_batch``: every folder
+# listed once, orphans exactly per folder. The files are read folder by folder, the order they
+# sit in on disk (reading them in the table's order instead, as an earlier version of this did,
+# cost the kernel a third more when the page cache was short).
 
-ROWS_BY_ROWID = ("SELECT uuid, compressedSize, COALESCE(compressedMD5, '') FROM AttachedFiles "
-                 "WHERE _rowid_ >= ? AND _rowid_ < ?")
-_HASH_MASK = (1 << 64) - 1
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)  # as open_for_hashing
+PARTS_PER_WORKER = 3
+PART_QUERY = "SELECT uuid, compressedSize, COALESCE(compressedMD5, '') FROM AttachedFiles"
 
 
-def _folder_unreadable(storage: str, uuid: str, found: dict) -> str | None:
-    """Why storage/xx/yy of ``uuid`` cannot be listed (None when it can): a file in a folder
-    that cannot be read is not checked, its folder is reported once (as check_batch does)."""
-    shard = f"{uuid[0:2]}/{uuid[2:4]}"
-    if shard not in found:
-        try:
-            os.listdir(os.path.join(storage, uuid[0:2], uuid[2:4]))
-            found[shard] = None
-        except FileNotFoundError:
-            found[shard] = None
-        except OSError as exc:
-            found[shard] = f"{shard} ({os_error_cause(exc)})"
-    return found[shard]
+def _parts(groups: list, count: int) -> list:
+    """``count`` ranges (low, high) of uuids, None for unbounded, that split the xx folders
+    ``groups`` (sorted) evenly; together they cover every uuid, hexadecimal or not."""
+    count = max(1, min(count, len(groups)))
+    bounds = [groups[len(groups) * number // count] for number in range(1, count)]
+    return list(zip([None] + bounds, bounds + [None]))
 
 
-def _check_rows(first: int, end: int) -> dict:
-    """Check the attachments whose rowid is in [first, end): each file opened by its path,
-    its size and (when hashing and the index has one) its MD5 compared with the row's. Runs in
-    a worker (or the caller's process), which reads the rows from the index itself. Returns
-    counts, problems (kind, example), the unreadable folders met, and the count and the sum of
-    the hashes of the uuids whose file exists (for the orphans, see above)."""
+def _check_part(low: str | None, high: str | None, groups: list) -> dict:
+    """Check the attachments whose uuid is in [low, high) against the xx folders ``groups`` of
+    storage/ (those in that range); runs in a worker (or the caller's process), which reads the
+    rows from the index itself. Returns check_batch's result for the whole range, or an error."""
     worker = _WORKER
     conn = worker.get("conn")
     if conn is None:
         conn = worker["conn"] = _sqlite.connect(worker["index"])
-    storage, known_missing, hashing = worker["storage"], worker["known_missing"], worker["hashing"]
-    checked = bytes_checked = hashed = bytes_hashed = known = present = 0
-    names_hash = 0
-    problems: list = []
-    folders: dict = {}
-    md5_of = hashlib.md5
-    open_file, read, fstat, close, stat_path = os.open, os.read, os.fstat, os.close, os.stat
-    for uuid, size, expected in conn.execute(ROWS_BY_ROWID, (first, end)):
-        if "/" in uuid or uuid[:1] in (".", "") or "\x00" in uuid:
-            # never the name of a storage file (walk_storage's): its path would lead elsewhere
-            problems.append(("missing storage files", uuid))
-            continue
-        path = f"{storage}/{uuid[0:2]}/{uuid[2:4]}/{uuid}"
-        want = hashing and expected
+    storage = worker["storage"]
+    shards = []
+    for name1 in groups:
+        top = os.path.join(storage, name1)
         try:
-            if want:
-                fd = open_file(path, _OPEN_FLAGS)
-                try:
-                    if size <= HASH_CHUNK:
-                        data = read(fd, size + 1)  # one more than expected: a longer file shows at once
-                        if len(data) == size:
-                            actual, digest = size, md5_of(data).hexdigest()
-                        else:
-                            actual, digest = fstat(fd).st_size, None
-                    else:
-                        actual, digest = hash_open_file(fd, md5_of, size)
-                finally:
-                    close(fd)
-            else:
-                actual = stat_path(path).st_size
-        except FileNotFoundError:
-            if uuid in known_missing:
-                known += 1
-            else:
-                problems.append(("missing storage files", uuid))
-            continue
-        except OSError as exc:
-            if _folder_unreadable(storage, uuid, folders) is None:
-                problems.append(("unreadable storage files", f"{uuid} ({os_error_cause(exc)})"))
-                present += 1
-                names_hash += hash(uuid)
-            continue
-        present += 1
-        names_hash += hash(uuid)
-        checked += 1
-        bytes_checked += actual
-        if actual != size:
-            problems.append(("storage files with a wrong size", f"{uuid} ({actual} bytes, index says {size})"))
-        elif want:
-            hashed += 1
-            bytes_hashed += size
-            if digest != expected:
-                problems.append(("storage files with a wrong MD5", uuid))
-    return {"files_checked": checked, "bytes_checked": bytes_checked, "files_hashed": hashed,
-            "bytes_hashed": bytes_hashed, "known_missing": known, "problems": problems,
-            "orphans": 0, "orphan_examples": [], "present": present, "present_hash": names_hash & _HASH_MASK,
-            "folders": sorted(reason for reason in folders.values() if reason)}
-
-
-def _list_group(name1: str) -> dict:
-    """Count the names in the folders storage/<name1>/yy and add their hashes (see above); the
-    folders that cannot be listed are problems. Runs in a worker (or the caller's process)."""
-    top = os.path.join(_WORKER["storage"], name1)
-    try:
-        level2 = sorted(e.name for e in os.scandir(top) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
-    except OSError as exc:
-        return {"error": f"cannot list {top}: {os_error_cause(exc)}"}
-    count = total = 0
-    folders = []
-    for name2 in level2:
-        try:
-            names = os.listdir(f"{top}/{name2}")
+            shards.extend((name1, e.name) for e in sorted(os.scandir(top), key=lambda e: e.name)
+                          if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
         except FileNotFoundError:
             continue
         except OSError as exc:
-            folders.append(f"{name1}/{name2} ({os_error_cause(exc)})")
-            continue
-        count += len(names)
-        total += sum(map(hash, names))
-    return {"names": count, "names_hash": total & _HASH_MASK, "folders": folders}
-
-
-def _exact_orphans(conn, storage: str, report: Report) -> None:
-    """The files in storage/'s xx/yy folders that no row names (orphans), found exactly: the
-    uuids sorted (by SQLite), merged folder by folder with a listing of each folder."""
-    rows = iter(conn.execute("SELECT uuid FROM AttachedFiles ORDER BY uuid"))
-    row = next(rows, None)
-    for shard in _shards(storage):
-        named = set()
-        while row is not None and (row[0][0:2], row[0][2:4]) < shard:
-            row = next(rows, None)
-        while row is not None and (row[0][0:2], row[0][2:4]) == shard:
-            named.add(row[0])
-            row = next(rows, None)
-        try:
-            names = os.listdir(os.path.join(storage, shard[0], shard[1]))
-        except OSError:
-            continue  # gone, or reported by the listing
-        for name in sorted(set(names) - named):
-            if _is_stored(os.path.join(storage, shard[0], shard[1], name)):
-                report.stats["orphans"] += 1
-                if len(report.orphan_examples) < MAX_EXAMPLES:
-                    report.orphan_examples.append(name)
-
-
-def _tasks(first: int | None, last: int | None, groups: list):
-    """The rowid ranges of HASH_WINDOW rows and the listing of each xx folder, interleaved."""
-    ranges = [] if first is None else list(range(first, last + 1, HASH_WINDOW))
-    every = max(1, -(-len(ranges) // max(1, len(groups))))  # a listing after every so many ranges
-    pending = collections.deque(groups)
-    for number, start in enumerate(ranges):
-        yield _check_rows, (start, min(start + HASH_WINDOW, last + 1))
-        if pending and number % every == every - 1:
-            yield _list_group, (pending.popleft(),)
-    while pending:
-        yield _list_group, (pending.popleft(),)
+            return {"error": f"cannot list {top}: {os_error_cause(exc)}"}
+    where, args = [], []
+    if low is not None:
+        where.append("uuid >= ?")
+        args.append(low)
+    if high is not None:
+        where.append("uuid < ?")
+        args.append(high)
+    query = PART_QUERY + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY uuid"
+    part = Report()  # counts, and problems by kind (a count and examples): small, however many
+    part.stats["known_missing"] = 0
+    wanted = None if worker["hashing"] else False
+    for batch, _wanted, folders in _batches(conn.execute(query, args), shards, None):
+        result = check_batch(batch, wanted, folders, storage, worker["known_missing"])
+        for key in part.stats:
+            part.stats[key] += result[key]
+        for kind, example in result["problems"]:
+            part.add(kind, example)
+        room = MAX_EXAMPLES - len(part.orphan_examples)
+        part.orphan_examples.extend(result["orphan_examples"][:room])
+    return {"stats": part.stats, "problems": part.problems, "orphan_examples": part.orphan_examples}
 
 
 def _check_index_files(conn, index_file: str, storage: str, report: Report, hashing: bool, workers: int,
                        orphans: bool, known_missing, progress, started) -> None:
     """Every attachment of a SQLite index file against storage/ (see above)."""
-    first, last = conn.execute("SELECT MIN(_rowid_), MAX(_rowid_) FROM AttachedFiles").fetchone()
     count = conn.execute("SELECT COUNT(*) FROM AttachedFiles").fetchone()[0]
-    groups = []
-    if orphans:
-        try:
-            groups = sorted(e.name for e in os.scandir(storage) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            groups = []
-        except OSError as exc:
-            raise PacsError("walk storage", f"cannot list the storage folder: {os_error_cause(exc)}")
-    sums = {"present": 0, "present_hash": 0, "names": 0, "names_hash": 0}
-    folders: set = set()
-    error = None
-
-    def gather(results):
-        nonlocal error
-        stats = report.stats
-        for result in results:
-            for reason in result.get("folders", ()):
-                if reason not in folders:
-                    folders.add(reason)
-                    report.add("unreadable storage folders", reason)
-            if "error" in result:
-                error = error or result["error"]
-                continue
-            for key in sums:
-                sums[key] += result.get(key, 0)
-            if "names" in result:
-                continue
-            for key in ("files_checked", "bytes_checked", "files_hashed", "bytes_hashed"):
-                stats[key] += result[key]
-            if result["known_missing"]:
-                stats["known_missing"] = stats.get("known_missing", 0) + result["known_missing"]
-            for kind, example in result["problems"]:
-                report.add(kind, example)
-            if progress is not None:
-                progress.add(result["files_hashed"], result["bytes_hashed"])
-
+    try:
+        groups = sorted(e.name for e in os.scandir(storage) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        groups = []
+    except OSError as exc:
+        raise PacsError("walk storage", f"cannot list the storage folder: {os_error_cause(exc)}")
     if progress is not None and hashing and progress.files_total is None:
         total = conn.execute("SELECT COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone()[0]
         progress.totals(count, total)
-    tasks = _tasks(first, last, groups)
     workers = max(1, min(workers, -(-count // HASH_WINDOW)))
+    parts = _parts(groups, workers * PARTS_PER_WORKER) if groups or count else []
+    tasks = [(low, high, [g for g in groups if (low is None or g >= low) and (high is None or g < high)]
+              if orphans else []) for low, high in parts]
+    errors = []
     try:
         if workers == 1:
             _start_worker(storage, known_missing, index_file, hashing)
             if started is not None:
                 started()
-            gather(function(*args) for function, args in tasks)
+            results = (_check_part(*task) for task in tasks)
+            _gather_parts(results, report, progress, errors)
         else:
             context = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
@@ -484,27 +360,31 @@ def _check_index_files(conn, index_file: str, storage: str, report: Report, hash
                 pool.submit(_ready).result()  # the first submit forks every worker, before any thread
                 if started is not None:
                     started()
-                gather(_submitted(pool, tasks, workers * PIPELINE * 2))
+                futures = [pool.submit(_check_part, *task) for task in tasks]
+                _gather_parts((future.result() for future in futures), report, progress, errors)
     finally:
         if workers == 1:
             _stop_worker()
-    if error:
-        raise PacsError("walk storage", error)
-    if not orphans:
-        return
-    if sums["present"] != sums["names"] or (sums["present_hash"] - sums["names_hash"]) & _HASH_MASK:
-        _exact_orphans(conn, storage, report)
+    if errors:
+        raise PacsError("walk storage", errors[0])
 
 
-def _submitted(pool, tasks, limit: int):
-    """Results of ``tasks`` ((function, args)) in their order, at most ``limit`` submitted ahead."""
-    pending = collections.deque()
-    for function, args in tasks:
-        pending.append(pool.submit(function, *args))
-        if len(pending) >= limit:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+def _gather_parts(results, report: Report, progress, errors: list) -> None:
+    stats = report.stats
+    for result in results:
+        if "error" in result:
+            errors.append(result["error"])
+            continue
+        for key, value in result["stats"].items():
+            if key != "known_missing" or value:
+                stats[key] = stats.get(key, 0) + value
+        for kind, entry in result["problems"].items():
+            mine = report.problems.setdefault(kind, {"count": 0, "examples": []})
+            mine["count"] += entry["count"]
+            mine["examples"].extend(entry["examples"][:MAX_EXAMPLES - len(mine["examples"])])
+        report.orphan_examples.extend(result["orphan_examples"][:MAX_EXAMPLES - len(report.orphan_examples)])
+        if progress is not None:
+            progress.add(result["stats"]["files_hashed"], result["stats"]["bytes_hashed"])
 
 
 STORAGE_CHECK_ALL = "all"          # manifest verification.storage_check: every file listed by the index statted

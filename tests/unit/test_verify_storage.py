@@ -139,8 +139,8 @@ def test_the_integrity_check_is_skipped_only_for_the_index_that_passed_it(tmp_pa
 
 
 # The check of every file against an index file (backup_verify's md5 all and none): the workers
-# read their rows by rowid ranges themselves, open each file by its path, and find the orphans
-# by comparing counts and sums of hashes, exactly (sorted) only when these differ.
+# read their rows themselves, each a range of uuids sorted by SQLite, and check them folder by
+# folder (check_batch).
 
 def damaged_backup(tmp_path):
     """A backup of 12 files with one of each fault: (storage, index, {kind: uuid})."""
@@ -198,31 +198,28 @@ def traced(monkeypatch) -> list:
     return statements
 
 
-def test_the_sorted_pass_runs_only_when_the_names_differ(tmp_path, monkeypatch):
-    """No orphan: the counts and sums of hashes agree and nothing is sorted. A uuid listed twice
-    with an orphan beside it (equal counts), a dot file: the exact pass, which finds the orphan
-    and not the dot file."""
+def test_each_worker_reads_its_own_range_and_the_ranges_cover_every_uuid(tmp_path, monkeypatch):
+    """The caller sorts nothing: the rows are read by the workers, each a range of uuids sorted
+    (3 per worker); the ranges split the xx folders and together cover every uuid, one before
+    '0' and one after 'f' included (rows no storage folder can hold: missing)."""
     monkeypatch.setattr(_verify, "HASH_WINDOW", 2)
     statements = traced(monkeypatch)
-    storage, index, conn = backup_with(tmp_path, 5)
-    result = check(storage, index, workers=1)
-    assert result["ok"] and result["files_hashed"] == 5 and result["orphans"] == 0
-    assert statements and not any("ORDER BY" in s for s in statements)
-    dup, size, md5 = conn.execute("SELECT uuid, compressedSize, compressedMD5 FROM AttachedFiles LIMIT 1").fetchone()
-    conn.execute("INSERT INTO AttachedFiles VALUES (99, 1, ?, ?, ?, 1, ?, ?)", (dup, size, size, md5, md5))
+    storage, index, conn = backup_with(tmp_path, 12)
+    for number, uuid in enumerate(["!before", "~after"]):
+        conn.execute("INSERT INTO AttachedFiles VALUES (?, 1, ?, 15, 15, 1, '', '')", (50 + number, uuid))
     conn.commit()
     conn.close()
     orphan = put(storage, b"not in the index")
-    (at(storage, dup).parent / ".hidden").write_bytes(b"a dot file is not a storage file")
-    statements.clear()
     result = check(storage, index, workers=1)
-    assert result["files_checked"] == 6 and result["orphans"] == 1 and result["orphan_examples"] == [orphan]
-    assert any("ORDER BY" in s for s in statements)
+    assert result["problems"] == {"missing storage files": {"count": 2, "examples": ["!before", "~after"]}}
+    assert result["files_hashed"] == 12 and result["orphan_examples"] == [orphan]
+    parts = [s for s in statements if "ORDER BY uuid" in s]
+    assert len(parts) == 3 and all("WHERE" in s for s in parts), statements
 
 
 def test_a_uuid_that_names_a_path_outside_its_folder_is_missing(tmp_path):
-    """The path of a file is built from its uuid: one with a '/' (or a dot name) would lead out
-    of storage/xx/yy, to a file that is not the storage file it names."""
+    """A uuid with a '/' (or a dot name) would lead out of storage/xx/yy, to a file that is not
+    the storage file it names: it is in no folder's listing, so missing."""
     storage, index, conn = backup_with(tmp_path, 2)
     outside = tmp_path / "backup" / "secret"
     outside.write_bytes(b"outside storage")
@@ -232,7 +229,7 @@ def test_a_uuid_that_names_a_path_outside_its_folder_is_missing(tmp_path):
     conn.close()
     result = check(storage, index, workers=1)
     assert result["problems"] == {"missing storage files": {"count": 3, "examples": [
-        "../../secret", "..", "ab/../../../secret"]}}
+        "..", "../../secret", "ab/../../../secret"]}}
     assert result["files_checked"] == 2
 
 
