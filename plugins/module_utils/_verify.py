@@ -22,7 +22,7 @@ import stat
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, hash_open_file, open_for_hashing, os_error_cause, safe_relative, sha256_file)
+    HASH_CHUNK, PacsError, _READ_FLAGS, hash_open_file, os_error_cause, safe_relative, sha256_file)
 
 __metaclass__ = type
 
@@ -144,52 +144,68 @@ def check_batch(rows: list, wanted, shards: list, storage: str | None = None, kn
     problems = result["problems"]
     listed = {shard: _listing(storage, shard, problems) for shard in shards}
     present = 0  # distinct uuids found in the folders this batch answers for
+    checked = bytes_checked = hashed = bytes_hashed = known = 0
     previous = None
     md5_of = hashlib.md5
+    open_file, read, fstat, close, stat_path = os.open, os.read, os.fstat, os.close, os.stat
+    hash_all, hash_none = wanted is None, wanted is False
+    folder_key = names = counted = folder = None  # the folder of the previous row: rows come folder by folder
     for number, (uuid, size, expected) in enumerate(rows):
-        shard = (uuid[0:2], uuid[2:4])
-        if shard in listed:
+        if uuid[0:4] != folder_key:
+            folder_key = uuid[0:4]
+            shard = (uuid[0:2], uuid[2:4])
+            counted = shard in listed
+            if not counted:  # a folder outside storage/'s xx/yy tree (or orphans not asked for): listed on demand
+                listed[shard] = _listing(storage, shard, problems)
             names = listed[shard]
-            if names is not None and uuid in names and uuid != previous:
-                present += 1
-                previous = uuid
-        else:  # a folder outside storage/'s xx/yy tree (or orphans not asked for): listed on demand
-            names = listed[shard] = _listing(storage, shard, problems)
+            folder = f"{storage}/{shard[0]}/{shard[1]}/"
         if names is None:  # its folder cannot be read: noted once, above
             continue
         if uuid not in names:
             if uuid in known_missing:
-                result["known_missing"] += 1
+                known += 1
             else:
                 problems.append(("missing storage files", uuid))
             continue
-        path = f"{storage}/{shard[0]}/{shard[1]}/{uuid}"
-        want = bool(expected) and (wanted is None or (wanted is not False and wanted[number]))
+        if counted and uuid != previous:
+            present += 1
+            previous = uuid
+        path = folder + uuid
+        want = expected and (hash_all or (not hash_none and wanted[number]))
         try:
             if want:
-                fd = open_for_hashing(path)
+                fd = open_file(path, _READ_FLAGS)
                 try:
-                    actual, digest = hash_open_file(fd, md5_of, size)
+                    if size <= HASH_CHUNK:  # hash_open_file's small case, inline: most storage files
+                        data = read(fd, size + 1)  # one more than expected: a longer file shows at once
+                        if len(data) == size:
+                            actual, digest = size, md5_of(data).hexdigest()
+                        else:
+                            actual, digest = fstat(fd).st_size, None
+                    else:
+                        actual, digest = hash_open_file(fd, md5_of, size)
                 finally:
-                    os.close(fd)
+                    close(fd)
             else:
-                actual, digest = os.stat(path).st_size, None
+                actual = stat_path(path).st_size
         except FileNotFoundError:  # listed, then gone: a backup being changed under the check
             problems.append(("missing storage files", uuid))
             continue
         except OSError as exc:
             problems.append(("unreadable storage files", f"{uuid} ({os_error_cause(exc)})"))
             continue
-        result["files_checked"] += 1
-        result["bytes_checked"] += actual
+        checked += 1
+        bytes_checked += actual
         if actual != size:
             problems.append(("storage files with a wrong size", f"{uuid} ({actual} bytes, index says {size})"))
             continue
         if want:
-            result["files_hashed"] += 1
-            result["bytes_hashed"] += size
+            hashed += 1
+            bytes_hashed += size
             if digest != expected:
                 problems.append(("storage files with a wrong MD5", uuid))
+    result.update(files_checked=checked, bytes_checked=bytes_checked, files_hashed=hashed, bytes_hashed=bytes_hashed,
+                  known_missing=known)
     if present == sum(len(listed[shard] or ()) for shard in shards):
         return result  # every name in these folders is a file the rows name: no orphan
     named: dict = {}
