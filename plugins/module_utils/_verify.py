@@ -468,9 +468,11 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     manifest records as deleted while the dump ran.
 
     The rows are read sorted by uuid (SQLite sorts on disk), i.e. folder by folder, the order
-    the files sit in storage/, and handed in batches of HASH_WINDOW to ``workers`` processes
-    (one per CPU when None), a few batches in flight: each lists the folders of its batch once
-    and reads and hashes its files (``check_batch``). Orphans come out of the same listings, so
+    the files sit in storage/, and checked in batches of HASH_WINDOW by ``workers`` processes
+    (one per CPU when None): each lists the folders of its batch once and reads and hashes its
+    files (``check_batch``). Every file of an index file (md5 all or none, no state, no dump):
+    each worker reads its own ranges of uuids from the index (``_check_part``); otherwise the
+    caller reads the rows and hands them to the workers, a few batches in flight. Orphans come out of the same listings, so
     storage/ is walked once. Memory does not grow with the number of files
     (benchmarks/memory.py). ``progress`` (a _progress.Progress) counts the files checked; its
     totals are the index's when every file is hashed, else what the caller set. ``started()``
