@@ -22,7 +22,7 @@ import stat
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
-    PacsError, hash_open_file, open_for_hashing, os_error_cause, safe_relative, sha256_file)
+    HASH_CHUNK, PacsError, _READ_FLAGS, hash_open_file, os_error_cause, safe_relative, sha256_file)
 
 __metaclass__ = type
 
@@ -94,8 +94,18 @@ def default_workers() -> int:
 _WORKER: dict = {}  # what the pool's processes share, set before they are forked
 
 
-def _start_worker(storage: str, known_missing) -> None:
-    _WORKER.update(storage=storage, known_missing=known_missing)
+def _start_worker(storage: str, known_missing, index_file: str | None = None, hashing: bool = True) -> None:
+    """A worker's setup: what it checks against. ``index_file``: the SQLite index it reads its
+    rows from itself (``_check_rows``), opened read-only on first use in this process."""
+    _WORKER.clear()  # nothing of the parent's (a connection it opened) is used after a fork
+    _WORKER.update(storage=storage, known_missing=known_missing, index=index_file, hashing=hashing)
+
+
+def _stop_worker() -> None:
+    conn = _WORKER.pop("conn", None)
+    if conn is not None:
+        conn.close()
+    _WORKER.clear()
 
 
 def _listing(storage: str, shard: tuple, problems: list):
@@ -134,52 +144,68 @@ def check_batch(rows: list, wanted, shards: list, storage: str | None = None, kn
     problems = result["problems"]
     listed = {shard: _listing(storage, shard, problems) for shard in shards}
     present = 0  # distinct uuids found in the folders this batch answers for
+    checked = bytes_checked = hashed = bytes_hashed = known = 0
     previous = None
     md5_of = hashlib.md5
+    open_file, read, fstat, close, stat_path = os.open, os.read, os.fstat, os.close, os.stat
+    hash_all, hash_none = wanted is None, wanted is False
+    folder_key = names = counted = folder = None  # the folder of the previous row: rows come folder by folder
     for number, (uuid, size, expected) in enumerate(rows):
-        shard = (uuid[0:2], uuid[2:4])
-        if shard in listed:
+        if uuid[0:4] != folder_key:
+            folder_key = uuid[0:4]
+            shard = (uuid[0:2], uuid[2:4])
+            counted = shard in listed
+            if not counted:  # a folder outside storage/'s xx/yy tree (or orphans not asked for): listed on demand
+                listed[shard] = _listing(storage, shard, problems)
             names = listed[shard]
-            if names is not None and uuid in names and uuid != previous:
-                present += 1
-                previous = uuid
-        else:  # a folder outside storage/'s xx/yy tree (or orphans not asked for): listed on demand
-            names = listed[shard] = _listing(storage, shard, problems)
+            folder = f"{storage}/{shard[0]}/{shard[1]}/"
         if names is None:  # its folder cannot be read: noted once, above
             continue
         if uuid not in names:
             if uuid in known_missing:
-                result["known_missing"] += 1
+                known += 1
             else:
                 problems.append(("missing storage files", uuid))
             continue
-        path = f"{storage}/{shard[0]}/{shard[1]}/{uuid}"
-        want = bool(expected) and (wanted is None or (wanted is not False and wanted[number]))
+        if counted and uuid != previous:
+            present += 1
+            previous = uuid
+        path = folder + uuid
+        want = expected and (hash_all or (not hash_none and wanted[number]))
         try:
             if want:
-                fd = open_for_hashing(path)
+                fd = open_file(path, _READ_FLAGS)
                 try:
-                    actual, digest = hash_open_file(fd, md5_of, size)
+                    if size <= HASH_CHUNK:  # hash_open_file's small case, inline: most storage files
+                        data = read(fd, size + 1)  # one more than expected: a longer file shows at once
+                        if len(data) == size:
+                            actual, digest = size, md5_of(data).hexdigest()
+                        else:
+                            actual, digest = fstat(fd).st_size, None
+                    else:
+                        actual, digest = hash_open_file(fd, md5_of, size)
                 finally:
-                    os.close(fd)
+                    close(fd)
             else:
-                actual, digest = os.stat(path).st_size, None
+                actual = stat_path(path).st_size
         except FileNotFoundError:  # listed, then gone: a backup being changed under the check
             problems.append(("missing storage files", uuid))
             continue
         except OSError as exc:
             problems.append(("unreadable storage files", f"{uuid} ({os_error_cause(exc)})"))
             continue
-        result["files_checked"] += 1
-        result["bytes_checked"] += actual
+        checked += 1
+        bytes_checked += actual
         if actual != size:
             problems.append(("storage files with a wrong size", f"{uuid} ({actual} bytes, index says {size})"))
             continue
         if want:
-            result["files_hashed"] += 1
-            result["bytes_hashed"] += size
+            hashed += 1
+            bytes_hashed += size
             if digest != expected:
                 problems.append(("storage files with a wrong MD5", uuid))
+    result.update(files_checked=checked, bytes_checked=bytes_checked, files_hashed=hashed, bytes_hashed=bytes_hashed,
+                  known_missing=known)
     if present == sum(len(listed[shard] or ()) for shard in shards):
         return result  # every name in these folders is a file the rows name: no orphan
     named: dict = {}
@@ -250,6 +276,133 @@ def _batches(rows, shards: list, hash_filter):
             return
 
 
+# --------------------------------------------------------------------------------------------
+# The check of every file against a SQLite index (backup_verify, md5 all or none): each worker
+# reads its own part of the index, sorted, and checks it folder by folder
+#
+# The caller used to sort every attachment by uuid (the index has no index on it), hand them
+# to the workers pickled, batch by batch, and compute the SHA-256 of the index first: at 1 M
+# files that cost it about 2 s of CPU for the sort, 1 s to pickle, and the workers waited for
+# the first batch (benchmarks/README.md, "At scale"). Here storage/'s xx folders are split into
+# PARTS_PER_WORKER ranges per worker; a worker opens the index read-only and asks SQLite for
+# the attachments of one range, sorted (a scan of the table and a sort of that range, in the
+# worker, beside the others), then checks them batch by batch with ``check_batch``: every folder
+# listed once, orphans exactly per folder. The files are read folder by folder, the order they
+# sit in on disk (reading them in the table's order instead, as an earlier version of this did,
+# cost the kernel a third more when the page cache was short).
+
+PARTS_PER_WORKER = 3
+PART_QUERY = "SELECT uuid, compressedSize, COALESCE(compressedMD5, '') FROM AttachedFiles"
+
+
+def _parts(groups: list, count: int) -> list:
+    """``count`` ranges (low, high) of uuids, None for unbounded, that split the xx folders
+    ``groups`` (sorted) evenly; together they cover every uuid, hexadecimal or not."""
+    count = max(1, min(count, len(groups)))
+    bounds = [groups[len(groups) * number // count] for number in range(1, count)]
+    return list(zip([None] + bounds, bounds + [None]))
+
+
+def _check_part(low: str | None, high: str | None, groups: list) -> dict:
+    """Check the attachments whose uuid is in [low, high) against the xx folders ``groups`` of
+    storage/ (those in that range); runs in a worker (or the caller's process), which reads the
+    rows from the index itself. Returns check_batch's result for the whole range, or an error."""
+    worker = _WORKER
+    conn = worker.get("conn")
+    if conn is None:
+        conn = worker["conn"] = _sqlite.connect(worker["index"])
+    storage = worker["storage"]
+    shards = []
+    for name1 in groups:
+        top = os.path.join(storage, name1)
+        try:
+            shards.extend((name1, e.name) for e in sorted(os.scandir(top), key=lambda e: e.name)
+                          if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return {"error": f"cannot list {top}: {os_error_cause(exc)}"}
+    where, args = [], []
+    if low is not None:
+        where.append("uuid >= ?")
+        args.append(low)
+    if high is not None:
+        where.append("uuid < ?")
+        args.append(high)
+    query = PART_QUERY + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY uuid"
+    part = Report()  # counts, and problems by kind (a count and examples): small, however many
+    part.stats["known_missing"] = 0
+    wanted = None if worker["hashing"] else False
+    for batch, _wanted, folders in _batches(conn.execute(query, args), shards, None):
+        result = check_batch(batch, wanted, folders, storage, worker["known_missing"])
+        for key in part.stats:
+            part.stats[key] += result[key]
+        for kind, example in result["problems"]:
+            part.add(kind, example)
+        room = MAX_EXAMPLES - len(part.orphan_examples)
+        part.orphan_examples.extend(result["orphan_examples"][:room])
+    return {"stats": part.stats, "problems": part.problems, "orphan_examples": part.orphan_examples}
+
+
+def _check_index_files(conn, index_file: str, storage: str, report: Report, hashing: bool, workers: int,
+                       orphans: bool, known_missing, progress, started) -> None:
+    """Every attachment of a SQLite index file against storage/ (see above)."""
+    count = conn.execute("SELECT COUNT(*) FROM AttachedFiles").fetchone()[0]
+    try:
+        groups = sorted(e.name for e in os.scandir(storage) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        groups = []
+    except OSError as exc:
+        raise PacsError("walk storage", f"cannot list the storage folder: {os_error_cause(exc)}")
+    if progress is not None and hashing and progress.files_total is None:
+        total = conn.execute("SELECT COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone()[0]
+        progress.totals(count, total)
+    workers = max(1, min(workers, -(-count // HASH_WINDOW)))
+    parts = _parts(groups, workers * PARTS_PER_WORKER) if groups or count else []
+    tasks = [(low, high, [g for g in groups if (low is None or g >= low) and (high is None or g < high)]
+              if orphans else []) for low, high in parts]
+    errors = []
+    try:
+        if workers == 1:
+            _start_worker(storage, known_missing, index_file, hashing)
+            if started is not None:
+                started()
+            results = (_check_part(*task) for task in tasks)
+            _gather_parts(results, report, progress, errors)
+        else:
+            context = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                                        initargs=(storage, known_missing, index_file, hashing)) as pool:
+                pool.submit(_ready).result()  # the first submit forks every worker, before any thread
+                if started is not None:
+                    started()
+                futures = [pool.submit(_check_part, *task) for task in tasks]
+                _gather_parts((future.result() for future in futures), report, progress, errors)
+    finally:
+        if workers == 1:
+            _stop_worker()
+    if errors:
+        raise PacsError("walk storage", errors[0])
+
+
+def _gather_parts(results, report: Report, progress, errors: list) -> None:
+    stats = report.stats
+    for result in results:
+        if "error" in result:
+            errors.append(result["error"])
+            continue
+        for key, value in result["stats"].items():
+            if key != "known_missing" or value:
+                stats[key] = stats.get(key, 0) + value
+        for kind, entry in result["problems"].items():
+            mine = report.problems.setdefault(kind, {"count": 0, "examples": []})
+            mine["count"] += entry["count"]
+            mine["examples"].extend(entry["examples"][:MAX_EXAMPLES - len(mine["examples"])])
+        report.orphan_examples.extend(result["orphan_examples"][:MAX_EXAMPLES - len(report.orphan_examples)])
+        if progress is not None:
+            progress.add(result["stats"]["files_hashed"], result["stats"]["bytes_hashed"])
+
+
 STORAGE_CHECK_ALL = "all"          # manifest verification.storage_check: every file listed by the index statted
 STORAGE_CHECK_CHANGED = "changed"  # the index compared with the storage state in SQL; only new files statted
 
@@ -315,9 +468,11 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     manifest records as deleted while the dump ran.
 
     The rows are read sorted by uuid (SQLite sorts on disk), i.e. folder by folder, the order
-    the files sit in storage/, and handed in batches of HASH_WINDOW to ``workers`` processes
-    (one per CPU when None), a few batches in flight: each lists the folders of its batch once
-    and reads and hashes its files (``check_batch``). Orphans come out of the same listings, so
+    the files sit in storage/, and checked in batches of HASH_WINDOW by ``workers`` processes
+    (one per CPU when None): each lists the folders of its batch once and reads and hashes its
+    files (``check_batch``). Every file of an index file (md5 all or none, no state, no dump):
+    each worker reads its own ranges of uuids from the index (``_check_part``); otherwise the
+    caller reads the rows and hands them to the workers, a few batches in flight. Orphans come out of the same listings, so
     storage/ is walked once. Memory does not grow with the number of files
     (benchmarks/memory.py). ``progress`` (a _progress.Progress) counts the files checked; its
     totals are the index's when every file is hashed, else what the caller set. ``started()``
@@ -338,6 +493,17 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
         conn = listed if listed is not None else _sqlite.connect(index_file)
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
+    if listed is None and hash_filter in (None, _hash_none):  # every file of an index file: the workers read it
+        try:
+            _check_index_files(conn, index_file, storage, report, hash_filter is None, workers, orphans, known_missing,
+                               progress, started)
+        except sqlite3.Error as exc:
+            raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            raise PacsError("verify storage", f"a hashing process died: {exc}")
+        finally:
+            conn.close()
+        return
 
     def batches():
         """What is checked on disk: (count of rows, batches)."""
@@ -419,8 +585,8 @@ def _hash_none(_uuid: str) -> bool:
     return False
 
 
-def _read_manifest(backup: str, report: Report):
-    """(manifest or None, names of the files whose SHA-256 matches it)."""
+def _read_manifest(backup: str, report: Report, check_files: bool = True):
+    """(manifest or None, names of the files whose SHA-256 matches it: None when not checked)."""
     try:
         manifest = _layout.read_manifest(backup)
     except FileNotFoundError:
@@ -428,7 +594,7 @@ def _read_manifest(backup: str, report: Report):
     except _layout.ManifestError as exc:
         report.add("unreadable manifest", str(exc.__cause__ or exc))
         return None, set()
-    return manifest, check_manifest_files(backup, manifest, report)
+    return manifest, (check_manifest_files(backup, manifest, report) if check_files else None)
 
 
 def index_checked_before(manifest, matched: set) -> bool:
@@ -559,27 +725,29 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     changed (``check_storage``'s ``state``, result ``storage_check: changed``); md5=all, a dump
     and a backup without a state get the check of every file (``storage_check: all``)."""
     report = Report()
-    manifest, matched = _read_manifest(backup, report)
     found = db_dump.find_dump(backup)
+    manifest, matched = _read_manifest(backup, report, check_files=bool(found))
     if found:
         return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing,
                                       progress)
     index_file = os.path.join(backup, _layout.INDEX, "index")
     if not os.path.isfile(index_file):
+        if manifest:
+            check_manifest_files(backup, manifest, report)
         report.add("missing index", "index/index")
         return report.as_dict()
-    # The integrity check (SQLite, which releases the GIL) runs beside the storage check, whose
-    # hashing is the other long part, in a thread started once the hashing processes are forked.
-    # It costs about as much CPU per instance as hashing a small file; it is skipped when the
-    # index is, by its SHA-256, the one that passed it when the backup was completed.
-    index_check = "unchanged" if index_checked_before(manifest, matched) else INDEX_CHECKED
+    # What reads the index and the files outside storage/ runs in a thread beside the storage
+    # check (whose hashing is the long part), started once the hashing processes are forked:
+    # the SHA-256 of the files the manifest names (the index among them), then the integrity
+    # check (SQLite, which releases the GIL; about as much CPU per instance as hashing a small
+    # file), skipped when the index is, by that SHA-256, the one that passed it when the backup
+    # was completed, then the index's counts.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as side:
-        integrity_future: list = []
+        side_future: list = []
 
-        def start_integrity() -> None:
-            if not integrity_future:
-                integrity_future.append(side.submit(_sqlite.check_integrity, index_file,
-                                                    "none" if index_check == "unchanged" else "full"))
+        def start_side() -> None:
+            if not side_future:
+                side_future.append(side.submit(_check_index, backup, manifest, index_file))
 
         if md5 == "none":
             chosen = _hash_none
@@ -594,11 +762,13 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
             chosen = _hash_none if md5 == "none" else None  # what the state selects is new: all hashed
         try:
             check_storage(backup, index_file, storage_report, chosen, workers, progress=progress,
-                          started=start_integrity, state=state if by_state else None)
+                          started=start_side, state=state if by_state else None)
         except PacsError as exc:
             storage_error = exc
-        start_integrity()  # when the storage check stopped before it started any
-        integrity = integrity_future[0].result()
+        start_side()  # when the storage check stopped before it started it
+        files_report, index_check, integrity, summary = side_future[0].result()
+    for kind, entry in files_report.problems.items():
+        report.problems[kind] = entry
     for problem in integrity:
         report.add("index integrity errors", problem)
     if integrity:
@@ -609,10 +779,19 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
         report.problems[kind] = entry
     report.stats.update(storage_report.stats)
     report.orphan_examples = storage_report.orphan_examples
-    summary = _sqlite.read_summary(index_file)
     _compare_counts(manifest, summary["counts"], report)
     result = report.as_dict()
     result.update({"counts": summary["counts"], "schema_version": summary["schema_version"],
                    "schema_patch_level": summary.get("patch_level"), "index_check": index_check,
                    "storage_check": STORAGE_CHECK_CHANGED if by_state else STORAGE_CHECK_ALL})
     return result
+
+
+def _check_index(backup: str, manifest, index_file: str) -> tuple:
+    """The side thread of verify_backup: (report of the files the manifest names, index_check,
+    integrity problems, the index's summary or None when it has problems)."""
+    files_report = Report()
+    matched = check_manifest_files(backup, manifest, files_report) if manifest else set()
+    index_check = "unchanged" if index_checked_before(manifest, matched) else INDEX_CHECKED
+    integrity = _sqlite.check_integrity(index_file, "none" if index_check == "unchanged" else "full")
+    return files_report, index_check, integrity, (None if integrity else _sqlite.read_summary(index_file))

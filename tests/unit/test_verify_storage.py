@@ -136,3 +136,111 @@ def test_the_integrity_check_is_skipped_only_for_the_index_that_passed_it(tmp_pa
     (backup / "manifest.json").write_text(json.dumps(manifest))
     result = _verify.verify_backup(str(backup), workers=1)
     assert not result["ok"] and result["index_check"] == "integrity_check" and ran[-1] == "full"
+
+
+# The check of every file against an index file (backup_verify's md5 all and none): the workers
+# read their rows themselves, each a range of uuids sorted by SQLite, and check them folder by
+# folder (check_batch).
+
+def damaged_backup(tmp_path):
+    """A backup of 12 files with one of each fault: (storage, index, {kind: uuid})."""
+    storage, index, conn = backup_with(tmp_path, 12)
+    rows = [r[0] for r in conn.execute("SELECT uuid FROM AttachedFiles ORDER BY id")]
+    faults = {"missing storage files": rows[1], "storage files with a wrong size": rows[4],
+              "storage files with a wrong MD5": rows[7], "unreadable storage files": rows[10]}
+    at(storage, rows[1]).unlink()
+    with open(at(storage, rows[4]), "ab") as handle:
+        handle.write(b"!")
+    data = bytearray(at(storage, rows[7]).read_bytes())
+    data[-1] ^= 1
+    at(storage, rows[7]).write_bytes(bytes(data))
+    at(storage, rows[10]).unlink()
+    at(storage, rows[10]).mkdir()  # unreadable even for root: a folder where the file should be
+    conn.execute("DELETE FROM AttachedFiles WHERE id IN (2, 3)")  # gaps in the rowids
+    conn.commit()
+    conn.close()
+    for name in rows[2:4]:
+        at(storage, name).unlink()
+    return storage, index, faults
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("window", [1, 3, 2048])
+def test_every_kind_of_fault_found_by_the_workers_that_read_the_index(tmp_path, monkeypatch, workers, window):
+    monkeypatch.setattr(_verify, "HASH_WINDOW", window)
+    storage, index, faults = damaged_backup(tmp_path)
+    orphan = put(storage, b"not in the index")
+    result = check(storage, index, workers=workers)
+    assert {kind: [e.split()[0] for e in entry["examples"]] for kind, entry in result["problems"].items()} == {
+        kind: [uuid] for kind, uuid in faults.items()}
+    assert result["files_checked"] == 8 and result["files_hashed"] == 7  # 10 rows: 1 missing, 1 unreadable
+    assert result["orphans"] == 1 and result["orphan_examples"] == [orphan]
+    # md5 none: sizes only (the folder in place of a file is statted: a wrong size, as before)
+    result = check(storage, index, workers=workers, hash_filter=_verify._hash_none)
+    assert {kind: entry["count"] for kind, entry in result["problems"].items()} == {
+        "missing storage files": 1, "storage files with a wrong size": 2}
+    assert result["files_hashed"] == 0 and result["files_checked"] == 9 and result["orphans"] == 1
+    # a file the manifest records as deleted while the dump ran is not missing
+    result = check(storage, index, workers=workers, known_missing={faults["missing storage files"]})
+    assert "missing storage files" not in result["problems"] and result["known_missing"] == 1
+
+
+def traced(monkeypatch) -> list:
+    """The SQL statements of the connections that _verify opens (in this process)."""
+    statements: list = []
+    real = _verify._sqlite.connect
+
+    def connect(path, readonly=True):
+        conn = real(path, readonly)
+        conn.set_trace_callback(statements.append)
+        return conn
+    monkeypatch.setattr(_verify._sqlite, "connect", connect)
+    return statements
+
+
+def test_each_worker_reads_its_own_range_and_the_ranges_cover_every_uuid(tmp_path, monkeypatch):
+    """The caller sorts nothing: the rows are read by the workers, each a range of uuids sorted
+    (3 per worker); the ranges split the xx folders and together cover every uuid, one before
+    '0' and one after 'f' included (rows no storage folder can hold: missing)."""
+    monkeypatch.setattr(_verify, "HASH_WINDOW", 2)
+    statements = traced(monkeypatch)
+    storage, index, conn = backup_with(tmp_path, 12)
+    for number, uuid in enumerate(["!before", "~after"]):
+        conn.execute("INSERT INTO AttachedFiles VALUES (?, 1, ?, 15, 15, 1, '', '')", (50 + number, uuid))
+    conn.commit()
+    conn.close()
+    orphan = put(storage, b"not in the index")
+    result = check(storage, index, workers=1)
+    assert result["problems"] == {"missing storage files": {"count": 2, "examples": ["!before", "~after"]}}
+    assert result["files_hashed"] == 12 and result["orphan_examples"] == [orphan]
+    parts = [s for s in statements if "ORDER BY uuid" in s]
+    assert len(parts) == 3 and all("WHERE" in s for s in parts), statements
+
+
+def test_a_uuid_that_names_a_path_outside_its_folder_is_missing(tmp_path):
+    """A uuid with a '/' (or a dot name) would lead out of storage/xx/yy, to a file that is not
+    the storage file it names: it is in no folder's listing, so missing."""
+    storage, index, conn = backup_with(tmp_path, 2)
+    outside = tmp_path / "backup" / "secret"
+    outside.write_bytes(b"outside storage")
+    for number, uuid in enumerate(["../../secret", "..", "ab/../../../secret"]):
+        conn.execute("INSERT INTO AttachedFiles VALUES (?, 1, ?, 15, 15, 1, '', '')", (10 + number, uuid))
+    conn.commit()
+    conn.close()
+    result = check(storage, index, workers=1)
+    assert result["problems"] == {"missing storage files": {"count": 3, "examples": [
+        "..", "../../secret", "ab/../../../secret"]}}
+    assert result["files_checked"] == 2
+
+
+def test_an_unreadable_storage_folder_is_reported_once_and_its_files_not_each(tmp_path):
+    storage, index, conn = backup_with(tmp_path, 3)
+    victim = conn.execute("SELECT uuid FROM AttachedFiles LIMIT 1").fetchone()[0]
+    conn.close()
+    folder = at(storage, victim).parent
+    shutil.rmtree(folder)
+    folder.write_bytes(b"a file where the folder xx/yy should be")
+    result = check(storage, index, workers=1)
+    assert set(result["problems"]) == {"unreadable storage folders"}
+    assert result["problems"]["unreadable storage folders"]["count"] == 1
+    assert result["files_checked"] == 2
