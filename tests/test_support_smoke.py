@@ -117,5 +117,5 @@ def test_secret_watch_sees_a_secret_in_argv_and_in_environ(way, monkeypatch) -> 
         pytest.skip("the process events connector cannot be read here: SecretWatch samples /proc")
     assert watch.events is (way == "events")
     assert "sleep" in watch.seen
-    assert ("sh", "argv") in {(name, kind) for _, name, kind in watch.leaks}, watch.leaks
-    assert ("sleep", "environ") in {(name, kind) for _, name, kind in watch.leaks}, watch.leaks
+    assert ("sh", "argv") in {(name, kind) for _pid, name, kind in watch.leaks}, watch.leaks
+    assert ("sleep", "environ") in {(name, kind) for _pid, name, kind in watch.leaks}, watch.leaks
