@@ -66,16 +66,21 @@ def walk_storage(root: str):
     """Yield (uuid, DirEntry) for every file in root/xx/yy/. Other files (an index kept in the
     storage folder, plugin databases) are not part of the storage tree and are skipped."""
     try:
-        level1 = [e for e in os.scandir(root) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False)]
+        level1 = shard_folders(root)
     except OSError as exc:
         raise PacsError("walk storage", f"cannot list the storage folder: {os_error_cause(exc)}")
-    for d1 in sorted(level1, key=lambda e: e.name):
-        for d2 in sorted(os.scandir(d1.path), key=lambda e: e.name):
-            if not (_SHARD.match(d2.name) and d2.is_dir(follow_symlinks=False)):
-                continue
-            for entry in os.scandir(d2.path):
+    for name1 in level1:
+        for name2 in shard_folders(os.path.join(root, name1)):
+            for entry in os.scandir(os.path.join(root, name1, name2)):
                 if entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
                     yield entry.name, entry
+
+
+def shard_folders(path: str) -> list:
+    """The storage folders directly in ``path`` (named by two lowercase hex digits: the xx level
+    of storage/, or the yy level of one xx folder), sorted. Raises OSError."""
+    with os.scandir(path) as listing:
+        return sorted(e.name for e in listing if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
 
 
 def mount_point(path: str) -> str | None:
@@ -667,16 +672,16 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
 def _shards(root: str):
     """The "xx/yy" folders of a storage tree, in the order ``walk_storage`` walks them."""
     try:
-        level1 = [e for e in os.scandir(root) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False)]
+        level1 = shard_folders(root)
     except OSError as exc:
         raise PacsError("walk storage", f"cannot list the storage folder: {os_error_cause(exc)}")
-    for d1 in sorted(level1, key=lambda e: e.name):
+    for name1 in level1:
         try:
-            level2 = sorted(e.name for e in os.scandir(d1.path) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+            level2 = shard_folders(os.path.join(root, name1))
         except FileNotFoundError:
             continue  # emptied and removed by Orthanc since it was listed
         for name in level2:
-            yield d1.name + "/" + name
+            yield name1 + "/" + name
 
 
 def _in_order(work, items, threads: int):

@@ -15,11 +15,10 @@ import concurrent.futures.process
 import hashlib
 import multiprocessing
 import os
-import re
 import sqlite3
 import stat
 
-from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite
+from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
     HASH_CHUNK, PacsError, _READ_FLAGS, hash_open_file, os_error_cause, safe_relative, sha256_file)
@@ -27,7 +26,6 @@ from ansible_collections.pacs.orthanc.plugins.module_utils._common import (
 __metaclass__ = type
 
 MAX_EXAMPLES = 10
-_SHARD = re.compile(r"^[0-9a-f]{2}$")  # the xx and yy folders of storage/, as _storage.walk_storage reads them
 
 
 class Report:
@@ -225,15 +223,14 @@ def _shards(storage: str) -> list:
     """The (xx, yy) folders of storage/, sorted: what walk_storage walks."""
     found = []
     try:
-        level1 = sorted(e.name for e in os.scandir(storage) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+        level1 = _storage.shard_folders(storage)
     except FileNotFoundError:
         return found
     except OSError as exc:
         raise PacsError("walk storage", f"cannot list the storage folder: {os_error_cause(exc)}")
     for name1 in level1:
         try:
-            level2 = sorted(e.name for e in os.scandir(os.path.join(storage, name1))
-                            if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+            level2 = _storage.shard_folders(os.path.join(storage, name1))
         except OSError as exc:
             raise PacsError("walk storage", f"cannot list {os.path.join(storage, name1)}: {os_error_cause(exc)}")
         found.extend((name1, name2) for name2 in level2)
@@ -316,8 +313,7 @@ def _check_part(low: str | None, high: str | None, groups: list) -> dict:
     for name1 in groups:
         top = os.path.join(storage, name1)
         try:
-            shards.extend((name1, e.name) for e in sorted(os.scandir(top), key=lambda e: e.name)
-                          if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+            shards.extend((name1, name2) for name2 in _storage.shard_folders(top))
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -349,7 +345,7 @@ def _check_index_files(conn, index_file: str, storage: str, report: Report, hash
     """Every attachment of a SQLite index file against storage/ (see above)."""
     count = conn.execute("SELECT COUNT(*) FROM AttachedFiles").fetchone()[0]
     try:
-        groups = sorted(e.name for e in os.scandir(storage) if _SHARD.match(e.name) and e.is_dir(follow_symlinks=False))
+        groups = _storage.shard_folders(storage)
     except FileNotFoundError:
         groups = []
     except OSError as exc:
