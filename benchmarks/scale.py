@@ -43,6 +43,15 @@ import memory
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout  # noqa: E402
 
 
+class Rows(list):
+    """The table's rows, each also logged when it is made: a run stopped before its end (a 5 M run
+    lasts hours) keeps what it measured in its log."""
+
+    def append(self, row) -> None:
+        super().append(row)
+        log("  row: | " + " | ".join(row) + " |")
+
+
 def timed(argv: list) -> float:
     os.sync()
     t0 = time.monotonic()
@@ -118,7 +127,7 @@ def main() -> int:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="orthanc-scale-", dir="/var/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
-    rows: list = []
+    rows = Rows()
     archive = None
     status = 0
     load_start = os.getloadavg()
@@ -158,6 +167,7 @@ def main() -> int:
         if not args.only_nightly:
             log("  hot pass alone, in a child (peak RSS)")
             hot = module_step(workdir, "hot", live=archive.server.storage_dir)
+            log(f"  hot pass alone: {hot['seconds']:.1f} s, peak RSS {hot['rss_mib']:.0f} MiB")
         last = None
         for fraction, label in ((0.001, "0.1%"), (0.01, "1%")):
             last = nightly(archive, workdir, root, fraction, label, rows, args)
