@@ -23,15 +23,28 @@ BIN = pathlib.Path(sys.executable).parent
 # Debian's /usr/bin/python3 (the same ansible-core as this Python's, on a Python built with
 # optimisations: each playbook run costs less CPU: a backup of two small hosts 10.9 CPU-s instead of
 # 12.4, ansible-playbook's start-up 0.36 instead of 0.53), else those beside this Python.
-# PACS_TEST_CONTROLLER=<folder of ansible-playbook> chooses another one.
+# A .work/controller of another ansible-core than this Python's is not used. PACS_TEST_CONTROLLER=
+# <folder of ansible-playbook> chooses another one.
 CONTROLLER_BIN = pathlib.Path(os.environ.get("PACS_TEST_CONTROLLER") or REPO / ".work" / "controller" / "bin")
+
+
+def _same_ansible(folder: pathlib.Path) -> bool:
+    """Whether the virtual environment of ``folder`` holds this Python's version of ansible-core."""
+    if os.environ.get("PACS_TEST_CONTROLLER"):
+        return True
+    try:
+        from ansible.release import __version__  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return True
+    releases = sorted(folder.parent.glob("lib/python*/site-packages/ansible/release.py"))
+    return len(releases) == 1 and f"__version__ = '{__version__}'" in releases[0].read_text()
 
 
 def tool(name: str) -> str:
     """Ansible's command ``name`` of the controller's virtual environment, else installed beside
     this Python, not through a PATH shim (pyenv's costs a shell and a Python start per call), else
     from the PATH."""
-    for folder in (CONTROLLER_BIN, BIN):
+    for folder in (CONTROLLER_BIN, BIN) if _same_ansible(CONTROLLER_BIN) else (BIN,):
         path = folder / name
         if os.access(path, os.X_OK):
             return str(path)
