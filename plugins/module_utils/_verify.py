@@ -118,6 +118,15 @@ def _listing(storage: str, shard: tuple, problems: list):
         return None
 
 
+# O_NOATIME where the kernel has it: reading a file whose ctime is newer than its atime (every file
+# a backup's pass has just hard-linked: a link changes the inode's ctime) makes the kernel write
+# its atime under ``relatime``, i.e. dirty and journal one inode per file on the first check of a
+# backup. Allowed to the file's owner and to root (CAP_FOWNER); for anyone else open fails with
+# EPERM, and the file is opened again without it (and so are the next ones, in this process).
+_NOATIME = getattr(os, "O_NOATIME", 0)
+_OPEN_FLAGS = [_READ_FLAGS | _NOATIME]
+
+
 def _is_stored(path: str) -> bool:
     """What walk_storage counts as a storage file: a regular file (not a link), no dot file."""
     try:
@@ -147,6 +156,7 @@ def check_batch(rows: list, wanted, shards: list, storage: str | None = None, kn
     md5_of = hashlib.md5
     open_file, read, fstat, close, stat_path = os.open, os.read, os.fstat, os.close, os.stat
     hash_all, hash_none = wanted is None, wanted is False
+    flags = _OPEN_FLAGS[0]
     folder_key = names = counted = folder = None  # the folder of the previous row: rows come folder by folder
     for number, (uuid, size, expected) in enumerate(rows):
         if uuid[0:4] != folder_key:
@@ -172,7 +182,13 @@ def check_batch(rows: list, wanted, shards: list, storage: str | None = None, kn
         want = expected and (hash_all or (not hash_none and wanted[number]))
         try:
             if want:
-                fd = open_file(path, _READ_FLAGS)
+                try:
+                    fd = open_file(path, flags)
+                except PermissionError:
+                    if flags == _READ_FLAGS:
+                        raise
+                    fd = open_file(path, _READ_FLAGS)  # not the owner: O_NOATIME refused, the file is readable
+                    flags = _OPEN_FLAGS[0] = _READ_FLAGS
                 try:
                     if size <= HASH_CHUNK:  # hash_open_file's small case, inline: most storage files
                         data = read(fd, size + 1)  # one more than expected: a longer file shows at once

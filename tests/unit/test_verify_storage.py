@@ -244,3 +244,53 @@ def test_an_unreadable_storage_folder_is_reported_once_and_its_files_not_each(tm
     assert set(result["problems"]) == {"unreadable storage folders"}
     assert result["problems"]["unreadable storage folders"]["count"] == 1
     assert result["files_checked"] == 2
+
+
+def test_o_noatime_refused_falls_back_to_a_plain_open_and_checks_every_file(tmp_path, monkeypatch):
+    """O_NOATIME (no atime written on the first read of a freshly linked file) is allowed only to
+    the file's owner or root: when open refuses it (EPERM), the file is opened without it, every
+    later file too, and the check finds what it finds with a plain open."""
+    if not _verify._NOATIME:
+        pytest.skip("no O_NOATIME on this platform")
+    storage, index, conn = backup_with(tmp_path, 6)
+    victim, size = conn.execute("SELECT uuid, compressedSize FROM AttachedFiles LIMIT 1 OFFSET 2").fetchone()
+    conn.close()
+    at(storage, victim).write_bytes(b"changed")
+    monkeypatch.setattr(_verify, "_OPEN_FLAGS", [_verify._OPEN_FLAGS[0]])
+    real_open, asked = os.open, []
+
+    def refuse_noatime(path, flags, *args):
+        asked.append(bool(flags & _verify._NOATIME))
+        if flags & _verify._NOATIME:
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_noatime)
+    result = check(storage, index, workers=1)
+    assert result["files_hashed"] == 5 and result["files_checked"] == 6
+    assert result["problems"] == {"storage files with a wrong size": {
+        "count": 1, "examples": [f"{victim} (7 bytes, index says {size})"]}}
+    assert asked[:2] == [True, False] and not any(asked[2:])  # refused once, then plain opens only
+    assert _verify._OPEN_FLAGS[0] == _verify._READ_FLAGS
+
+
+def test_o_noatime_used_when_allowed_and_an_unreadable_file_still_reported(tmp_path, monkeypatch):
+    if not _verify._NOATIME:
+        pytest.skip("no O_NOATIME on this platform")
+    storage, index, conn = backup_with(tmp_path, 3)
+    victim = conn.execute("SELECT uuid FROM AttachedFiles LIMIT 1").fetchone()[0]
+    conn.close()
+    monkeypatch.setattr(_verify, "_OPEN_FLAGS", [_verify._OPEN_FLAGS[0]])
+    real_open, flags_seen = os.open, []
+
+    def fake_open(path, flags, *args):
+        flags_seen.append(flags)
+        if path.endswith(victim):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    result = check(storage, index, workers=1)
+    assert result["files_hashed"] == 2 and list(result["problems"]) == ["unreadable storage files"]
+    assert result["problems"]["unreadable storage files"]["examples"][0].startswith(victim)
+    assert all(flags & _verify._NOATIME for flags in flags_seen[:1]) and _verify._OPEN_FLAGS[0] & _verify._NOATIME
