@@ -173,13 +173,23 @@ def main() -> int:
             last = nightly(archive, workdir, root, fraction, label, rows, args)
         if args.only_nightly:
             return 0
-        log("  backup_verify md5=all in a child, then md5sum of the same files")
-        verified = module_step(workdir, "verify", backup=last)
-        if not verified["ok"]:
-            raise RuntimeError(f"verify_backup fails on {last}")
-        md5sum = timed(["bash", "-c", f"find {last / 'storage'} -type f -print0 | xargs -0 md5sum"])
-        rows.append((f"backup_verify md5=all ({verified['hashed']:,} files)", f"{verified['seconds']:.1f} s",
-                     f"md5sum {md5sum:.1f} s", f"{md5sum / max(verified['seconds'], 1e-9):.2f}x md5sum's throughput"))
+        # in turns, each twice, best of two: the first reader after the nightlies' links and
+        # deletions of every file pays for it (benchmarks/README.md, "why scale.py showed 0.36-0.43x")
+        log("  backup_verify md5=all in a child and md5sum of the same files, in turns, twice")
+        verify_runs, md5sum_runs = [], []
+        for which in ("verify", "md5sum", "md5sum", "verify"):  # each first once
+            if which == "verify":
+                verified = module_step(workdir, "verify", backup=last)
+                if not verified["ok"]:
+                    raise RuntimeError(f"verify_backup fails on {last}")
+                verify_runs.append(verified["seconds"])
+            else:
+                md5sum_runs.append(timed(["bash", "-c", f"find {last / 'storage'} -type f -print0 | xargs -0 md5sum"]))
+        best, md5sum = min(verify_runs), min(md5sum_runs)
+        rows.append((f"backup_verify md5=all ({verified['hashed']:,} files)",
+                     f"{best:.1f} s (runs {', '.join(f'{t:.1f}' for t in verify_runs)})",
+                     f"md5sum {md5sum:.1f} s (runs {', '.join(f'{t:.1f}' for t in md5sum_runs)})",
+                     f"{md5sum / max(best, 1e-9):.2f}x md5sum's throughput (best of two, in turns)"))
         log("  restore's storage copy (walk + place, hard links) in a child, then cp -al of the same tree")
         restored = module_step(workdir, "restore", backup=last)
         cpal = timed(["cp", "-al", str(last / "storage"), str(workdir / "cpal-restore")])

@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import concurrent.futures.process
 import hashlib
+import itertools
 import multiprocessing
 import os
 import sqlite3
@@ -118,6 +119,40 @@ def _listing(storage: str, shard: tuple, problems: list):
         return None
 
 
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_folder(storage: str, shard: tuple, problems: list, listing: bool = True) -> tuple:
+    """(descriptor, names) of storage/xx/yy: the folder opened once, its names listed through
+    the descriptor (with ``listing``) and its files then opened relative to it, so that the
+    kernel looks up one name per file instead of the whole path. (None, empty set) when it does
+    not exist; (None, None), a problem noted, when it cannot be read."""
+    try:
+        fd = os.open(os.path.join(storage, shard[0], shard[1]), _DIR_FLAGS)
+    except FileNotFoundError:
+        return None, set()
+    except OSError as exc:
+        problems.append(("unreadable storage folders", f"{shard[0]}/{shard[1]} ({os_error_cause(exc)})"))
+        return None, None
+    if not listing:
+        return fd, None
+    try:
+        return fd, set(os.listdir(fd))
+    except OSError as exc:
+        os.close(fd)
+        problems.append(("unreadable storage folders", f"{shard[0]}/{shard[1]} ({os_error_cause(exc)})"))
+        return None, None
+
+
+# O_NOATIME where the kernel has it: reading a file whose ctime is newer than its atime (every file
+# a backup's pass has just hard-linked: a link changes the inode's ctime) makes the kernel write
+# its atime under ``relatime``, i.e. dirty and journal one inode per file on the first check of a
+# backup. Allowed to the file's owner and to root (CAP_FOWNER); for anyone else open fails with
+# EPERM, and the file is opened again without it (and so are the next ones, in this process).
+_NOATIME = getattr(os, "O_NOATIME", 0)
+_OPEN_FLAGS = [_READ_FLAGS | _NOATIME]
+
+
 def _is_stored(path: str) -> bool:
     """What walk_storage counts as a storage file: a regular file (not a link), no dot file."""
     try:
@@ -140,68 +175,88 @@ def check_batch(rows: list, wanted, shards: list, storage: str | None = None, kn
     result = {"files_checked": 0, "bytes_checked": 0, "files_hashed": 0, "bytes_hashed": 0, "known_missing": 0,
               "problems": [], "orphans": 0, "orphan_examples": []}
     problems = result["problems"]
-    listed = {shard: _listing(storage, shard, problems) for shard in shards}
+    answers = set(shards)
+    listed: dict = {}  # shard: its names (None: unreadable), listed once
     present = 0  # distinct uuids found in the folders this batch answers for
     checked = bytes_checked = hashed = bytes_hashed = known = 0
     previous = None
     md5_of = hashlib.md5
     open_file, read, fstat, close, stat_path = os.open, os.read, os.fstat, os.close, os.stat
-    hash_all, hash_none = wanted is None, wanted is False
+    flags = _OPEN_FLAGS[0]
+    # one flag per row: hash it (when it has an MD5) or only stat it
+    choices = itertools.repeat(wanted is None) if wanted is None or wanted is False else wanted
     folder_key = names = counted = folder = None  # the folder of the previous row: rows come folder by folder
-    for number, (uuid, size, expected) in enumerate(rows):
-        if uuid[0:4] != folder_key:
-            folder_key = uuid[0:4]
-            shard = (uuid[0:2], uuid[2:4])
-            counted = shard in listed
-            if not counted:  # a folder outside storage/'s xx/yy tree (or orphans not asked for): listed on demand
-                listed[shard] = _listing(storage, shard, problems)
-            names = listed[shard]
-            folder = f"{storage}/{shard[0]}/{shard[1]}/"
-        if names is None:  # its folder cannot be read: noted once, above
-            continue
-        if uuid not in names:
-            if uuid in known_missing:
-                known += 1
-            else:
-                problems.append(("missing storage files", uuid))
-            continue
-        if counted and uuid != previous:
-            present += 1
-            previous = uuid
-        path = folder + uuid
-        want = expected and (hash_all or (not hash_none and wanted[number]))
-        try:
-            if want:
-                fd = open_file(path, _READ_FLAGS)
-                try:
-                    if size <= HASH_CHUNK:  # hash_open_file's small case, inline: most storage files
-                        data = read(fd, size + 1)  # one more than expected: a longer file shows at once
-                        if len(data) == size:
-                            actual, digest = size, md5_of(data).hexdigest()
+    try:
+        for (uuid, size, expected), selected in zip(rows, choices):
+            if uuid[0:4] != folder_key:
+                folder_key = uuid[0:4]
+                shard = (uuid[0:2], uuid[2:4])
+                counted = shard in answers  # else a folder outside storage/'s xx/yy tree, or orphans not asked for
+                if folder is not None:
+                    close(folder)
+                    folder = None
+                if shard in listed:  # rows of one folder apart (not sorted by uuid): listed already
+                    folder, names = _open_folder(storage, shard, problems, listing=False)
+                    names = listed[shard] if folder is not None else names
+                else:
+                    folder, names = _open_folder(storage, shard, problems)
+                    listed[shard] = names
+            if names is None:  # its folder cannot be read: noted once, above
+                continue
+            if uuid not in names:  # (names is empty, and folder None, when the folder does not exist)
+                if uuid in known_missing:
+                    known += 1
+                else:
+                    problems.append(("missing storage files", uuid))
+                continue
+            if counted and uuid != previous:
+                present += 1
+                previous = uuid
+            want = expected and selected
+            try:  # a name listed in the folder (never a path): opened relative to the folder's descriptor
+                if want:
+                    try:
+                        fd = open_file(uuid, flags, dir_fd=folder)
+                    except PermissionError:
+                        if flags == _READ_FLAGS:
+                            raise
+                        fd = open_file(uuid, _READ_FLAGS, dir_fd=folder)  # not the owner: O_NOATIME refused
+                        flags = _OPEN_FLAGS[0] = _READ_FLAGS
+                    try:
+                        if size <= HASH_CHUNK:  # hash_open_file's small case, inline: most storage files
+                            data = read(fd, size + 1)  # one more than expected: a longer file shows at once
+                            if len(data) == size:
+                                actual, digest = size, md5_of(data).hexdigest()
+                            else:
+                                actual, digest = fstat(fd).st_size, None
                         else:
-                            actual, digest = fstat(fd).st_size, None
-                    else:
-                        actual, digest = hash_open_file(fd, md5_of, size)
-                finally:
-                    close(fd)
-            else:
-                actual = stat_path(path).st_size
-        except FileNotFoundError:  # listed, then gone: a backup being changed under the check
-            problems.append(("missing storage files", uuid))
-            continue
-        except OSError as exc:
-            problems.append(("unreadable storage files", f"{uuid} ({os_error_cause(exc)})"))
-            continue
-        checked += 1
-        bytes_checked += actual
-        if actual != size:
-            problems.append(("storage files with a wrong size", f"{uuid} ({actual} bytes, index says {size})"))
-            continue
-        if want:
-            hashed += 1
-            bytes_hashed += size
-            if digest != expected:
-                problems.append(("storage files with a wrong MD5", uuid))
+                            actual, digest = hash_open_file(fd, md5_of, size)
+                    finally:
+                        close(fd)
+                else:
+                    actual = stat_path(uuid, dir_fd=folder).st_size
+            except FileNotFoundError:  # listed, then gone: a backup being changed under the check
+                problems.append(("missing storage files", uuid))
+                continue
+            except OSError as exc:
+                problems.append(("unreadable storage files", f"{uuid} ({os_error_cause(exc)})"))
+                continue
+            checked += 1
+            bytes_checked += actual
+            if actual != size:
+                problems.append(("storage files with a wrong size", f"{uuid} ({actual} bytes, index says {size})"))
+                continue
+            if want:
+                hashed += 1
+                bytes_hashed += size
+                if digest != expected:
+                    problems.append(("storage files with a wrong MD5", uuid))
+    finally:
+        if folder is not None:
+            close(folder)
+    for shard in shards:  # the folders this batch answers for that no row named
+        if shard not in listed:
+            listed[shard] = _listing(storage, shard, problems)
     result.update(files_checked=checked, bytes_checked=bytes_checked, files_hashed=hashed, bytes_hashed=bytes_hashed,
                   known_missing=known)
     if present == sum(len(listed[shard] or ()) for shard in shards):

@@ -244,3 +244,81 @@ def test_an_unreadable_storage_folder_is_reported_once_and_its_files_not_each(tm
     assert set(result["problems"]) == {"unreadable storage folders"}
     assert result["problems"]["unreadable storage folders"]["count"] == 1
     assert result["files_checked"] == 2
+
+
+def test_o_noatime_refused_falls_back_to_a_plain_open_and_checks_every_file(tmp_path, monkeypatch):
+    """O_NOATIME (no atime written on the first read of a freshly linked file) is allowed only to
+    the file's owner or root: when open refuses it (EPERM), the file is opened without it, every
+    later file too, and the check finds what it finds with a plain open."""
+    if not _verify._NOATIME:
+        pytest.skip("no O_NOATIME on this platform")
+    storage, index, conn = backup_with(tmp_path, 6)
+    victim, size = conn.execute("SELECT uuid, compressedSize FROM AttachedFiles LIMIT 1 OFFSET 2").fetchone()
+    conn.close()
+    at(storage, victim).write_bytes(b"changed")
+    monkeypatch.setattr(_verify, "_OPEN_FLAGS", [_verify._OPEN_FLAGS[0]])
+    real_open, asked = os.open, []
+
+    def refuse_noatime(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECTORY:  # a storage folder, opened to list it and open its files relative to it
+            return real_open(path, flags, *args, **kwargs)
+        asked.append(bool(flags & _verify._NOATIME))
+        if flags & _verify._NOATIME:
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_noatime)
+    result = check(storage, index, workers=1)
+    assert result["files_hashed"] == 5 and result["files_checked"] == 6
+    assert result["problems"] == {"storage files with a wrong size": {
+        "count": 1, "examples": [f"{victim} (7 bytes, index says {size})"]}}
+    assert asked[:2] == [True, False] and not any(asked[2:])  # refused once, then plain opens only
+    assert _verify._OPEN_FLAGS[0] == _verify._READ_FLAGS
+
+
+def test_o_noatime_used_when_allowed_and_an_unreadable_file_still_reported(tmp_path, monkeypatch):
+    if not _verify._NOATIME:
+        pytest.skip("no O_NOATIME on this platform")
+    storage, index, conn = backup_with(tmp_path, 3)
+    victim = conn.execute("SELECT uuid FROM AttachedFiles LIMIT 1").fetchone()[0]
+    conn.close()
+    monkeypatch.setattr(_verify, "_OPEN_FLAGS", [_verify._OPEN_FLAGS[0]])
+    real_open, flags_seen = os.open, []
+
+    def fake_open(path, flags, *args, **kwargs):
+        if not flags & os.O_DIRECTORY:
+            flags_seen.append((path == victim, bool(flags & _verify._NOATIME)))
+        if path.endswith(victim):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    result = check(storage, index, workers=1)
+    assert result["files_hashed"] == 2 and list(result["problems"]) == ["unreadable storage files"]
+    assert result["problems"]["unreadable storage files"]["examples"][0].startswith(victim)
+    # the victim tried with O_NOATIME, then without (EACCES may be the missing O_NOATIME right);
+    # the others with it
+    assert sorted(flags_seen) == [(False, True), (False, True), (True, False), (True, True)]
+    assert _verify._OPEN_FLAGS[0] & _verify._NOATIME  # EACCES of one file: the others keep O_NOATIME
+
+
+def test_rows_of_one_folder_apart_are_checked_against_its_one_listing(tmp_path):
+    """check_batch opens each folder once per run of rows and lists it once: rows of a folder
+    that come back after another folder's (a caller's batch not sorted by uuid) are still found,
+    and the folder's names count once for the orphans."""
+    storage = tmp_path / "storage"
+    first, second = b"first file", b"second file!"
+    a1 = "aa00" + "1" * 32
+    a2 = "aa00" + "2" * 32
+    b1 = "bb00" + "1" * 32
+    for uuid, data in ((a1, first), (a2, second), (b1, first)):
+        (storage / uuid[0:2] / uuid[2:4]).mkdir(parents=True, exist_ok=True)
+        (storage / uuid[0:2] / uuid[2:4] / uuid).write_bytes(data)
+    md5 = {len(first): hashlib.md5(first).hexdigest(), len(second): hashlib.md5(second).hexdigest()}
+    rows = [(a1, len(first), md5[len(first)]), (b1, len(first), "0" * 32), (a2, len(second), md5[len(second)])]
+    result = _verify.check_batch(rows, None, [("aa", "00"), ("bb", "00")], str(storage), frozenset())
+    assert (result["files_checked"], result["files_hashed"], result["orphans"]) == (3, 3, 0)
+    assert result["problems"] == [("storage files with a wrong MD5", b1)]
+    (storage / "aa" / "00" / a2).unlink()
+    result = _verify.check_batch(rows, False, [("aa", "00"), ("bb", "00")], str(storage), frozenset())
+    assert result["problems"] == [("missing storage files", a2)] and result["files_hashed"] == 0
