@@ -721,8 +721,11 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped.
     ``state``: the storage state (``_storage.State``) of an incomplete backup being completed:
     with a captured SQLite index and md5 new or none, the storage check is the check of what
-    changed (``check_storage``'s ``state``, result ``storage_check: changed``); md5=all, a dump
-    and a backup without a state get the check of every file (``storage_check: all``)."""
+    changed (``check_storage``'s ``state``, result ``storage_check: changed``) and the index gets
+    PRAGMA quick_check (result ``index_check: quick_check``); md5=all, a dump and a backup without
+    a state get the check of every file (``storage_check: all``) and the full integrity_check
+    (``index_check: integrity_check``, or ``unchanged`` when the manifest says that this very
+    index passed it)."""
     report = Report()
     found = db_dump.find_dump(backup)
     manifest, matched = _read_manifest(backup, report, check_files=bool(found))
