@@ -327,19 +327,27 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
     checked_from = time.monotonic()
     state_path = _layout.state_file(path)
     # the SHA-256 of the files outside storage/ (the index is most of their bytes: 959 MiB at
-    # 1,000,000 instances) in a thread beside the check, which reads them not
+    # 1,000,000 instances) in a thread beside the check (which reads them, never writes them),
+    # started once the check's hashing processes are forked
     with _storage.State(state_path, readonly=True) as state, Heartbeat(path), \
             concurrent.futures.ThreadPoolExecutor(max_workers=1) as hashing:
-        digests = hashing.submit(_digests, path)
+        digests: list = []
+
+        def start_digests() -> None:
+            if not digests:
+                digests.append(hashing.submit(_digests, path))
+
         storage_totals = state.summary()
         # what changed: the index is compared with the state in SQL and only the files placed new
         # are read on disk (storage_check: changed); md5=all, a dump or a backup without a state
         # database check every file, hashing those the state says are new (hash_filter)
         report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=state.is_new,
                                        known_missing=set(deleted_during_capture),
-                                       state=state if _storage.is_state_database(state_path) else None)
+                                       state=state if _storage.is_state_database(state_path) else None,
+                                       started=start_digests)
+        start_digests()  # a dump's check, or one that ended early, did not start it
         try:
-            files = digests.result()
+            files = digests[0].result()
         except OSError as exc:
             raise PacsError(step, f"cannot read the files of {path}: {os_error_cause(exc)}")
     if not report["ok"]:

@@ -716,7 +716,7 @@ def _check_in_database(listed: DumpListing, md5: str, report: Report) -> None:
 
 
 def verify_backup(backup: str, md5: str = "all", workers: int | None = None, hash_filter=None,
-                  known_missing=frozenset(), progress=None, state=None) -> dict:
+                  known_missing=frozenset(), progress=None, state=None, started=None) -> dict:
     """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none.
     ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped.
     ``state``: the storage state (``_storage.State``) of an incomplete backup being completed:
@@ -725,7 +725,9 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     PRAGMA quick_check (result ``index_check: quick_check``); md5=all, a dump and a backup without
     a state get the check of every file (``storage_check: all``) and the full integrity_check
     (``index_check: integrity_check``, or ``unchanged`` when the manifest says that this very
-    index passed it)."""
+    index passed it). ``started()``, when given, is called once the hashing processes are forked
+    (with a SQLite index), when the side thread starts: a thread the caller starts then is not
+    forked."""
     report = Report()
     found = db_dump.find_dump(backup)
     manifest, matched = _read_manifest(backup, report, check_files=bool(found))
@@ -754,6 +756,8 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
             if not side_future:
                 side_future.append(side.submit(_check_index, backup, manifest, index_file,
                                                "quick" if by_state else "full"))
+                if started is not None:
+                    started()
 
         if md5 == "none":
             chosen = _hash_none
