@@ -499,9 +499,13 @@ class State:
     def counts(self) -> tuple:
         """(attachments listed, distinct uuids listed, files placed). Every uuid listed is placed
         and as many files are placed as distinct uuids are listed: then nothing placed is unlisted
-        (no orphan), found without building the set of every uuid listed (``orphans``)."""
+        (no orphan), found without building the set of every uuid listed (``orphans``). The distinct
+        uuids are counted by grouping (SQLite's sorter, in bounded memory, spilling to temporary
+        files): 4x less CPU than ``COUNT(DISTINCT uuid)``, whose temporary B-tree outgrows the
+        page cache (0.19 s against 0.80 s at 200,000 attachments, benchmarks/README.md)."""
         try:
-            return (*self.conn.execute(f"SELECT COUNT(*), COUNT(DISTINCT uuid) FROM {self.listing}").fetchone(),
+            return (self.conn.execute(f"SELECT COUNT(*) FROM {self.listing}").fetchone()[0],
+                    self.conn.execute(f"SELECT COUNT(*) FROM (SELECT uuid FROM {self.listing} GROUP BY uuid)").fetchone()[0],
                     self.conn.execute("SELECT COUNT(*) FROM main.placed").fetchone()[0])
         except sqlite3.Error as exc:
             raise PacsError("read index", f"cannot count the attachments and the files placed: {exc}")
