@@ -23,7 +23,7 @@ options:
         disk (C(storage_check=all)). The backup server always checks every file.
       - The index copy gets C(PRAGMA quick_check) in the check of what changed (a third of the CPU
         of the full C(PRAGMA integrity_check), which also compares every table's indexes with its
-        rows), recorded as manifest C(verification.index_integrity=quick_check): the next
+        rows), recorded as manifest C(verification.index_integrity=quick_check), and the next
         M(pacs.orthanc.backup_verify) of that backup (restore, drill) and the backup server's
         check then run the full C(integrity_check). With C(all) (and everywhere else) the full
         C(integrity_check) runs at once (C(index_integrity=integrity_check)), and a later
