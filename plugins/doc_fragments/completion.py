@@ -21,13 +21,13 @@ options:
         statted and hashed on disk (manifest C(verification.storage_check=changed)). C(all), a
         database dump and a backup without a state database check every file the index lists on
         disk (C(storage_check=all)). The backup server always checks every file.
-      - The index copy gets C(PRAGMA quick_check) in the check of what changed (a third of the CPU
-        of the full C(PRAGMA integrity_check), which also compares every table's indexes with its
-        rows), recorded as manifest C(verification.index_integrity=quick_check), and the next
-        M(pacs.orthanc.backup_verify) of that backup (restore, drill) and the backup server's
-        check then run the full C(integrity_check). With C(all) (and everywhere else) the full
-        C(integrity_check) runs at once (C(index_integrity=integrity_check)), and a later
-        verification of the same index (its SHA-256 unchanged) skips it.
+      - The index copy gets the full C(PRAGMA integrity_check) (manifest
+        C(verification.index_integrity=integrity_check)), and a later verification of the same
+        index (its SHA-256 unchanged) skips it. On the managed host, M(pacs.orthanc.backup_set)'s
+        O(pacs.orthanc.backup_set#module:index_check=quick) runs only C(PRAGMA quick_check) in the
+        check of what changed (recorded as C(index_integrity=quick_check)), and the next
+        M(pacs.orthanc.backup_verify) of that backup and the backup server's check then run the
+        full check.
     type: str
     choices: [new, all, none]
     default: new

@@ -308,7 +308,7 @@ def _digests(path: str) -> dict:
 
 
 def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int, md5: str = "new",
-                 workers: int = 2, check_mode: bool = False) -> dict:
+                 workers: int = 2, check_mode: bool = False, index_check: str = "full") -> dict:
     """Check the incomplete backup, write its manifest (from the records its steps wrote, see
     _record; ``facts`` only fills what no record says), rename it complete, point ``latest`` at
     it, apply retention and release the lock. Fails, leaving it incomplete, when a check fails."""
@@ -344,7 +344,7 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
         report = _verify.verify_backup(path, md5=md5, workers=workers, hash_filter=state.is_new,
                                        known_missing=set(deleted_during_capture),
                                        state=state if _storage.is_state_database(state_path) else None,
-                                       started=start_digests)
+                                       started=start_digests, index_check=index_check)
         start_digests()  # a dump's check, or one that ended early, did not start it
         try:
             files = digests[0].result()

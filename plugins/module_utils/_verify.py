@@ -771,16 +771,17 @@ def _check_in_database(listed: DumpListing, md5: str, report: Report) -> None:
 
 
 def verify_backup(backup: str, md5: str = "all", workers: int | None = None, hash_filter=None,
-                  known_missing=frozenset(), progress=None, state=None, started=None) -> dict:
+                  known_missing=frozenset(), progress=None, state=None, started=None, index_check="full") -> dict:
     """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none.
     ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped.
     ``state``: the storage state (``_storage.State``) of an incomplete backup being completed:
     with a captured SQLite index and md5 new or none, the storage check is the check of what
-    changed (``check_storage``'s ``state``, result ``storage_check: changed``) and the index gets
-    PRAGMA quick_check (result ``index_check: quick_check``); md5=all, a dump and a backup without
-    a state get the check of every file (``storage_check: all``) and the full integrity_check
-    (``index_check: integrity_check``, or ``unchanged`` when the manifest says that this very
-    index passed it). ``started()``, when given, is called once the hashing processes are forked
+    changed (``check_storage``'s ``state``, result ``storage_check: changed``), and with
+    ``index_check`` quick the index gets PRAGMA quick_check only (result ``index_check:
+    quick_check``); otherwise (md5=all, a dump, a backup without a state, index_check full) the
+    storage check is the check of every file (``storage_check: all``, md5=all and no state) and
+    the index gets the full integrity_check (``index_check: integrity_check``, or ``unchanged``
+    when the manifest says that this very index passed it). ``started()``, when given, is called once the hashing processes are forked
     (with a SQLite index), when the side thread starts: a thread the caller starts then is not
     forked."""
     report = Report()
@@ -801,16 +802,17 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     # check (SQLite, which releases the GIL; about as much CPU per instance as hashing a small
     # file), skipped when the index is, by that SHA-256, the one that passed it when the backup
     # was completed, then the index's counts. The check of what changed (a nightly's completion)
-    # runs PRAGMA quick_check (index_check quick_check, recorded in the manifest): the full
-    # integrity_check runs at the next backup_verify, or at the completion with md5=all.
+    # with index_check quick runs PRAGMA quick_check (index_check quick_check, recorded in the
+    # manifest): the full integrity_check then runs at the next backup_verify.
     by_state = state is not None and md5 != "all" and not known_missing
+    level = "quick" if by_state and index_check == "quick" else "full"
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as side:
         side_future: list = []
 
         def start_side() -> None:
             if not side_future:
                 side_future.append(side.submit(_check_index, backup, manifest, index_file,
-                                               "quick" if by_state else "full"))
+                                               level))
                 if started is not None:
                     started()
 

@@ -180,17 +180,32 @@ def test_without_a_state_database_every_file_is_checked(tmp_path):
     assert verification["storage_check"] == "all" and verification["files_checked"] == 3
 
 
-def test_the_completion_quick_checks_the_index_and_the_next_verification_runs_the_full_check(tmp_path, monkeypatch):
-    """The check of what changed runs PRAGMA quick_check and says so in the manifest; a later
-    verification of that backup, the index unchanged, runs the full integrity_check (it is not
-    taken as done); md5=all at the completion runs the full check there."""
+def test_the_completion_checks_the_index_in_full_or_quick_and_a_quick_one_is_checked_in_full_later(tmp_path, monkeypatch):
+    """By default the check of what changed runs the full PRAGMA integrity_check, recorded, and a
+    later verification of that very index skips it; with index_check=quick it runs quick_check and
+    says so in the manifest, and a later verification of that backup, the index unchanged, runs
+    the full integrity_check (it is not taken as done); md5=all at the completion runs the full
+    check whatever index_check says."""
     ran = []
     real = _verify._sqlite.check_integrity
     monkeypatch.setattr(_verify._sqlite, "check_integrity", lambda path, level: ran.append(level) or real(path, level))
     config, storage, index_dir = make_orthanc(tmp_path, files=3)
     root = tmp_path / "backups"
     opened, closed = take_backup(tmp_path, root, config, storage, index_dir)
-    assert ran == ["quick"] and closed["verification"]["index_check"] == "quick_check"
+    assert ran == ["full"] and closed["verification"]["index_check"] == "integrity_check"
+    assert closed["manifest"]["verification"]["index_integrity"] == "integrity_check"
+    report = _verify.verify_backup(str(root / opened["name"]), md5="none", workers=1)
+    assert report["ok"] and report["index_check"] == "unchanged" and ran[-1] == "none"
+    # index_check=quick
+    time.sleep(1.1)  # backups are named by the second
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    _storage.hot_pass(str(storage), opened["storage_path"], opened["state_file"], link_mode="copy", settle=0,
+                      previous=os.path.join(opened["previous"], "storage"))
+    os.makedirs(opened["index_path"])
+    shutil.copyfile(index_dir / "index", os.path.join(opened["index_path"], "index"))
+    closed = _backupset.close_backup(str(root), opened["name"], "unit-host", {"backend": "sqlite"}, 7,
+                                     index_check="quick")
+    assert ran[-1] == "quick" and closed["verification"]["index_check"] == "quick_check"
     assert closed["manifest"]["verification"]["index_integrity"] == "quick_check"
     report = _verify.verify_backup(str(root / opened["name"]), md5="none", workers=1)
     assert report["ok"] and report["index_check"] == "integrity_check" and ran[-1] == "full"
@@ -209,7 +224,7 @@ def test_the_completion_quick_checks_the_index_and_the_next_verification_runs_th
     damaged[start + 3:start + 5] = (900).to_bytes(2, "big")  # the table's root page claims 900 cells
     (pathlib.Path(reopened["index_path"]) / "index").write_bytes(bytes(damaged))
     with pytest.raises(PacsError) as failed:
-        _backupset.close_backup(str(root), reopened["name"], "unit-host", {"backend": "sqlite"}, 7)
+        _backupset.close_backup(str(root), reopened["name"], "unit-host", {"backend": "sqlite"}, 7, index_check="quick")
     assert "index integrity errors" in str(failed.value) and ran[-1] == "quick"
     _backupset.discard_backup(str(root), reopened["name"])
     # md5=all at the completion: the full check, recorded as such
@@ -218,5 +233,6 @@ def test_the_completion_quick_checks_the_index_and_the_next_verification_runs_th
     _storage.hot_pass(str(storage), reopened["storage_path"], reopened["state_file"], link_mode="copy", settle=0)
     os.makedirs(reopened["index_path"])
     shutil.copyfile(index_dir / "index", os.path.join(reopened["index_path"], "index"))
-    closed = _backupset.close_backup(str(root), reopened["name"], "unit-host", {"backend": "sqlite"}, 7, md5="all")
+    closed = _backupset.close_backup(str(root), reopened["name"], "unit-host", {"backend": "sqlite"}, 7, md5="all",
+                                     index_check="quick")
     assert ran[-1] == "full" and closed["manifest"]["verification"]["index_integrity"] == "integrity_check"
