@@ -180,6 +180,23 @@ def test_without_a_state_database_every_file_is_checked(tmp_path):
     assert verification["storage_check"] == "all" and verification["files_checked"] == 3
 
 
+def open_next(root, config, storage, index_dir, index_bytes=None) -> dict:
+    """The next backup of the same Orthanc, opened and filled (hot pass by copy, the index copied
+    or ``index_bytes`` written in its place), ready for close_backup."""
+    time.sleep(1.1)  # backups are named by the second
+    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
+    previous = os.path.join(opened["previous"], "storage") if opened.get("previous") else None
+    _storage.hot_pass(str(storage), opened["storage_path"], opened["state_file"], link_mode="copy", settle=0,
+                      previous=previous)
+    os.makedirs(opened["index_path"])
+    target = pathlib.Path(opened["index_path"]) / "index"
+    if index_bytes is None:
+        shutil.copyfile(index_dir / "index", target)
+    else:
+        target.write_bytes(index_bytes)
+    return opened
+
+
 def test_the_completion_checks_the_index_in_full_or_quick_and_a_quick_one_is_checked_in_full_later(tmp_path, monkeypatch):
     """By default the check of what changed runs the full PRAGMA integrity_check, recorded, and a
     later verification of that very index skips it; with index_check=quick it runs quick_check and
@@ -197,12 +214,7 @@ def test_the_completion_checks_the_index_in_full_or_quick_and_a_quick_one_is_che
     report = _verify.verify_backup(str(root / opened["name"]), md5="none", workers=1)
     assert report["ok"] and report["index_check"] == "unchanged" and ran[-1] == "none"
     # index_check=quick
-    time.sleep(1.1)  # backups are named by the second
-    opened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
-    _storage.hot_pass(str(storage), opened["storage_path"], opened["state_file"], link_mode="copy", settle=0,
-                      previous=os.path.join(opened["previous"], "storage"))
-    os.makedirs(opened["index_path"])
-    shutil.copyfile(index_dir / "index", os.path.join(opened["index_path"], "index"))
+    opened = open_next(root, config, storage, index_dir)
     closed = _backupset.close_backup(str(root), opened["name"], "unit-host", {"backend": "sqlite"}, 7,
                                      index_check="quick")
     assert ran[-1] == "quick" and closed["verification"]["index_check"] == "quick_check"
@@ -210,11 +222,6 @@ def test_the_completion_checks_the_index_in_full_or_quick_and_a_quick_one_is_che
     report = _verify.verify_backup(str(root / opened["name"]), md5="none", workers=1)
     assert report["ok"] and report["index_check"] == "integrity_check" and ran[-1] == "full"
     # a damaged index is refused by the quick check at the completion
-    time.sleep(1.1)  # backups are named by the second
-    reopened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
-    _storage.hot_pass(str(storage), reopened["storage_path"], reopened["state_file"], link_mode="copy", settle=0,
-                      previous=os.path.join(reopened["previous"], "storage"))
-    os.makedirs(reopened["index_path"])
     conn = sqlite3.connect(index_dir / "index")
     root_page = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'Resources'").fetchone()[0]
     conn.close()
@@ -222,17 +229,13 @@ def test_the_completion_checks_the_index_in_full_or_quick_and_a_quick_one_is_che
     page_size = int.from_bytes(damaged[16:18], "big")
     start = (root_page - 1) * page_size
     damaged[start + 3:start + 5] = (900).to_bytes(2, "big")  # the table's root page claims 900 cells
-    (pathlib.Path(reopened["index_path"]) / "index").write_bytes(bytes(damaged))
+    reopened = open_next(root, config, storage, index_dir, bytes(damaged))
     with pytest.raises(PacsError) as failed:
         _backupset.close_backup(str(root), reopened["name"], "unit-host", {"backend": "sqlite"}, 7, index_check="quick")
     assert "index integrity errors" in str(failed.value) and ran[-1] == "quick"
     _backupset.discard_backup(str(root), reopened["name"])
     # md5=all at the completion: the full check, recorded as such
-    time.sleep(1.1)
-    reopened = _backupset.open_backup(str(root), str(config), str(index_dir), str(storage))
-    _storage.hot_pass(str(storage), reopened["storage_path"], reopened["state_file"], link_mode="copy", settle=0)
-    os.makedirs(reopened["index_path"])
-    shutil.copyfile(index_dir / "index", os.path.join(reopened["index_path"], "index"))
+    reopened = open_next(root, config, storage, index_dir)
     closed = _backupset.close_backup(str(root), reopened["name"], "unit-host", {"backend": "sqlite"}, 7, md5="all",
                                      index_check="quick")
     assert ran[-1] == "full" and closed["manifest"]["verification"]["index_integrity"] == "integrity_check"
