@@ -776,14 +776,14 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped.
     ``state``: the storage state (``_storage.State``) of an incomplete backup being completed:
     with a captured SQLite index and md5 new or none, the storage check is the check of what
-    changed (``check_storage``'s ``state``, result ``storage_check: changed``), and with
-    ``index_check`` quick the index gets PRAGMA quick_check only (result ``index_check:
-    quick_check``); otherwise (md5=all, a dump, a backup without a state, index_check full) the
-    storage check is the check of every file (``storage_check: all``, md5=all and no state) and
-    the index gets the full integrity_check (``index_check: integrity_check``, or ``unchanged``
-    when the manifest says that this very index passed it). ``started()``, when given, is called once the hashing processes are forked
-    (with a SQLite index), when the side thread starts: a thread the caller starts then is not
-    forked."""
+    changed (``check_storage``'s ``state``, result ``storage_check: changed``); md5=all, a dump
+    and a backup without a state get the check of every file (``storage_check: all``).
+    ``index_check``: with ``quick``, the check of what changed runs PRAGMA quick_check on the
+    index (result ``index_check: quick_check``); everywhere else the full integrity_check runs
+    (``index_check: integrity_check``), or none when the manifest says that this very index
+    passed it (``unchanged``). ``started()``, when given, is called once the hashing processes
+    are forked (with a SQLite index), when the side thread starts: a thread the caller starts then
+    is not forked."""
     report = Report()
     found = db_dump.find_dump(backup)
     manifest, matched = _read_manifest(backup, report, check_files=bool(found))
@@ -811,8 +811,7 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
 
         def start_side() -> None:
             if not side_future:
-                side_future.append(side.submit(_check_index, backup, manifest, index_file,
-                                               level))
+                side_future.append(side.submit(_check_index, backup, manifest, index_file, level))
                 if started is not None:
                     started()
 

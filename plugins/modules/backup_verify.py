@@ -82,8 +82,9 @@ index_check:
     C(integrity_check) when C(PRAGMA integrity_check) ran on the SQLite index; C(unchanged) when
     the index is, by its SHA-256, the one that passed it when the backup was completed (the
     manifest records that check, C(verification.index_integrity=integrity_check)), so it was not
-    run again. A backup completed with only C(PRAGMA quick_check) (C(index_integrity=quick_check),
-    the nightly's check of what changed) gets the full check here.
+    run again. A backup completed with only C(PRAGMA quick_check) (C(index_integrity=quick_check):
+    M(pacs.orthanc.backup_set) with O(pacs.orthanc.backup_set#module:index_check=quick)) gets the
+    full check here.
   type: str
   returned: when the backup has a SQLite index
 seconds:
