@@ -28,6 +28,13 @@ BIN = pathlib.Path(sys.executable).parent
 CONTROLLER_BIN = pathlib.Path(os.environ.get("PACS_TEST_CONTROLLER") or REPO / ".work" / "controller" / "bin")
 
 
+def _release_file(folder: pathlib.Path) -> pathlib.Path | None:
+    """ansible/release.py of the virtual environment whose commands are in ``folder`` (its bin/),
+    None when there is not exactly one."""
+    releases = sorted(folder.parent.glob("lib/python*/site-packages/ansible/release.py"))
+    return releases[0] if len(releases) == 1 else None
+
+
 def _same_ansible(folder: pathlib.Path) -> bool:
     """Whether the virtual environment of ``folder`` holds this Python's version of ansible-core."""
     if os.environ.get("PACS_TEST_CONTROLLER"):
@@ -36,8 +43,8 @@ def _same_ansible(folder: pathlib.Path) -> bool:
         from ansible.release import __version__  # pylint: disable=import-outside-toplevel
     except ImportError:
         return True
-    releases = sorted(folder.parent.glob("lib/python*/site-packages/ansible/release.py"))
-    return len(releases) == 1 and f"__version__ = '{__version__}'" in releases[0].read_text()
+    release = _release_file(folder)
+    return release is not None and f"__version__ = '{__version__}'" in release.read_text()
 
 
 def tool(name: str) -> str:
@@ -62,10 +69,10 @@ _controllers: dict = {}
 def _ansiballz_folder(script: pathlib.Path) -> pathlib.Path | None:
     """The payloads' folder of the ansible-core that runs ``script``, named after its version and
     every source file of the collection's plugins (a changed module gets a folder of its own)."""
-    releases = sorted(script.parent.parent.glob("lib/python*/site-packages/ansible/release.py"))
-    if len(releases) != 1:
+    release = _release_file(script.parent)
+    if release is None:
         return None
-    digest = hashlib.sha256(str(releases[0]).encode() + b"\0" + releases[0].read_bytes())
+    digest = hashlib.sha256(str(release).encode() + b"\0" + release.read_bytes())
     plugins = REPO / "plugins"
     for path in sorted(plugins.rglob("*.py")):
         digest.update(str(path.relative_to(plugins)).encode() + b"\0" + path.read_bytes() + b"\0")
