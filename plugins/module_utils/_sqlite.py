@@ -7,13 +7,9 @@ and what the copy says (schema version, counts, attachments).
 The copy is taken in two steps. ``capture_index_set`` takes every ``index*`` file as it is, while
 nobody holds the index: by reflink (``FICLONE``) where the filesystem shares extents (XFS with
 ``reflink=1``, btrfs), which takes milliseconds whatever the index size, else by copying the
-bytes. Where it copies, ``precopy_index`` first copies the main ``index`` file while Orthanc
-still runs, and the capture then rewrites only the blocks that differ from the live file: inside
-the window it reads the index twice (from the page cache, as a rule) and writes what Orthanc
-changed in its last seconds, instead of writing the whole file. ``finish_capture`` then replays
-the write-ahead log into the copy and leaves one self-contained file: it works on the copy only,
-so it can run once Orthanc runs again. A captured set that is not finished yet can already be
-read (SQLite replays the log as it reads)."""
+bytes. ``finish_capture`` then replays the write-ahead log into the copy and leaves one
+self-contained file: it works on the copy only, so it can run once Orthanc runs again. A
+captured set that is not finished yet can already be read (SQLite replays the log as it reads)."""
 
 from __future__ import annotations
 
@@ -126,20 +122,6 @@ def clone_file(src: str, dest: str) -> bool:
     return True
 
 
-REFRESH_CHUNK = 4 << 20  # compared as two bytearrays (memcmp): about 0.1 ms per chunk
-
-
-def _read_at(fd: int, buffer: bytearray, offset: int) -> int:
-    """Fill ``buffer`` from ``offset`` (short only at the end of the file); the bytes read."""
-    view, done = memoryview(buffer), 0
-    while done < len(buffer):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if not got:
-            break
-        done += got
-    return done
-
-
 def _copy_private(src: str, dest: str) -> None:
     """Copy ``src`` to ``dest``, created 0600 before any byte is written (an index holds patient data)."""
     os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
@@ -147,70 +129,9 @@ def _copy_private(src: str, dest: str) -> None:
     shutil.copyfile(src, dest)
 
 
-def refresh_copy(src: str, dest: str, chunk: int = REFRESH_CHUNK) -> int:
-    """Make ``dest`` (an earlier copy of ``src``) byte for byte ``src`` again, writing only the
-    chunks that differ and cutting what ``src`` no longer has. Returns the bytes written."""
-    written = offset = 0
-    source, target = bytearray(chunk), bytearray(chunk)
-    src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        dest_fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            while True:
-                got = _read_at(src_fd, source, offset)
-                if not got:
-                    break
-                have = _read_at(dest_fd, target, offset)
-                same = source == target if got == have == chunk else bytes(source[:got]) == bytes(target[:have])
-                if not same:
-                    view = memoryview(source)[:got]
-                    while view:
-                        done = os.pwrite(dest_fd, view, offset + got - len(view))
-                        view = view[done:]
-                    written += got
-                offset += got
-                if got < chunk:
-                    break
-            os.ftruncate(dest_fd, offset)
-        finally:
-            os.close(dest_fd)
-    finally:
-        os.close(src_fd)
-    return written
-
-
-def precopy_index(index_dir: str, dest_dir: str) -> dict | None:
-    """While Orthanc still runs: a first copy of the main ``index`` file into ``dest_dir``, read as
-    plain bytes (Orthanc's lock keeps SQLite out, not ``read``), torn wherever Orthanc writes
-    meanwhile: ``capture_index_set(..., precopied=True)`` then rewrites inside the window only the
-    chunks that differ. Flushed to disk before it returns, so that its writeback does not compete
-    with the window. None, and nothing left, where the filesystem can clone (the capture clones:
-    milliseconds) or there is no ``index``. Returns {"bytes", "seconds"}."""
-    src, dest = os.path.join(index_dir, "index"), os.path.join(dest_dir, "index")
-    t0 = time.monotonic()
-    try:
-        if not os.path.exists(src):
-            return None  # the capture says what is missing
-        os.makedirs(dest_dir, mode=0o700, exist_ok=True)
-        if clone_file(src, dest):
-            os.unlink(dest)
-            return None
-        _copy_private(src, dest)
-        fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        return {"bytes": os.path.getsize(dest), "seconds": round(time.monotonic() - t0, 3)}
-    except OSError as exc:
-        raise PacsError("copy index (before the stop)", os_error_cause(exc))
-
-
-def capture_index_set(index_dir: str, dest_dir: str, reflink: bool = True, precopied: bool = False) -> dict:
+def capture_index_set(index_dir: str, dest_dir: str, reflink: bool = True) -> dict:
     """Take every ``index*`` file together, as it is: by reflink where the filesystem can
-    (``index_capture: reflink``), else by copy (``copy``); with ``precopied`` (``precopy_index``
-    left a copy of ``index`` in ``dest_dir``) that copy is brought up to date instead, the chunks
-    that differ rewritten (``rewritten_bytes``). The set is not consolidated yet: call
+    (``index_capture: reflink``), else by copy (``copy``). The set is not consolidated yet: call
     ``finish_capture`` (it can wait until Orthanc runs again). The caller makes sure nobody holds
     the index (``wait_until_free``)."""
     names = index_files(index_dir)
@@ -223,24 +144,18 @@ def capture_index_set(index_dir: str, dest_dir: str, reflink: bool = True, preco
                 os.unlink(os.path.join(dest_dir, name))
             except OSError as exc:
                 raise PacsError("copy index", os_error_cause(exc))
-    copied, cloned, rewritten = {}, reflink and not precopied, 0
+    copied, cloned = {}, reflink
     for name in names:
         src, dest = os.path.join(index_dir, name), os.path.join(dest_dir, name)
         try:
-            if precopied and name == "index" and os.path.exists(dest):
-                rewritten += refresh_copy(src, dest)
-            elif not (cloned and clone_file(src, dest)):
+            if not (cloned and clone_file(src, dest)):
                 cloned = False  # one refusal is enough: the other files live on the same filesystems
                 _copy_private(src, dest)
-                rewritten += os.path.getsize(dest)
             copied[name] = os.path.getsize(src)
         except OSError as exc:
             raise PacsError("copy index", os_error_cause(exc))
-    captured = {"source_files": copied, "path": os.path.join(dest_dir, "index"),
-                "index_capture": CAPTURE_REFLINK if cloned else CAPTURE_COPY}
-    if not cloned:
-        captured["rewritten_bytes"] = rewritten
-    return captured
+    return {"source_files": copied, "path": os.path.join(dest_dir, "index"),
+            "index_capture": CAPTURE_REFLINK if cloned else CAPTURE_COPY}
 
 
 def finish_capture(captured: dict) -> dict:

@@ -16,9 +16,7 @@ description:
     delta pass against that copy (M(pacs.orthanc.storage_copy)'s logic), and start Orthanc again.
   - The index files are taken by reflink (C(FICLONE)) where the backup is on the index's filesystem
     and that filesystem shares extents (XFS made with C(reflink=1), btrfs), in milliseconds whatever the
-    index size. Elsewhere (another filesystem, ext4) their bytes are copied; the main C(index) file first
-    while Orthanc still runs (flushed to disk), and inside the window only its chunks that differ from
-    the live file are written again (C(capture.rewritten_bytes)). Either way the write-ahead
+    index size. Elsewhere (another filesystem, ext4) their bytes are copied. Either way the write-ahead
     log is replayed into the copy only after Orthanc was started again, and the integrity check runs
     later still (M(pacs.orthanc.backup_set) C(complete)). The manifest says which (C(index_capture)).
   - Orthanc is started again whatever failed after the stop; the task then fails with the first
@@ -116,8 +114,7 @@ running_after:
   returned: always
 capture:
   description: The index copy, its path, size, schema version and counts, and how the index files were
-    taken (C(index_capture), C(reflink) or C(copy)). With C(copy), C(precopy) (bytes and seconds of the
-    copy taken before the stop, absent with O(stop=false)) and C(rewritten_bytes) (what the window wrote).
+    taken (C(index_capture), C(reflink) or C(copy)).
   type: dict
   returned: success
   sample: {"path": "/var/backups/orthanc/20261129T070000Z.incomplete/index/index", "index_capture": "reflink"}
@@ -163,13 +160,6 @@ def _capture_window(module):
     guardian = None
     delta_step = None
     changes_since = None
-    # Orthanc still runs: a first copy of its index now, so that the window rewrites only what
-    # changed since (nothing where the capture can clone); a failure here leaves Orthanc untouched
-    try:
-        precopy = _sqlite.precopy_index(p["index_directory"], p["index_dest"]) if p["stop"] else None
-    except PacsError as exc:
-        exc.details["running_after"] = True  # never stopped: the role has nothing to start
-        raise
     # Orthanc is down from here to the start below: an interrupt (Ctrl-C, a job cancelled in AWX)
     # must not stop us halfway, and should this process die anyway, the guardian starts Orthanc.
     previous_handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -182,9 +172,7 @@ def _capture_window(module):
         _sqlite.wait_until_free(index_file, 0 if p["stop"] else p["stop_timeout"])
         # by reflink where the filesystem can: milliseconds whatever the index size; the WAL is
         # replayed into the copy after the start (SQLite reads the set as it is meanwhile)
-        copied = _sqlite.capture_index_set(p["index_directory"], p["index_dest"], precopied=precopy is not None)
-        if precopy is not None:
-            copied["precopy"] = precopy
+        copied = _sqlite.capture_index_set(p["index_directory"], p["index_dest"])
         phases["capture"] = round(time.monotonic() - t0, 3)
         t0 = time.monotonic()
         # only what the hot pass lacks is fetched here: the removal of files deleted meanwhile,

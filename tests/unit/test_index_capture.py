@@ -61,66 +61,6 @@ def test_a_clone_across_filesystems_is_refused_and_leaves_nothing(tmp_path):
             os.unlink(dest)
 
 
-def test_refresh_copy_writes_only_the_chunks_that_differ(tmp_path):
-    chunk = 4096
-    src, dest = tmp_path / "src", tmp_path / "dest"
-    data = bytearray(os.urandom(chunk * 10 + 100))
-    src.write_bytes(data)
-    dest.write_bytes(data)
-    assert _sqlite.refresh_copy(str(src), str(dest), chunk=chunk) == 0
-    assert dest.read_bytes() == data
-    # one byte changed in chunk 3, and the file grows by a chunk and a half
-    data[3 * chunk + 17] ^= 0xFF
-    data += os.urandom(chunk + chunk // 2)
-    src.write_bytes(data)
-    written = _sqlite.refresh_copy(str(src), str(dest), chunk=chunk)
-    assert dest.read_bytes() == data
-    # chunk 3, the old short last chunk (now whole), the new whole chunk and the new short one
-    assert written == chunk + chunk + chunk + (len(data) - 12 * chunk)
-    # shrinks: what src no longer has is cut, nothing else written
-    del data[5 * chunk:]
-    src.write_bytes(data)
-    assert _sqlite.refresh_copy(str(src), str(dest), chunk=chunk) == 0
-    assert dest.read_bytes() == data
-
-
-def test_capture_after_a_precopy_rewrites_what_changed_and_holds_every_row(tmp_path):
-    live = live_index_with_wal(tmp_path / "live")
-    try:
-        live.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        precopy = _sqlite.precopy_index(str(tmp_path / "live"), str(tmp_path / "copy"))
-        if precopy is None:
-            assert not (tmp_path / "copy" / "index").exists()
-            pytest.skip("this filesystem clones: the capture clones and takes no precopy")
-        assert precopy["bytes"] == (tmp_path / "live" / "index").stat().st_size
-        # Orthanc goes on writing after the precopy: into the main file (a checkpoint) and the WAL
-        live.executemany("INSERT INTO AttachedFiles VALUES (?, ?)", [(f"v{i}", i) for i in range(5000)])
-        live.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        live.executemany("INSERT INTO AttachedFiles VALUES (?, ?)", [(f"w{i}", i) for i in range(10)])
-        captured = _sqlite.capture_index_set(str(tmp_path / "live"), str(tmp_path / "copy"), precopied=True)
-        # the set as it was (before the close below checkpoints the live WAL), byte for byte
-        for name in captured["source_files"]:
-            assert (tmp_path / "copy" / name).read_bytes() == (tmp_path / "live" / name).read_bytes(), name
-    finally:
-        live.close()
-    assert captured["index_capture"] == "copy"
-    assert 0 < captured["rewritten_bytes"] <= sum(captured["source_files"].values())
-    _sqlite.finish_capture(captured)
-    reader = sqlite3.connect(f"file:{captured['path']}?mode=ro", uri=True)
-    assert reader.execute("SELECT COUNT(*) FROM AttachedFiles").fetchone()[0] == 100 + 5000 + 10
-    assert reader.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    reader.close()
-
-
-def test_a_precopy_that_cannot_be_written_fails_before_anything_stops(tmp_path):
-    (tmp_path / "live").mkdir()
-    (tmp_path / "live" / "index").write_bytes(b"x" * 100)
-    (tmp_path / "blocked").write_text("a file where the folder should be")
-    with pytest.raises(_sqlite.PacsError) as caught:
-        _sqlite.precopy_index(str(tmp_path / "live"), str(tmp_path / "blocked" / "index"))
-    assert caught.value.step == "copy index (before the stop)"
-
-
 def test_a_stale_wal_of_an_earlier_attempt_is_not_replayed_into_the_capture(tmp_path):
     live = live_index_with_wal(tmp_path / "live")
     live.close()  # a clean close: one file, no WAL
