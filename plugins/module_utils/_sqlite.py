@@ -13,7 +13,6 @@ captured set that is not finished yet can already be read (SQLite replays the lo
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -121,51 +120,6 @@ def clone_file(src: str, dest: str) -> bool:
             raise
         os.close(fd)
     return True
-
-
-def _syncfs(path: str) -> None:
-    """Write back the dirty data of the filesystem holding ``path`` (``syncfs``; ``sync`` where
-    the C library lacks it)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
-    try:
-        try:
-            syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-        except (AttributeError, OSError):
-            os.sync()
-            return
-        if syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
-
-
-def settle_before_stop(index_dir: str, dest_dir: str) -> dict:
-    """Right before Orthanc stops: write back what is dirty on the backup's and the index's
-    filesystems (the hot pass's links and folders, at millions of files seconds of journal and
-    metadata), so that the copy of the index inside the window is not throttled behind that
-    writeback, and ask the kernel to read the index files ahead. Nothing here is needed for
-    correctness: a failure is only reported. Returns {"seconds", "error"?}."""
-    t0 = time.monotonic()
-    result = {}
-    try:
-        folders = [dest_dir if os.path.isdir(dest_dir) else os.path.dirname(dest_dir.rstrip("/")), index_dir]
-        devices = set()
-        for folder in folders:
-            device = os.stat(folder).st_dev
-            if device not in devices:
-                devices.add(device)
-                _syncfs(folder)
-        for name in index_files(index_dir):
-            fd = os.open(os.path.join(index_dir, name), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-    except (OSError, PacsError) as exc:
-        result["error"] = str(exc.cause if isinstance(exc, PacsError) else os_error_cause(exc))
-    result["seconds"] = round(time.monotonic() - t0, 3)
-    return result
 
 
 def _copy_private(src: str, dest: str) -> None:

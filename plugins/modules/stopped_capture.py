@@ -108,14 +108,6 @@ restarted_at:
   description: When Orthanc answered again (UTC).
   type: str
   returned: success
-before_stop:
-  description: Right before the stop, the dirty data of the backup's and the index's filesystems
-    written back (C(syncfs)) and the index files read ahead, so that the copy inside the window is not
-    throttled behind the hot pass's writeback; C(seconds), and C(error) when that failed (the backup
-    goes on).
-  type: dict
-  returned: when O(stop) is true
-  sample: {"seconds": 2.1}
 running_after:
   description: Whether Orthanc answered at the end of this task (also returned on failure).
   type: bool
@@ -168,9 +160,6 @@ def _capture_window(module):
     guardian = None
     delta_step = None
     changes_since = None
-    # Orthanc still runs: the writeback of the hot pass's links done now, not inside the window
-    if p["stop"]:
-        result["before_stop"] = _sqlite.settle_before_stop(p["index_directory"], p["index_dest"])
     # Orthanc is down from here to the start below: an interrupt (Ctrl-C, a job cancelled in AWX)
     # must not stop us halfway, and should this process die anyway, the guardian starts Orthanc.
     previous_handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}

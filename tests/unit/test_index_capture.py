@@ -70,16 +70,3 @@ def test_a_stale_wal_of_an_earlier_attempt_is_not_replayed_into_the_capture(tmp_
     captured = _sqlite.capture_index_set(str(tmp_path / "live"), str(tmp_path / "copy"))
     assert sorted(os.listdir(tmp_path / "copy")) == ["index"]
     assert os.stat(captured["path"]).st_mode & 0o777 == 0o600
-
-
-def test_settling_before_the_stop_writes_back_and_never_fails_the_backup(tmp_path):
-    live = live_index_with_wal(tmp_path / "live")
-    try:
-        (tmp_path / "backup").mkdir()
-        settled = _sqlite.settle_before_stop(str(tmp_path / "live"), str(tmp_path / "backup" / "index"))
-        assert "error" not in settled and settled["seconds"] >= 0
-        # an index folder that is gone is the capture's to report: here only noted
-        gone = _sqlite.settle_before_stop(str(tmp_path / "nowhere"), str(tmp_path / "backup" / "index"))
-        assert "nowhere" in gone["error"] or "No such file" in gone["error"], gone
-    finally:
-        live.close()
