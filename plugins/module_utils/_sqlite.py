@@ -40,6 +40,9 @@ CAPTURE_REFLINK = "reflink"
 CAPTURE_COPY = "copy"
 
 
+SIDE_FILES = ("index-wal", "index-shm", "index-journal")  # what SQLite reads beside ``index``
+
+
 def index_files(index_dir: str) -> list:
     """The files of an index set: ``index`` and its ``index-wal`` / ``index-shm`` / journal."""
     try:
@@ -138,8 +141,10 @@ def capture_index_set(index_dir: str, dest_dir: str, reflink: bool = True) -> di
     if "index" not in names:
         raise PacsError("find index", f"there is no SQLite index file 'index' in {index_dir}")
     os.makedirs(dest_dir, mode=0o700, exist_ok=True)
-    for name in index_files(dest_dir):  # an earlier attempt's: a stale index-wal would be replayed
-        if name not in names:
+    # an earlier attempt's side files: SQLite would replay a stale index-wal into the copy (only
+    # those names: dest may be a folder of the administrator's, sqlite_capture's O(dest))
+    for name in index_files(dest_dir):
+        if name in SIDE_FILES and name not in names:
             try:
                 os.unlink(os.path.join(dest_dir, name))
             except OSError as exc:

@@ -67,6 +67,10 @@ def test_a_stale_wal_of_an_earlier_attempt_is_not_replayed_into_the_capture(tmp_
     assert sorted(os.listdir(tmp_path / "live")) == ["index"]
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / "index-wal").write_bytes(b"left by an earlier attempt")
+    (tmp_path / "copy" / "index-notes.txt").write_text("the administrator's, not SQLite's")
     captured = _sqlite.capture_index_set(str(tmp_path / "live"), str(tmp_path / "copy"))
-    assert sorted(os.listdir(tmp_path / "copy")) == ["index"]
+    assert sorted(os.listdir(tmp_path / "copy")) == ["index", "index-notes.txt"]
+    reader = sqlite3.connect(f"file:{captured['path']}?mode=ro", uri=True)
+    assert reader.execute("SELECT COUNT(*) FROM AttachedFiles").fetchone()[0] == 100
+    reader.close()
     assert os.stat(captured["path"]).st_mode & 0o777 == 0o600
