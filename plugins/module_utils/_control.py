@@ -8,6 +8,7 @@ really is stopped (REST API silent, index lock released) or answering."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 
@@ -17,6 +18,7 @@ from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsEr
 __metaclass__ = type
 
 POLL = 0.02  # seconds between two looks: part of the downtime, so kept short
+INIT_DIR = "/etc/init.d"
 GUARDIAN_DIR = "/var/tmp"
 GUARDIAN_TAG = "pacs-orthanc-guardian"
 
@@ -26,10 +28,74 @@ def service_argv(name: str, action: str) -> list:
         return [shutil.which("systemctl"), action, name]
     if shutil.which("service"):
         return [shutil.which("service"), name, action]
-    script = f"/etc/init.d/{name}"
+    script = os.path.join(INIT_DIR, name)
     if os.path.exists(script):
         return [script, action]
     raise PacsError(f"{action} Orthanc", f"neither systemctl, service nor {script} can {action} '{name}'")
+
+
+_INIT_VARIABLE = re.compile(r"""^\s*(DAEMON|PIDFILE)=["']?([^\s"']+)""", re.M)
+# a stop by program alone: a start-stop-daemon line with --stop and --exec but no --pidfile
+_STOP_BY_PROGRAM = re.compile(r"^[^#\n]*start-stop-daemon[^\n]*--stop(?![^\n]*--pidfile)[^\n]*--exec", re.M)
+
+
+def _read_pid(path: str):
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def init_script_bystanders(service_name: str) -> tuple:
+    """(script, program, pid file, [(pid, what)]): the Orthanc processes other than the service's
+    own that its init script's stop would end too. Debian's /etc/init.d/orthanc stops by program
+    (``start-stop-daemon --stop --exec /usr/sbin/Orthanc``, no PID file): every process whose
+    /proc/PID/exe reads that path, a private instance of the same package and an Orthanc in a
+    container (another mount namespace: the path inside it reads the same), and nothing starts
+    them again. ("", "", "", []) when there is no such script or it stops by PID file only."""
+    script = os.path.join(INIT_DIR, service_name)
+    try:
+        with open(script, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return "", "", "", []
+    variables = dict(_INIT_VARIABLE.findall(text))
+    program, pidfile = variables.get("DAEMON", ""), variables.get("PIDFILE", "")
+    if not program or not _STOP_BY_PROGRAM.search(text):
+        return "", "", "", []
+    own = _read_pid(pidfile) if pidfile else None
+    try:
+        own_namespace = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        own_namespace = None
+    found = []
+    for entry in sorted((e for e in os.listdir("/proc") if e.isdigit()), key=int):
+        pid = int(entry)
+        if pid in (own, os.getpid()):
+            continue
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:  # gone, a kernel thread, or not ours to read
+            continue
+        if exe not in (program, program + " (deleted)"):
+            continue
+        try:
+            elsewhere = own_namespace is not None and os.readlink(f"/proc/{pid}/ns/mnt") != own_namespace
+        except OSError:
+            elsewhere = False
+        if elsewhere:
+            found.append((pid, "in another mount namespace: a container"))
+        else:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    argv = handle.read().rstrip(b"\0").split(b"\0")
+                line = " ".join(a.decode("utf-8", "replace") for a in argv)
+                # the end names the instance (its configuration): kept when the line is cut
+                found.append((pid, line if len(line) <= 200 else line[:40] + " ... " + line[-155:]))
+            except OSError:
+                continue
+    return script, program, pidfile, found
 
 
 class Controller:
@@ -93,6 +159,8 @@ class Controller:
         if self.container and not needed:  # a container that runs but whose Orthanc is silent is stopped too
             found = self.engine.inspect(self.container, "stop Orthanc's container")
             needed = found is not None and found.running
+        if needed and not self.container and not self.stop_command:
+            self._refuse_bystanders()
         if needed and not check_mode:
             argv = self._argv("stop", timeout)
             if self.container:
@@ -108,6 +176,21 @@ class Controller:
             if index_file and os.path.exists(index_file):
                 _sqlite.wait_until_free(index_file, max(0.0, deadline - time.monotonic()), poll=POLL)
         return self._times(needed, began, t0)
+
+    def _refuse_bystanders(self) -> None:
+        """Refuse a stop through an init script that would end other Orthanc processes too."""
+        if service_argv(self.service_name, "stop")[0].endswith("systemctl"):
+            return  # systemd stops the unit's own processes (its cgroup), nothing else
+        script, program, pidfile, found = init_script_bystanders(self.service_name)
+        if not found:
+            return
+        shown = "; ".join(f"PID {pid} ({what})" for pid, what in found[:5]) + (" ..." if len(found) > 5 else "")
+        how = (f"set orthanc_stop_command to 'start-stop-daemon --stop --retry=TERM/60 --pidfile {pidfile} --exec "
+               f"{program}' and orthanc_start_command to 'service {self.service_name} start'" if pidfile else
+               "set orthanc_stop_command and orthanc_start_command to commands that stop and start this one alone")
+        raise PacsError("stop Orthanc", f"'{script} stop' ends every process running {program}, and {len(found)} "
+                        f"other than this service's would end with it and stay stopped: {shown}. Nothing was "
+                        f"stopped. To stop only this Orthanc, {how}", bystanders=[pid for pid, _what in found])
 
     def start(self, timeout: float = 60, grace: float = 0, check_mode: bool = False) -> dict:
         """Start Orthanc unless it answers; return when it answers. An Orthanc that answers is

@@ -16,6 +16,14 @@ description:
   - C(started) starts Orthanc unless it answers already, then waits until its REST API answers.
     Orthanc that still answers is given O(grace) seconds to finish a stop in progress before it
     is taken to be running.
+  - Without O(command) and without systemd, the service's init script stops Orthanc. When that
+    script stops by program rather than by PID file (Debian's C(/etc/init.d/orthanc) runs
+    C(start-stop-daemon --stop --exec /usr/sbin/Orthanc)), it would also end every other process
+    of that program on the host, private instances and Orthancs in containers included, and
+    nothing would start them again. C(stopped) then refuses, in check mode too, and stops nothing,
+    when such processes run; the message names them (PID and command line, or another mount
+    namespace) and the command that stops only this Orthanc, and the result lists their PIDs in
+    C(bystanders).
   - Any HTTP answer counts as answering, a 401 or 403 too. Such an Orthanc runs and refuses the
     credentials; a warning says so, and RV(orthanc_state) is C(refused).
   - Both return the time they began and ended, measured on the host, so that the downtime of a
