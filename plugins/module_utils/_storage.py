@@ -262,6 +262,7 @@ def _uri(path: str, mode: str) -> str:
 
 
 _INDEX_LISTING = "(SELECT uuid, compressedSize AS size FROM idx.AttachedFiles)"
+DUMP_LISTING = "temp.dump_listing"  # a dump's attachments (uuid, size, md5) streamed into this connection
 
 
 class State:
@@ -390,6 +391,12 @@ class State:
             raise PacsError("read index", f"cannot list the attachments of {index}: {exc}")
         self.listing = _INDEX_LISTING
 
+    def use_dump_listing(self) -> None:
+        """List the attachments of a database dump that were streamed into this connection's
+        table DUMP_LISTING (uuid, size, md5) (``_verify.DumpListing``): what the completion check of
+        a dump backup compares with the state."""
+        self.listing = DUMP_LISTING
+
     def load_listing(self, wanted) -> None:
         """List the (uuid, size) pairs given, a {uuid: size} or any iterable of pairs (a dump's
         attachments, streamed: they go to SQLite in batches and are not kept in Python)."""
@@ -479,18 +486,24 @@ class State:
             raise PacsError("read index", f"cannot read the changes of the index since position {position}: {exc}")
 
     def completion_rows(self):
-        """What a backup's completion check needs of the attached index (``attach_index``), in one
+        """What a backup's completion check needs of the attached index (``attach_index``) or of a
+        dump's listing (``use_dump_listing``), in one
         pass over its attachments with one primary-key look-up into the state per row, as
         ``differences`` does (about 1.2 us per file, benchmarks/stop_window.py): (uuid, listed size,
         MD5 or '', placed size or None, origin or None) of each attachment not placed, placed with
         another size, or placed new (not linked from the previous backup). An attachment linked
         from the previous backup with the size the index lists is not returned: nothing else is
         read into Python, however many files the archive holds."""
-        if self.listing != _INDEX_LISTING:
-            raise PacsError("read index", "the completion check compares the state with a captured index only")
-        query = ("SELECT a.uuid, a.compressedSize, COALESCE(a.compressedMD5, ''), p.size, p.origin "
-                 "FROM idx.AttachedFiles AS a LEFT JOIN main.placed AS p ON p.uuid = a.uuid "
-                 "WHERE p.uuid IS NULL OR p.size IS NOT a.compressedSize OR p.origin IS NOT ?")
+        if self.listing == _INDEX_LISTING:
+            source, size, md5 = "idx.AttachedFiles", "a.compressedSize", "a.compressedMD5"
+        elif self.listing == DUMP_LISTING:
+            source, size, md5 = DUMP_LISTING, "a.size", "a.md5"
+        else:
+            raise PacsError("read index", "the completion check compares the state with a captured index or a "
+                            "dump's listing only")
+        query = (f"SELECT a.uuid, {size}, COALESCE({md5}, ''), p.size, p.origin "
+                 f"FROM {source} AS a LEFT JOIN main.placed AS p ON p.uuid = a.uuid "
+                 f"WHERE p.uuid IS NULL OR p.size IS NOT {size} OR p.origin IS NOT ?")
         try:
             return self.conn.execute(query, (ORIGIN_PREVIOUS,))
         except sqlite3.Error as exc:

@@ -476,7 +476,8 @@ def _compare_with_state(state, index_file: str, report: Report) -> int:
     and MD5 with md5=new) when it was placed new in an earlier backup that then completed. One
     pass over the index in SQLite with a primary-key look-up per row; returns the rows compared."""
     try:
-        state.attach_index(index_file)
+        if index_file is not None:  # else a dump's listing, streamed into the state's connection
+            state.attach_index(index_file)
         conn = state.conn
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS listing (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL, md5 TEXT) "
                      "WITHOUT ROWID")
@@ -507,7 +508,8 @@ def _compare_with_state(state, index_file: str, report: Report) -> int:
             report.stats["orphans"] += len(unlisted)
             report.orphan_examples.extend(unlisted[:MAX_EXAMPLES - len(report.orphan_examples)])
     except sqlite3.Error as exc:
-        raise PacsError("read index", f"cannot compare {index_file} with the storage state {state.path}: {exc}")
+        raise PacsError("read index", f"cannot compare {index_file or 'the dump listing'} with the storage state "
+                        f"{state.path}: {exc}")
     report.stats["files_compared"] = rows
     return rows
 
@@ -532,14 +534,15 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     totals are the index's when every file is hashed, else what the caller set. ``started()``
     is called once the worker processes run: a thread the caller starts then is not forked.
 
-    ``state`` (the ``_storage.State`` of this backup; a captured SQLite index only): the check of
+    ``state`` (the ``_storage.State`` of this backup; a captured SQLite index, or with
+    ``index_file`` None a dump's listing in the state's connection, ``use_dump_listing``): the check of
     what changed (``_compare_with_state``): the index is compared with the state in SQL, and only
     the files placed new are checked on disk, by the same batches; the orphans are the files placed
     that the index does not list (storage/'s folders are not listed)."""
     storage = os.path.join(backup, _layout.STORAGE)
     source = "the dump's listing" if listed is not None else index_file
     if state is not None:
-        listed, orphans, source = state.conn, False, f"{index_file} and the storage state"
+        listed, orphans, source = state.conn, False, f"{index_file or 'the dump listing'} and the storage state"
     query = ("SELECT uuid, size, COALESCE(md5, '') FROM listing ORDER BY uuid" if listed is not None else
              "SELECT uuid, compressedSize, COALESCE(compressedMD5, '') FROM AttachedFiles ORDER BY uuid")
     workers = default_workers() if not workers else workers
@@ -670,12 +673,17 @@ class DumpListing:
     """What a database dump lists, streamed into a private temporary SQLite database (on disk,
     removed when closed) in batches, as the dump's delta pass does (``_storage.State.load_listing``):
     ``listing(uuid, size, md5)`` the attachments, ``stored(uuid, size, md5)`` the files kept in
-    the database. Nothing per file is held in Python, however many the dump lists."""
+    the database. Nothing per file is held in Python, however many the dump lists. Given ``conn``
+    (a storage state's connection), the two tables are temporary tables of it instead
+    (``_storage.DUMP_LISTING`` and ``temp.dump_stored``), for the state to compare with in SQL."""
 
-    def __init__(self):
-        self.conn = sqlite3.connect("", isolation_level=None)  # "": a private temporary database
-        self.conn.execute("CREATE TABLE listing (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL, md5 TEXT) WITHOUT ROWID")
-        self.conn.execute("CREATE TABLE stored (uuid TEXT PRIMARY KEY, size INTEGER, md5 TEXT) WITHOUT ROWID")
+    def __init__(self, conn=None):
+        self.shared = conn is not None
+        self.conn = conn if self.shared else sqlite3.connect("", isolation_level=None)  # "": a private temporary database
+        self.tables = ({"listing": _storage.DUMP_LISTING, "stored": "temp.dump_stored"} if self.shared
+                       else {"listing": "listing", "stored": "stored"})
+        for table in self.tables.values():
+            self.conn.execute(f"CREATE TABLE {table} (uuid TEXT PRIMARY KEY, size INTEGER, md5 TEXT) WITHOUT ROWID")
         self.pending: dict = {"listing": [], "stored": []}
 
     def _add(self, table: str, row: tuple) -> None:
@@ -693,24 +701,33 @@ class DumpListing:
     def flush(self) -> None:
         with self.conn:  # the last of two rows for one uuid wins, as it did in a dict
             self.conn.execute("BEGIN")
-            for table, rows in self.pending.items():
+            for kind, rows in self.pending.items():
                 if rows:
-                    self.conn.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?)", rows)
+                    self.conn.executemany(f"INSERT OR REPLACE INTO {self.tables[kind]} VALUES (?, ?, ?)", rows)
                     rows.clear()
 
     def has_stored(self) -> bool:
-        return self.conn.execute("SELECT 1 FROM stored LIMIT 1").fetchone() is not None
+        return self.conn.execute(f"SELECT 1 FROM {self.tables['stored']} LIMIT 1").fetchone() is not None
 
     def close(self) -> None:
-        self.conn.close()
+        if self.shared:
+            for table in self.tables.values():
+                self.conn.execute(f"DROP TABLE IF EXISTS {table}")
+        else:
+            self.conn.close()
 
 
 def verify_database_backup(backup: str, found: tuple, manifest, report: Report, md5: str = "all",
                            workers: int | None = None, hash_filter=None, known_missing=frozenset(),
-                           progress=None) -> dict:
+                           progress=None, state=None) -> dict:
     """A backup whose index is a database dump: the dump reads back and lists what the backup
-    holds, whether the files are in the dump (large objects, LONGBLOBs) or in storage/."""
+    holds, whether the files are in the dump (large objects, LONGBLOBs) or in storage/. ``state``
+    (a completion with md5 new or none, no file deleted while the dump ran, files in storage/):
+    the dump's listing is compared with the storage state in SQL and only the files placed new
+    are read on disk (``storage_check: changed``), as for a captured SQLite index."""
     engine, fmt, path = found
+    known = set((manifest or {}).get("storage", {}).get("deleted_during_capture") or []) | set(known_missing)
+    by_state = state is not None and md5 != "all" and not known
     # the database container that made the dump reads it, when it runs here (versions match); an
     # incomplete backup being checked before it is called complete has its dump's record instead
     dump_record = (manifest or {}).get("dump")
@@ -720,7 +737,10 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
         except (OSError, ValueError):
             dump_record = None
     container = (dump_record or {}).get("container")
-    listed = DumpListing()
+    try:
+        listed = DumpListing(state.conn if by_state else None)
+    except sqlite3.Error as exc:
+        raise PacsError("verify backup", f"cannot keep the listing of the dump {path} in a temporary database: {exc}")
     try:
         try:
             db_dump.check_dump(engine, path, fmt, container=container)
@@ -731,11 +751,15 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
             report.add("unreadable database dump", exc.cause)
             return report.as_dict()
         in_database = listed.has_stored() or bool((manifest or {}).get("storage_in_database"))
+        by_state = by_state and not in_database
         if in_database:
             _check_in_database(listed, md5, report)
+        elif by_state:
+            state.use_dump_listing()
+            check_storage(backup, None, report, _hash_none if md5 == "none" else None, workers, progress=progress,
+                          state=state)
         else:
             chosen = _hash_none if md5 == "none" else (None if md5 == "all" else hash_filter)
-            known = set((manifest or {}).get("storage", {}).get("deleted_during_capture") or []) | set(known_missing)
             check_storage(backup, None, report, chosen, workers, listed=listed.conn, known_missing=known,
                           progress=progress)
     except sqlite3.Error as exc:
@@ -747,14 +771,14 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
     result.update({"counts": summary["counts"], "schema_version": summary["schema_version"],
                    "schema_patch_level": summary.get("patch_level"),
                    "dump": {"engine": engine, "format": fmt, "path": path}, "storage_in_database": in_database,
-                   "storage_check": STORAGE_CHECK_ALL})
+                   "storage_check": STORAGE_CHECK_CHANGED if by_state else STORAGE_CHECK_ALL})
     return result
 
 
 def _check_in_database(listed: DumpListing, md5: str, report: Report) -> None:
     """Every attachment the dump lists is kept in it (large object, LONGBLOB) with its size and MD5."""
-    query = ("SELECT l.uuid, l.size, l.md5, s.size, s.md5 FROM listing AS l "
-             "LEFT JOIN stored AS s ON s.uuid = l.uuid ORDER BY l.uuid")
+    query = (f"SELECT l.uuid, l.size, l.md5, s.size, s.md5 FROM {listed.tables['listing']} AS l "
+             f"LEFT JOIN {listed.tables['stored']} AS s ON s.uuid = l.uuid ORDER BY l.uuid")
     for uuid, size, expected_md5, stored_size, stored_md5 in listed.conn.execute(query):
         if stored_size is None:
             report.add("files missing from the database dump", uuid)
@@ -775,9 +799,10 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     """Check a complete or incomplete backup folder. ``md5``: all, new (via hash_filter) or none.
     ``known_missing``: storage files recorded as deleted in Orthanc while its database was dumped.
     ``state``: the storage state (``_storage.State``) of an incomplete backup being completed:
-    with a captured SQLite index and md5 new or none, the storage check is the check of what
-    changed (``check_storage``'s ``state``, result ``storage_check: changed``); md5=all, a dump
-    and a backup without a state get the check of every file (``storage_check: all``).
+    with md5 new or none, a captured SQLite index or a dump (no file deleted while it ran, files in
+    storage/), the storage check is the check of what changed (``check_storage``'s ``state``,
+    result ``storage_check: changed``); md5=all and a backup without a state get the check of
+    every file (``storage_check: all``).
     ``index_check``: with ``quick``, the check of what changed runs PRAGMA quick_check on the
     index (result ``index_check: quick_check``); everywhere else the full integrity_check runs
     (``index_check: integrity_check``), or none when the manifest says that this very index
@@ -789,7 +814,7 @@ def verify_backup(backup: str, md5: str = "all", workers: int | None = None, has
     manifest, matched = _read_manifest(backup, report, check_files=bool(found))
     if found:
         return verify_database_backup(backup, found, manifest, report, md5, workers, hash_filter, known_missing,
-                                      progress)
+                                      progress, state)
     index_file = os.path.join(backup, _layout.INDEX, "index")
     if not os.path.isfile(index_file):
         if manifest:

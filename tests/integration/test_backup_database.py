@@ -117,6 +117,10 @@ def test_round_trip_into_a_fresh_database(database, servers, tmp_path, engine, i
     assert manifest["downtime_seconds"] == 0 and manifest["stopped_at"] is None
     assert manifest["storage_in_database"] is in_db
     assert manifest["counts"] == {"patients": 3, "studies": 3, "series": 3, "instances": 9}
+    # files on disk: the completion compared the dump's listing with the storage state in SQL and
+    # read the files placed new (all, in a first backup); files in the database: each one checked
+    assert manifest["verification"]["storage_check"] == ("all" if in_db else "changed")
+    assert manifest["verification"]["files_compared"] == (None if in_db else 9)
     dump = backup / manifest["dump"]["path"]
     assert dump.is_file() and stat.S_IMODE(dump.stat().st_mode) == 0o600
     assert hashlib.sha256(dump.read_bytes()).hexdigest() == manifest["dump"]["sha256"] == manifest["files"][manifest["dump"]["path"]]

@@ -239,3 +239,49 @@ def test_the_completion_checks_the_index_in_full_or_quick_and_a_quick_one_is_che
     closed = _backupset.close_backup(str(root), reopened["name"], "unit-host", {"backend": "sqlite"}, 7, md5="all",
                                      index_check="quick")
     assert ran[-1] == "full" and closed["manifest"]["verification"]["index_integrity"] == "integrity_check"
+
+
+def test_a_dump_listing_is_compared_with_the_state_as_an_index_is(tmp_path):
+    """A dump backup's completion: the attachments the dump lists (streamed into the state's
+    connection, _verify.DumpListing) compared with the state in SQL; what is not placed, placed
+    with another size, or placed and not listed (an orphan) is found; only the files placed new
+    are read on disk, a damaged one found by its MD5."""
+    backup, state_file, names = backup_and_state(tmp_path, files=5)
+    conn = sqlite3.connect(backup / "index" / "index")
+    rows = {uuid: (size, md5) for uuid, size, md5 in conn.execute("SELECT uuid, compressedSize, compressedMD5 FROM AttachedFiles")}
+    conn.close()
+    shutil.rmtree(backup / "index")  # a dump backup has no SQLite index
+
+    def check(listing: dict) -> dict:
+        report = _verify.Report()
+        with _storage.State(str(state_file), readonly=True) as state:
+            listed = _verify.DumpListing(state.conn)
+            try:
+                for uuid, (size, md5) in listing.items():
+                    listed.attachment(uuid, size, md5)
+                listed.flush()
+                state.use_dump_listing()
+                _verify.check_storage(str(backup), None, report, None, state=state)
+            finally:
+                listed.close()
+            # the temporary tables are gone with the listing: the next check makes them again
+            assert not state.conn.execute("SELECT name FROM temp.sqlite_master WHERE name LIKE 'dump_%'").fetchall()
+        return report.as_dict()
+
+    result = check(rows)
+    assert result["ok"] and result["files_compared"] == 5 and result["files_checked"] == result["files_hashed"] == 5
+
+    wrong = dict(rows)
+    wrong[names[0]] = (rows[names[0]][0] + 1, rows[names[0]][1])  # the dump says another size
+    del wrong[names[1]]  # placed, not listed: an orphan
+    wrong["ffffffff-0000-4000-8000-000000000009"] = (10, "0" * 32)  # listed, never placed
+    result = check(wrong)
+    assert not result["ok"]
+    assert result["problems"]["storage files with a wrong size"]["count"] == 1
+    assert result["problems"]["missing storage files"]["examples"] == ["ffffffff-0000-4000-8000-000000000009"]
+    assert result["orphans"] == 1 and result["orphan_examples"] == [names[1]]
+
+    victim = at(backup / "storage", names[2])
+    victim.write_bytes(b"x" * victim.stat().st_size)  # same size, other bytes: only the MD5 tells
+    result = check(rows)
+    assert result["problems"]["storage files with a wrong MD5"]["examples"] == [names[2]]
