@@ -73,6 +73,7 @@ CREATE TABLE Changes(
 CREATE INDEX ChildrenIndex ON Resources(parentId);
 CREATE INDEX PublicIndex ON Resources(publicId);
 CREATE INDEX ResourceTypeIndex ON Resources(resourceType);
+CREATE INDEX ChangesIndex ON Changes(internalId);
 """
 INSTANCE = 4  # Orthanc's resource type of an instance in the index (Resources.resourceType)
 NEW_INSTANCE = 2  # Orthanc's ChangeType_NewInstance (Changes.changeType)

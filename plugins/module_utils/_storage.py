@@ -265,6 +265,17 @@ _INDEX_LISTING = "(SELECT uuid, compressedSize AS size FROM idx.AttachedFiles)"
 DUMP_LISTING = "temp.dump_listing"  # a dump's attachments (uuid, size, md5) streamed into this connection
 
 
+# The window's candidates from the change log. NOT INDEXED: the changes past the position are read
+# by their rowid range (seq is the INTEGER PRIMARY KEY). Without it SQLite scans Orthanc's
+# ChangesIndex (on internalId, which gives the DISTINCT for free) over every change ever logged:
+# a pass over millions of rows inside the stop window (0.25-0.58 s at 5 M instances on XFS).
+CHANGED_SINCE = ("SELECT a.uuid, a.compressedSize, p.size "
+                 "FROM (SELECT DISTINCT internalId FROM idx.Changes NOT INDEXED WHERE seq > ?) AS c "
+                 "JOIN idx.AttachedFiles AS a ON a.id = c.internalId "
+                 "LEFT JOIN main.placed AS p ON p.uuid = a.uuid "
+                 "WHERE p.uuid IS NULL OR p.size IS NOT a.compressedSize")
+
+
 class State:
     """The state database of one backup's storage. ``readonly`` reads the file as it is;
     ``check_mode`` works on a copy in memory; neither writes the file. A state file that does not
@@ -464,11 +475,7 @@ class State:
         (uuid, None, None) of each file the hot pass skipped and did not place (its size is read
         from the storage: the index cannot be searched by uuid without reading all of it). A
         range of the change log, a primary-key look-up per candidate: nothing per archived file."""
-        changed = ("SELECT a.uuid, a.compressedSize, p.size "
-                   "FROM (SELECT DISTINCT internalId FROM idx.Changes WHERE seq > ?) AS c "
-                   "JOIN idx.AttachedFiles AS a ON a.id = c.internalId "
-                   "LEFT JOIN main.placed AS p ON p.uuid = a.uuid "
-                   "WHERE p.uuid IS NULL OR p.size IS NOT a.compressedSize")
+        changed = CHANGED_SINCE
         skipped = ("SELECT s.uuid FROM main.skipped AS s "
                    "WHERE NOT EXISTS (SELECT 1 FROM main.placed AS p WHERE p.uuid = s.uuid)")
         try:
