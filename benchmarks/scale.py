@@ -46,6 +46,7 @@ from pathlib import Path
 
 from _bench import log  # also sys.path
 from _archive import BACKENDS, build_archive, store_generated
+from _poll import Poller
 import downtime
 import memory
 
@@ -106,6 +107,22 @@ def stop_start(archive, workdir: Path, rounds: int = 3):
     """Orthanc's own stop and start, nothing copied, ``rounds`` times (each is seconds, and a
     round costs only that): the median, with the range in its notes."""
     return downtime.combine([downtime.measure_stop_start(archive, workdir, False) for _ in range(rounds)])
+
+
+def stop_start_commands(archive, rounds: int = 3):
+    """Orthanc stopped and started through the very commands the backup role runs here
+    (``orthanc_stop_command`` / ``orthanc_start_command`` of ``downtime.run_ours``: a Python script
+    that signals the instance and waits), nothing copied, ``rounds`` times: the median. What the
+    role's stop window costs before any work of its own."""
+    server = archive.server
+    runs = []
+    for _ in range(rounds):
+        with Poller(server.http_port) as poller:
+            stop = downtime.timed(lambda: subprocess.run(["/bin/sh", "-c", server.stop_command()], check=True))
+            start = downtime.timed(lambda: subprocess.run(["/bin/sh", "-c", server.start_command()], check=True))
+        runs.append(downtime.Measurement("stop+start (commands)", poller.result.seconds,
+                                         notes=f"stop {stop:.2f} s, start {start:.2f} s"))
+    return downtime.combine(runs)
 
 
 def module_step(workdir: Path, name: str, backup: Path | None = None, live: Path | None = None) -> dict:
@@ -192,15 +209,20 @@ def main() -> int:
         elif args.backend == "sqlite":
             log("  floor: stop, cp index*, start")
             floor = downtime.measure_floor(archive, workdir, False)
-            bare = None
+            bare = commands = None
             if loop is not None:
                 log("  stop+start: Orthanc's own stop and start")
                 bare = stop_start(archive, workdir)
                 rows.append(("Orthanc's own stop and start", "", f"stop+start {bare.downtime:.2f} s",
                              f"{bare.notes}; floor {floor.downtime:.2f} s ({floor.notes})"))
+                log("  stop+start through the role's commands")
+                commands = stop_start_commands(archive)
+                rows.append(("stop+start through the role's stop and start commands", "",
+                             f"stop+start {commands.downtime:.2f} s", commands.notes))
             log("  ours, first backup")
             first, manifest, first_backup = downtime.run_ours(archive, root, "auto", "ours full", workdir, False, 0)
-            against = (f"{first.downtime / max(bare.downtime, 1e-9):.2f}x stop+start, " if bare else "")
+            against = (f"{first.downtime / max(bare.downtime, 1e-9):.2f}x stop+start, "
+                       f"{first.downtime / max(commands.downtime, 1e-9):.2f}x stop+start by the commands, " if bare else "")
             rows.append(("downtime, first backup", f"{first.downtime:.2f} s", f"floor {floor.downtime:.2f} s",
                          f"{against}{first.downtime / max(floor.downtime, 1e-9):.2f}x the floor; phases "
                          f"{first.phases}; index_capture {manifest.get('index_capture')}; "
