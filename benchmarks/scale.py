@@ -106,7 +106,7 @@ def nightly(archive, workdir: Path, root: Path, fraction: float, label: str, row
 def stop_start(archive, workdir: Path, rounds: int = 3):
     """Orthanc's own stop and start, nothing copied, ``rounds`` times (each is seconds, and a
     round costs only that): the median, with the range in its notes."""
-    return downtime.combine([downtime.measure_stop_start(archive, workdir, False) for _ in range(rounds)])
+    return downtime.combine([downtime.measure_stop_start(archive, workdir, False) for _round in range(rounds)])
 
 
 def stop_start_commands(archive, rounds: int = 3):
@@ -116,7 +116,7 @@ def stop_start_commands(archive, rounds: int = 3):
     role's stop window costs before any work of its own."""
     server = archive.server
     runs = []
-    for _ in range(rounds):
+    for _round in range(rounds):
         with Poller(server.http_port) as poller:
             stop = downtime.timed(lambda: subprocess.run(["/bin/sh", "-c", server.stop_command()], check=True))
             start = downtime.timed(lambda: subprocess.run(["/bin/sh", "-c", server.start_command()], check=True))
