@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import time
+import urllib.parse
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _container, _probe, _sqlite
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, iso, run_command, utc_now
@@ -47,13 +48,47 @@ def _read_pid(path: str):
         return None
 
 
-def init_script_bystanders(service_name: str) -> tuple:
+def listening_pids(port: int) -> set:
+    """The PIDs of the processes of this network namespace that listen on TCP ``port`` (from
+    /proc/net/tcp and tcp6, and the socket descriptors in /proc/PID/fd): the Orthanc whose REST
+    API answers there. Empty when none is found or /proc cannot tell."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii", errors="replace") as handle:
+                next(handle, None)
+                for line in handle:
+                    fields = line.split()
+                    # local address "ADDR:PORT" in hexadecimal; state 0A is LISTEN
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+        except (OSError, ValueError, IndexError):
+            continue
+    found = set()
+    if not inodes:
+        return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                    found.add(int(entry))
+                    break
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def init_script_bystanders(service_name: str, own=()) -> tuple:
     """(script, program, pid file, [(pid, what)]): the Orthanc processes other than the service's
     own that its init script's stop would end too. Debian's /etc/init.d/orthanc stops by program
     (``start-stop-daemon --stop --exec /usr/sbin/Orthanc``, no PID file): every process whose
     /proc/PID/exe reads that path, a private instance of the same package and an Orthanc in a
     container (another mount namespace: the path inside it reads the same), and nothing starts
-    them again. ("", "", "", []) when there is no such script or it stops by PID file only."""
+    them again. ``own``: PIDs of this Orthanc found otherwise (the one listening on its REST port,
+    the holder of its index lock), never counted: a service started without its PID file.
+    ("", "", "", []) when there is no such script or it stops by PID file only."""
     script = os.path.join(INIT_DIR, service_name)
     try:
         with open(script, encoding="utf-8", errors="replace") as handle:
@@ -64,7 +99,7 @@ def init_script_bystanders(service_name: str) -> tuple:
     program, pidfile = variables.get("DAEMON", ""), variables.get("PIDFILE", "")
     if not program or not _STOP_BY_PROGRAM.search(text):
         return "", "", "", []
-    own = _read_pid(pidfile) if pidfile else None
+    own_pid = _read_pid(pidfile) if pidfile else None
     try:
         own_namespace = os.readlink("/proc/self/ns/mnt")
     except OSError:
@@ -72,7 +107,7 @@ def init_script_bystanders(service_name: str) -> tuple:
     found = []
     for entry in sorted((e for e in os.listdir("/proc") if e.isdigit()), key=int):
         pid = int(entry)
-        if pid in (own, os.getpid()):
+        if pid == own_pid or pid == os.getpid() or pid in own:
             continue
         try:
             exe = os.readlink(f"/proc/{pid}/exe")
@@ -160,7 +195,7 @@ class Controller:
             found = self.engine.inspect(self.container, "stop Orthanc's container")
             needed = found is not None and found.running
         if needed and not self.container and not self.stop_command:
-            self._refuse_bystanders()
+            self._refuse_bystanders(index_file)
         if needed and not check_mode:
             argv = self._argv("stop", timeout)
             if self.container:
@@ -177,11 +212,22 @@ class Controller:
                 _sqlite.wait_until_free(index_file, max(0.0, deadline - time.monotonic()), poll=POLL)
         return self._times(needed, began, t0)
 
-    def _refuse_bystanders(self) -> None:
+    def _refuse_bystanders(self, index_file=None) -> None:
         """Refuse a stop through an init script that would end other Orthanc processes too."""
         if service_argv(self.service_name, "stop")[0].endswith("systemctl"):
             return  # systemd stops the unit's own processes (its cgroup), nothing else
-        script, program, pidfile, found = init_script_bystanders(self.service_name)
+        own = set()
+        parsed = urllib.parse.urlsplit(self.url)
+        if parsed.hostname in ("localhost", "127.0.0.1", "::1", "0.0.0.0") or (parsed.hostname or "").startswith("127."):
+            try:
+                own = listening_pids(parsed.port or (443 if parsed.scheme == "https" else 80))
+            except ValueError:  # a port that is not a number: the message names every process
+                own = set()
+        if index_file and os.path.exists(index_file):
+            holder = _sqlite.lock_holder(index_file)
+            if holder:
+                own.add(holder)
+        script, program, pidfile, found = init_script_bystanders(self.service_name, own)
         if not found:
             return
         shown = "; ".join(f"PID {pid} ({what})" for pid, what in found[:5]) + (" ..." if len(found) > 5 else "")

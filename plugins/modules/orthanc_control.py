@@ -21,7 +21,8 @@ description:
     C(start-stop-daemon --stop --exec /usr/sbin/Orthanc)), it would also end every other process
     of that program on the host, private instances and Orthancs in containers included, and
     nothing would start them again. C(stopped) then refuses, in check mode too, and stops nothing,
-    when such processes run; the message names them (PID and command line, or another mount
+    when such processes run other than this Orthanc (the one in the script's PID file, the one
+    listening on O(url)'s port when that URL is local, the holder of O(index_file)'s lock); the message names them (PID and command line, or another mount
     namespace) and the command that stops only this Orthanc, and the result lists their PIDs in
     C(bystanders).
   - Any HTTP answer counts as answering, a 401 or 403 too. Such an Orthanc runs and refuses the

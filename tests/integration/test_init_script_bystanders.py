@@ -90,6 +90,9 @@ def test_the_processes_an_init_script_stop_would_end(servers, tmp_path, monkeypa
         assert own.pid() not in pids
         assert pids[other.pid()].startswith(PROGRAM) and str(other.config_path) in pids[other.pid()]
         assert pids[container.pid] == "in another mount namespace: a container"
+        # this Orthanc found otherwise (the one on its REST port), as for a service without its PID file
+        assert _control.listening_pids(other.http_port) == {other.pid()}
+        assert other.pid() not in dict(_control.init_script_bystanders("orthanc", {other.pid()})[3])
         # a script whose every stop names its PID file ends no other process: nothing to refuse
         (tmp_path / "byfile").write_text(re.sub(r"--exec \$DAEMON", "--pidfile $PIDFILE --exec $DAEMON",
                                                 SCRIPT.format(program=PROGRAM, pidfile=pidfile)))
@@ -101,8 +104,10 @@ def test_the_processes_an_init_script_stop_would_end(servers, tmp_path, monkeypa
 
 
 def test_the_module_refuses_such_a_stop_and_stops_nothing(servers, init_script):
-    server = servers("service")
-    pid = server.pid()
+    """This Orthanc is not in the script's PID file, but it answers at the URL given: it is the one
+    to stop, never counted; the other Orthanc of the host is."""
+    server, other = servers("service"), servers("other")
+    pid = other.pid()
     args = {"state": "stopped", "url": server.url, "service_name": init_script, "timeout": 10}
     for check in (True, False):  # check mode says the same
         result = run_module("orthanc_control", args, check=check)
@@ -112,16 +117,17 @@ def test_the_module_refuses_such_a_stop_and_stops_nothing(servers, init_script):
         assert (f"set orthanc_stop_command to 'start-stop-daemon --stop --retry=TERM/60 --pidfile "
                 f"/run/{init_script}.pid --exec {PROGRAM}' and orthanc_start_command to "
                 f"'service {init_script} start'") in result["msg"]
-        assert pid in result["bystanders"]
-        assert server.pid() == pid and server.answers()
+        assert pid in result["bystanders"] and server.pid() not in result["bystanders"]
+        assert f"PID {server.pid()} " not in result["msg"]
+        assert other.pid() == pid and other.answers() and server.answers()
 
 
 def test_a_backup_through_such_a_service_fails_before_the_stop(servers, tmp_path, init_script):
     """The backup role: the failure names the host, the step and the cause; Orthanc never
     stopped; no backup written."""
-    server = servers("service")
+    server, other = servers("service"), servers("other")
     checks.store_studies(server, tmp_path, patients=1, via="rest")
-    pid = server.pid()
+    pid, other_pid = server.pid(), other.pid()
     root = tmp_path / "backups"
     host = local_host(server, root, orthanc_stop_command="", orthanc_start_command="",
                       orthanc_service_name=init_script)
@@ -131,8 +137,8 @@ def test_a_backup_through_such_a_service_fails_before_the_stop(servers, tmp_path
     assert re.search(r"Backup of service failed at step 'Check that Orthanc can be stopped alone': .*'/etc/init\.d/"
                      + re.escape(init_script) + r" stop' ends every process running", result.stdout), result.stdout
     assert "TASK [pacs.orthanc.backup : Copy the storage while Orthanc runs]" not in result.stdout
-    assert f"PID {pid} (" in result.stdout
-    assert server.pid() == pid and server.answers()
+    assert f"PID {other_pid} (" in result.stdout and f"PID {pid} (" not in result.stdout
+    assert server.pid() == pid and server.answers() and other.pid() == other_pid and other.answers()
     assert not root.exists() or not [p for p in root.iterdir() if p.name != "status.json"]
 
 
@@ -140,6 +146,7 @@ def test_a_restore_through_such_a_service_fails_before_anything_moves(servers, t
     """The restore role: refused right after reading this Orthanc, before the verification and
     before any folder is moved aside; "Nothing was changed" is true."""
     server, _inventory, backup = backed_up(servers, tmp_path, name="service")
+    other = servers("other")
     pid, stored = server.pid(), contents(server)
     host = local_host(server, tmp_path / "backups", orthanc_stop_command="", orthanc_start_command="",
                       orthanc_service_name=init_script)
@@ -148,7 +155,7 @@ def test_a_restore_through_such_a_service_fails_before_anything_moves(servers, t
     assert result.returncode != 0, result.stdout
     line = failure_line(result.stdout, "service")
     assert "'Check that Orthanc can be stopped alone'" in line and "ends every process running" in line, line
-    assert f"PID {pid} (" in line and "Nothing was changed." in line, line
+    assert f"PID {other.pid()} (" in line and f"PID {pid} (" not in line and "Nothing was changed." in line, line
     assert "TASK [pacs.orthanc.restore : Verify the backup]" not in result.stdout
     assert server.pid() == pid and contents(server) == stored
     assert not list(server.root.glob("*.pre-restore-*")) and backup.is_dir()
