@@ -230,7 +230,9 @@ class Controller:
         script, program, pidfile, found = init_script_bystanders(self.service_name, own)
         if not found:
             return
-        shown = "; ".join(f"PID {pid} ({what})" for pid, what in found[:5]) + (" ..." if len(found) > 5 else "")
+        shown = "; ".join(f"PID {pid} ({what})" for pid, what in found[:5])
+        if len(found) > 5:  # every one named, the first five described
+            shown += "; and PIDs " + ", ".join(str(pid) for pid, _what in found[5:])
         how = (f"set orthanc_stop_command to 'start-stop-daemon --stop --retry=TERM/60 --pidfile {pidfile} --exec "
                f"{program}' and orthanc_start_command to 'service {self.service_name} start'" if pidfile else
                "set orthanc_stop_command and orthanc_start_command to commands that stop and start this one alone")
