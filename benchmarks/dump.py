@@ -7,7 +7,8 @@ servers that scripts/databases.sh starts):
    orthanc-mysql plugins) with its files in the database (``EnableStorage``), so the dump holds
    real DICOM, and stores ``--mb`` MB of generated DICOM files over REST;
 2. times, taking turns, ``--repeat`` rounds of:
-   - raw: ``pg_dump -Fc -f FILE`` (password in PGPASSWORD) or ``mysqldump --single-transaction
+   - raw: ``pg_dump -Fc -Z 1 -f FILE`` (password in PGPASSWORD; the module's default compression
+     level, so that the ratio is the module's own overhead) or ``mysqldump --single-transaction
      --routines --triggers --hex-blob DB > FILE`` (password in a defaults file), nothing else;
      and the same followed by an fsync of the file (data on disk, as a backup needs);
    - module code: ``db_dump.dump()``, what the module runs on the host: version query, dump
@@ -46,8 +47,8 @@ from ansible_collections.pacs.orthanc.plugins.module_utils._db import connection
 def raw_dump(db: databases.Database, out: Path, work: Path) -> None:
     if db.engine == "postgresql":
         env = dict(os.environ, PGPASSWORD=db.password)
-        subprocess.run(["pg_dump", "-h", "127.0.0.1", "-U", db.user, "-d", db.name, "-Fc", "-f", str(out)],
-                       env=env, check=True)
+        subprocess.run(["pg_dump", "-h", "127.0.0.1", "-U", db.user, "-d", db.name, "-Fc",
+                        "-Z", str(db_dump.DEFAULT_COMPRESSION), "-f", str(out)], env=env, check=True)
     else:
         cnf = work / "raw.cnf"
         cnf.write_text(f"[client]\nuser={db.user}\npassword={db.password}\nsocket={databases.MY_SOCKET}\n")

@@ -281,7 +281,7 @@ def _dump_record(dump, path: str):
     if not dump:
         return None
     keep = ("engine", "format", "bytes", "sha256", "server_version", "tool", "tool_version", "dump_seconds",
-            "container")
+            "container", "compression")
     record = {k: dump.get(k) for k in keep}
     record["path"] = os.path.relpath(dump["path"], path) if dump.get("path") else None
     connection = dump.get("connection") or {}

@@ -16,8 +16,10 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import stat
+import tempfile
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import _layout, _record, _sqlite, _storage
 from ansible_collections.pacs.orthanc.plugins.module_utils._db import dump as db_dump, listing as db_listing
@@ -96,11 +98,23 @@ def default_workers() -> int:
 _WORKER: dict = {}  # what the pool's processes share, set before they are forked
 
 
-def _start_worker(storage: str, known_missing, index_file: str | None = None, hashing: bool = True) -> None:
-    """A worker's setup: what it checks against. ``index_file``: the SQLite index it reads its
-    rows from itself (``_check_rows``), opened read-only on first use in this process."""
+# Where the rows of attachments come from: (table, size column, MD5 column) of a SQLite file
+INDEX_ROWS = ("AttachedFiles", "compressedSize", "compressedMD5")  # an Orthanc index
+LISTING_ROWS = ("listing", "size", "md5")                         # a dump's listing (DumpListing)
+
+
+def _rows_query(rows: tuple) -> str:
+    table, size, md5 = rows
+    return f"SELECT uuid, {size}, COALESCE({md5}, '') FROM {table}"
+
+
+def _start_worker(storage: str, known_missing, index_file: str | None = None, hashing: bool = True,
+                  rows: tuple = INDEX_ROWS) -> None:
+    """A worker's setup: what it checks against. ``index_file``: the SQLite file (an index, or a
+    dump's listing: ``rows``) it reads its rows from itself (``_check_part``), opened read-only on
+    first use in this process."""
     _WORKER.clear()  # nothing of the parent's (a connection it opened) is used after a fork
-    _WORKER.update(storage=storage, known_missing=known_missing, index=index_file, hashing=hashing)
+    _WORKER.update(storage=storage, known_missing=known_missing, index=index_file, hashing=hashing, rows=rows)
 
 
 def _stop_worker() -> None:
@@ -347,7 +361,6 @@ def _batches(rows, shards: list, hash_filter):
 # cost the kernel a third more when the page cache was short).
 
 PARTS_PER_WORKER = 3
-PART_QUERY = "SELECT uuid, compressedSize, COALESCE(compressedMD5, '') FROM AttachedFiles"
 
 
 def _parts(groups: list, count: int) -> list:
@@ -383,7 +396,7 @@ def _check_part(low: str | None, high: str | None, groups: list) -> dict:
     if high is not None:
         where.append("uuid < ?")
         args.append(high)
-    query = PART_QUERY + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY uuid"
+    query = _rows_query(worker["rows"]) + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY uuid"
     part = Report()  # counts, and problems by kind (a count and examples): small, however many
     part.stats["known_missing"] = 0
     wanted = None if worker["hashing"] else False
@@ -399,9 +412,11 @@ def _check_part(low: str | None, high: str | None, groups: list) -> dict:
 
 
 def _check_index_files(conn, index_file: str, storage: str, report: Report, hashing: bool, workers: int,
-                       orphans: bool, known_missing, progress, started) -> None:
-    """Every attachment of a SQLite index file against storage/ (see above)."""
-    count = conn.execute("SELECT COUNT(*) FROM AttachedFiles").fetchone()[0]
+                       orphans: bool, known_missing, progress, started, rows: tuple = INDEX_ROWS) -> None:
+    """Every attachment of a SQLite file (an index, a dump's listing: ``rows``) against storage/
+    (see above)."""
+    table, size, _md5 = rows
+    count = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
     try:
         groups = _storage.shard_folders(storage)
     except FileNotFoundError:
@@ -409,7 +424,7 @@ def _check_index_files(conn, index_file: str, storage: str, report: Report, hash
     except OSError as exc:
         raise PacsError("walk storage", f"cannot list the storage folder: {os_error_cause(exc)}")
     if progress is not None and hashing and progress.files_total is None:
-        total = conn.execute("SELECT COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone()[0]
+        total = conn.execute(f"SELECT COALESCE(SUM({size}), 0) FROM {table}").fetchone()[0]
         progress.totals(count, total)
     workers = max(1, min(workers, -(-count // HASH_WINDOW)))
     parts = _parts(groups, workers * PARTS_PER_WORKER) if groups or count else []
@@ -418,7 +433,7 @@ def _check_index_files(conn, index_file: str, storage: str, report: Report, hash
     errors = []
     try:
         if workers == 1:
-            _start_worker(storage, known_missing, index_file, hashing)
+            _start_worker(storage, known_missing, index_file, hashing, rows)
             if started is not None:
                 started()
             results = (_check_part(*task) for task in tasks)
@@ -426,7 +441,8 @@ def _check_index_files(conn, index_file: str, storage: str, report: Report, hash
         else:
             context = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                                        initargs=(storage, known_missing, index_file, hashing)) as pool:
+                                                        initargs=(storage, known_missing, index_file, hashing,
+                                                                  rows)) as pool:
                 pool.submit(_ready).result()  # the first submit forks every worker, before any thread
                 if started is not None:
                     started()
@@ -515,12 +531,13 @@ def _compare_with_state(state, index_file: str, report: Report) -> int:
 
 
 def check_storage(backup: str, index_file: str | None, report: Report, hash_filter=None,
-                  workers: int | None = None, orphans: bool = True, listed=None,
+                  workers: int | None = None, orphans: bool = True, rows: tuple = INDEX_ROWS,
                   known_missing=frozenset(), progress=None, started=None, state=None) -> None:
     """Every attachment the index lists is in storage/ with its size, and, for the uuids that
     ``hash_filter(uuid)`` accepts (all when None), its MD5; the files in storage/ the index does
-    not list are orphans. ``listed`` (a SQLite connection with a table ``listing(uuid, size,
-    md5)``, a ``DumpListing``) replaces the index file (a database dump's listing); ``known_missing`` are files that the
+    not list are orphans. ``index_file`` is a SQLite file whose ``rows`` (table, size column, MD5
+    column) list the attachments: an Orthanc index (``INDEX_ROWS``), or a database dump's listing
+    (``LISTING_ROWS``, the file of a ``DumpListing``); ``known_missing`` are files that the
     manifest records as deleted while the dump ran.
 
     The rows are read sorted by uuid (SQLite sorts on disk), i.e. folder by folder, the order
@@ -540,20 +557,21 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
     the files placed new are checked on disk, by the same batches; the orphans are the files placed
     that the index does not list (storage/'s folders are not listed)."""
     storage = os.path.join(backup, _layout.STORAGE)
-    source = "the dump's listing" if listed is not None else index_file
+    source = "the dump's listing" if rows == LISTING_ROWS else index_file
+    listed = None  # a connection the caller owns, with a table listing(uuid, size, md5)
     if state is not None:
-        listed, orphans, source = state.conn, False, f"{index_file or 'the dump listing'} and the storage state"
-    query = ("SELECT uuid, size, COALESCE(md5, '') FROM listing ORDER BY uuid" if listed is not None else
-             "SELECT uuid, compressedSize, COALESCE(compressedMD5, '') FROM AttachedFiles ORDER BY uuid")
+        listed, orphans, rows = state.conn, False, LISTING_ROWS
+        source = f"{index_file or 'the dump listing'} and the storage state"
+    query = _rows_query(rows) + " ORDER BY uuid"
     workers = default_workers() if not workers else workers
     try:
         conn = listed if listed is not None else _sqlite.connect(index_file)
     except sqlite3.Error as exc:
         raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
-    if listed is None and hash_filter in (None, _hash_none):  # every file of an index file: the workers read it
+    if listed is None and hash_filter in (None, _hash_none):  # every file of a SQLite file: the workers read it
         try:
             _check_index_files(conn, index_file, storage, report, hash_filter is None, workers, orphans, known_missing,
-                               progress, started)
+                               progress, started, rows)
         except sqlite3.Error as exc:
             raise PacsError("read index", f"cannot list the attachments of {source}: {exc}")
         except concurrent.futures.process.BrokenProcessPool as exc:
@@ -566,9 +584,8 @@ def check_storage(backup: str, index_file: str | None, report: Report, hash_filt
         """What is checked on disk: (count of rows, batches)."""
         if state is not None:
             _compare_with_state(state, index_file, report)
-        count, total = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM listing" if listed is not None else
-            "SELECT COUNT(*), COALESCE(SUM(compressedSize), 0) FROM AttachedFiles").fetchone()
+        table, size, _md5 = rows
+        count, total = conn.execute(f"SELECT COUNT(*), COALESCE(SUM({size}), 0) FROM {table}").fetchone()
         if progress is not None and hash_filter is None and progress.files_total is None:
             progress.totals(count, total)
         return count, _batches(conn.execute(query), _shards(storage) if orphans else [], hash_filter)
@@ -670,20 +687,37 @@ def _compare_counts(manifest, counts: dict, report: Report) -> None:
 
 
 class DumpListing:
-    """What a database dump lists, streamed into a private temporary SQLite database (on disk,
-    removed when closed) in batches, as the dump's delta pass does (``_storage.State.load_listing``):
-    ``listing(uuid, size, md5)`` the attachments, ``stored(uuid, size, md5)`` the files kept in
-    the database. Nothing per file is held in Python, however many the dump lists. Given ``conn``
+    """What a database dump lists, streamed into a SQLite file of its own (``path``, in a private
+    temporary folder removed when closed) in batches, as the dump's delta pass does
+    (``_storage.State.load_listing``): ``listing(uuid, size, md5)`` the attachments,
+    ``stored(uuid, size, md5)`` the files kept in the database. Nothing per file is held in
+    Python, however many the dump lists; the check's workers read their own ranges of the file
+    (``check_storage`` with ``LISTING_ROWS``), as they read a SQLite index. Given ``conn``
     (a storage state's connection), the two tables are temporary tables of it instead
-    (``_storage.DUMP_LISTING`` and ``temp.dump_stored``), for the state to compare with in SQL."""
+    (``_storage.DUMP_LISTING`` and ``temp.dump_stored``), for the state to compare with in SQL.
+    The rows are appended to staging tables as they come and moved into the tables keyed by uuid
+    sorted, by ``finish`` (``_storage.move_sorted``): call it once the dump is read."""
 
     def __init__(self, conn=None):
         self.shared = conn is not None
-        self.conn = conn if self.shared else sqlite3.connect("", isolation_level=None)  # "": a private temporary database
+        self.folder = self.path = None
+        if self.shared:
+            self.conn = conn
+        else:
+            self.folder = tempfile.mkdtemp(prefix="pacs-orthanc-listing-")
+            self.path = os.path.join(self.folder, "listing.sqlite")
+            try:
+                self.conn = sqlite3.connect(self.path, isolation_level=None)
+                self.conn.execute("PRAGMA journal_mode = OFF")  # scratch: a crash discards it
+                self.conn.execute("PRAGMA synchronous = OFF")
+            except BaseException:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                raise
         self.tables = ({"listing": _storage.DUMP_LISTING, "stored": "temp.dump_stored"} if self.shared
                        else {"listing": "listing", "stored": "stored"})
         for table in self.tables.values():
             self.conn.execute(f"CREATE TABLE {table} (uuid TEXT PRIMARY KEY, size INTEGER, md5 TEXT) WITHOUT ROWID")
+            self.conn.execute(f"CREATE TABLE {_storage.staging_table(table)} (uuid TEXT, size INTEGER, md5 TEXT)")
         self.pending: dict = {"listing": [], "stored": []}
 
     def _add(self, table: str, row: tuple) -> None:
@@ -699,12 +733,20 @@ class DumpListing:
         self._add("stored", (uuid, size, md5))
 
     def flush(self) -> None:
-        with self.conn:  # the last of two rows for one uuid wins, as it did in a dict
+        with self.conn:
             self.conn.execute("BEGIN")
             for kind, rows in self.pending.items():
                 if rows:
-                    self.conn.executemany(f"INSERT OR REPLACE INTO {self.tables[kind]} VALUES (?, ?, ?)", rows)
+                    self.conn.executemany(f"INSERT INTO {_storage.staging_table(self.tables[kind])} VALUES (?, ?, ?)",
+                                          rows)
                     rows.clear()
+
+    def finish(self) -> None:
+        """The rows staged go to the tables keyed by uuid (the last of two rows for one uuid wins,
+        as it did in a dict)."""
+        self.flush()
+        for table in self.tables.values():
+            _storage.move_sorted(self.conn, table)
 
     def has_stored(self) -> bool:
         return self.conn.execute(f"SELECT 1 FROM {self.tables['stored']} LIMIT 1").fetchone() is not None
@@ -713,8 +755,12 @@ class DumpListing:
         if self.shared:
             for table in self.tables.values():
                 self.conn.execute(f"DROP TABLE IF EXISTS {table}")
+                self.conn.execute(f"DROP TABLE IF EXISTS {_storage.staging_table(table)}")
         else:
-            self.conn.close()
+            try:
+                self.conn.close()
+            finally:
+                shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def verify_database_backup(backup: str, found: tuple, manifest, report: Report, md5: str = "all",
@@ -741,12 +787,15 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
         listed = DumpListing(state.conn if by_state else None)
     except sqlite3.Error as exc:
         raise PacsError("verify backup", f"cannot keep the listing of the dump {path} in a temporary database: {exc}")
+    except OSError as exc:
+        raise PacsError("verify backup", f"cannot make a temporary folder for the listing of the dump {path}: "
+                        f"{os_error_cause(exc)}")
     try:
         try:
             db_dump.check_dump(engine, path, fmt, container=container)
             summary = db_listing.stream_dump(engine, path, listed.attachment, listed.stored, with_contents=True,
                                              container=container)
-            listed.flush()
+            listed.finish()
         except PacsError as exc:
             report.add("unreadable database dump", exc.cause)
             return report.as_dict()
@@ -760,7 +809,7 @@ def verify_database_backup(backup: str, found: tuple, manifest, report: Report, 
                           state=state)
         else:
             chosen = _hash_none if md5 == "none" else (None if md5 == "all" else hash_filter)
-            check_storage(backup, None, report, chosen, workers, listed=listed.conn, known_missing=known,
+            check_storage(backup, listed.path, report, chosen, workers, rows=LISTING_ROWS, known_missing=known,
                           progress=progress)
     except sqlite3.Error as exc:
         raise PacsError("verify backup", f"cannot keep the listing of the dump {path} in a temporary database: {exc}")

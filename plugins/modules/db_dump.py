@@ -41,6 +41,14 @@ options:
     description: Parallel jobs of C(pg_dump) with the directory format.
     type: int
     default: 1
+  compression:
+    description:
+      - "PostgreSQL: C(pg_dump)'s compression level (C(-Z)), V(0) (none) to V(9). The default V(1)
+        is about three times faster than C(pg_dump)'s own default (6) on Orthanc's index, for a dump
+        about 7% larger (at 1,000,000 instances: 7.1 s and 185 MB against 21.4 s and 173 MB)."
+      - MySQL/MariaDB dumps are plain SQL; this option does not apply to them.
+    type: int
+    default: 1
   expected_bytes:
     description: The size the dump is expected to reach (an estimate), the total of the progress reports.
     type: int
@@ -68,6 +76,12 @@ EXAMPLES = r"""
     format: directory
     jobs: 4
     dest: /var/backups/orthanc-db/orthanc.pgdir
+
+- name: The smallest custom-format dump, at the cost of compression time
+  pacs.orthanc.db_dump:
+    config_path: /etc/orthanc
+    compression: 9
+    dest: /var/backups/orthanc-db/orthanc.pgdump
 
 - name: Another database than the configuration's, password from a vault
   pacs.orthanc.db_dump:
@@ -156,6 +170,7 @@ from ansible_collections.pacs.orthanc.plugins.module_utils._common import run_mo
 
 def run(module):
     p = module.params
+    db_dump.check_compression(p["compression"])  # in check mode too
     conn = db_connection.from_config(p["config_path"], p["environment"], p["engine"],
                                      {k: p[k] for k in db_connection.CONNECTION_KEYS})
     conn, where = db_container.from_params(conn, p)
@@ -168,7 +183,8 @@ def run(module):
     with _backupset.Heartbeat(p["dest"]), _progress.from_params(
             p["progress"], "dump", bytes_total=p["expected_bytes"] or None, estimated=True) as progress:
         with _progress.Watch(progress, p["dest"] + db_dump.PART, p["dest"]):  # the bytes written so far
-            result = db_dump.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"], container=where)
+            result = db_dump.dump(conn, p["dest"], p["format"], p["jobs"], p["bin_dir"], p["timeout"], container=where,
+                                  compression=p["compression"])
     _record.record_beside(p["dest"], "dump", result)
     result["changed"] = True
     return result
@@ -181,6 +197,7 @@ def main():
             dest=dict(type="path", required=True),
             format=dict(type="str", choices=["custom", "directory"], default="custom"),
             jobs=dict(type="int", default=1),
+            compression=dict(type="int", default=db_dump.DEFAULT_COMPRESSION),
             expected_bytes=dict(type="int"),
             **_specs.PROGRESS,
         ),

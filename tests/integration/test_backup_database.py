@@ -323,6 +323,28 @@ def test_db_restore_refuses_a_database_that_holds_tables(database, servers, tmp_
     assert db.password not in json.dumps(restored)
 
 
+def test_the_postgresql_dump_is_compressed_at_the_level_asked(database, servers, tmp_path):
+    """pg_dump runs with the level given (default 1, recorded in the dump's result); 0 writes a
+    larger archive than 9; a level outside 0-9 is refused with its value named, nothing written."""
+    db, server = db_server(servers, database, "postgresql", in_db=True)
+    checks.store_studies(server, tmp_path, patients=1, via="rest")
+    sizes = {}
+    for level in (None, 0, 9):
+        dest = tmp_path / f"level-{level}.pgdump"
+        params = {"config_path": str(server.config_path), "dest": str(dest)}
+        if level is not None:
+            params["compression"] = level
+        dumped = run_module("db_dump", params)
+        assert not dumped["failed"], dumped
+        assert dumped["compression"] == (1 if level is None else level)
+        sizes[level] = dest.stat().st_size
+    assert sizes[0] > sizes[None] > 0 and sizes[0] > sizes[9], sizes
+    dest = tmp_path / "level-12.pgdump"
+    refused = run_module("db_dump", {"config_path": str(server.config_path), "dest": str(dest), "compression": 12})
+    assert refused["failed"] and "compression level must be 0 (none) to 9, not 12" in refused["msg"], refused
+    assert not dest.exists() and not list(tmp_path.glob("level-12*"))
+
+
 def _statement(output: str) -> str:
     """The statement that the run's final message tells the operator to run (after 'run as ...: ')."""
     messages = [json.loads(m) for m in re.findall(r'"msg": ("(?:[^"\\]|\\.)*")', output)]

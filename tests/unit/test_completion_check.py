@@ -241,6 +241,22 @@ def test_the_completion_checks_the_index_in_full_or_quick_and_a_quick_one_is_che
     assert ran[-1] == "full" and closed["manifest"]["verification"]["index_integrity"] == "integrity_check"
 
 
+def test_a_dump_listing_is_keyed_by_uuid_the_last_row_of_a_uuid_winning():
+    """A dump's rows come in its table's order (random uuids): staged as they come, then moved into
+    the table keyed by uuid sorted; of two rows for one uuid the later one is kept, as in a dict."""
+    listed = _verify.DumpListing()
+    try:
+        for number in range(5000, 0, -1):  # more than one batch, in reverse order
+            listed.attachment(f"{number:08x}", number, "m")
+        listed.attachment(f"{1:08x}", 99, "later")
+        listed.finish()
+        rows = listed.conn.execute("SELECT uuid, size, md5 FROM listing").fetchall()
+        assert len(rows) == 5000 and rows[0] == ("00000001", 99, "later") and rows[-1] == (f"{5000:08x}", 5000, "m")
+        assert not listed.conn.execute("SELECT name FROM temp.sqlite_master WHERE name LIKE 'staged_%'").fetchall()
+    finally:
+        listed.close()
+
+
 def test_a_dump_listing_is_compared_with_the_state_as_an_index_is(tmp_path):
     """A dump backup's completion: the attachments the dump lists (streamed into the state's
     connection, _verify.DumpListing) compared with the state in SQL; what is not placed, placed
@@ -259,13 +275,13 @@ def test_a_dump_listing_is_compared_with_the_state_as_an_index_is(tmp_path):
             try:
                 for uuid, (size, md5) in listing.items():
                     listed.attachment(uuid, size, md5)
-                listed.flush()
+                listed.finish()
                 state.use_dump_listing()
                 _verify.check_storage(str(backup), None, report, None, state=state)
             finally:
                 listed.close()
             # the temporary tables are gone with the listing: the next check makes them again
-            assert not state.conn.execute("SELECT name FROM temp.sqlite_master WHERE name LIKE 'dump_%'").fetchall()
+            assert not state.conn.execute("SELECT name FROM temp.sqlite_master WHERE name LIKE '%dump_%'").fetchall()
         return report.as_dict()
 
     result = check(rows)

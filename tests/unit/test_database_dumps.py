@@ -163,3 +163,19 @@ def test_program_kills_what_still_runs_at_the_end():
     assert program.poll() is not None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_copy_rows_are_read_by_their_columns_positions():
+    """The SQL pg_restore writes: the rows of resources and attachedfiles read by the positions
+    their COPY line names (any order), NULL read as None, escapes undone, resources counted by
+    type (0-based in the plugins' schema)."""
+    lines = [b"COPY public.resources (internalid, resourcetype, publicid, parentid) FROM stdin;\n",
+             b"1\t0\tp\t\\N\n", b"2\t1\ts\t1\n", b"3\t3\ti\t2\n", b"4\t3\tj\t2\n", b"\\.\n",
+             b"COPY public.attachedfiles (id, filetype, compressedhash, uuid, compressedsize, uncompressedsize) "
+             b"FROM stdin;\n",
+             b"3\t1\th1\tu1\t10\t10\n", b"4\t1\t\\N\tu2\t20\t20\n", b"\\.\n",
+             b"COPY public.globalproperties (property, value) FROM stdin;\n", b"1\t6\n", b"4\tx\\ty\n", b"\\.\n"]
+    found = listing.parse_pg_sql(lines)
+    assert found["counts"] == {"patients": 1, "studies": 1, "series": 0, "instances": 2}
+    assert found["attachments"] == {"u1": (10, "h1"), "u2": (20, None)}
+    assert (found["schema_version"], found["patch_level"]) == ("6", "x\ty")
