@@ -405,7 +405,9 @@ def close_backup(root: str, name: str, host: str, facts: dict | None, keep: int,
                          "files_hashed": report["files_hashed"], "orphans": report["orphans"],
                          # the index passed PRAGMA integrity_check: a later check whose SHA-256 of
                          # index/index matches need not run it again (_verify.index_checked_before)
-                         "index_integrity": report.get("index_check")},
+                         "index_integrity": report.get("index_check"),
+                         # a dump backup: the listing the delta pass recorded, or the dump read again
+                         "dump_listing": report.get("dump_listing")},
         "files": files,
     }
     if records.get("pre_upgrade") is not None:

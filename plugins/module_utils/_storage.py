@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import json
 import os
 import re
 import shutil
@@ -282,6 +283,12 @@ def move_sorted(conn, table: str) -> None:
 
 _INDEX_LISTING = "(SELECT uuid, compressedSize AS size FROM idx.AttachedFiles)"
 DUMP_LISTING = "temp.dump_listing"  # a dump's attachments (uuid, size, md5) streamed into this connection
+# A dump's listing recorded in the state file by the delta pass (``record_dump``): the attachments
+# (uuid, size, md5) and the files kept in the database; the completion check uses them instead of
+# reading the dump once more, when the dump is the very file that was read (``recorded_dump``)
+RECORDED_DUMP_LISTING = "main.dump_listing"
+RECORDED_DUMP_STORED = "main.dump_stored"
+RECORDED_DUMP = "recorded_dump"  # facts: the dump read (path, size, mtime, inode) and its summary
 
 
 # The window's candidates from the change log. NOT INDEXED: the changes past the position are read
@@ -421,11 +428,38 @@ class State:
             raise PacsError("read index", f"cannot list the attachments of {index}: {exc}")
         self.listing = _INDEX_LISTING
 
-    def use_dump_listing(self) -> None:
+    def use_dump_listing(self, table: str = DUMP_LISTING) -> None:
         """List the attachments of a database dump that were streamed into this connection's
-        table DUMP_LISTING (uuid, size, md5) (``_verify.DumpListing``): what the completion check of
-        a dump backup compares with the state."""
-        self.listing = DUMP_LISTING
+        table ``table`` (uuid, size, md5) (``_verify.DumpListing``): DUMP_LISTING, or the one the
+        delta pass recorded in the state file (RECORDED_DUMP_LISTING): what the delta pass and the
+        completion check of a dump backup compare with the state."""
+        self.listing = table
+
+    def record_dump(self, path: str, summary: dict) -> None:
+        """Record that RECORDED_DUMP_LISTING and RECORDED_DUMP_STORED hold what the dump ``path``
+        lists (``summary``: its counts and schema version, ``_db.listing.stream_dump``'s), with what
+        identifies that file (size, modification time, inode)."""
+        st = os.stat(path)
+        identity = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "inode": st.st_ino, "summary": summary}
+        self._write("INSERT OR REPLACE INTO facts (key, value) VALUES (?, ?)", [(RECORDED_DUMP, json.dumps(identity))])
+
+    def recorded_dump(self, path: str):
+        """The summary of the dump ``path`` when the delta pass recorded its listing and the file
+        is still the one it read (same path, size, modification time and inode), else None."""
+        try:
+            row = self.conn.execute("SELECT value FROM facts WHERE key = ?", (RECORDED_DUMP,)).fetchone()
+            if row is None:
+                return None
+            self.conn.execute(f"SELECT 1 FROM {RECORDED_DUMP_LISTING} LIMIT 1").fetchall()
+            self.conn.execute(f"SELECT 1 FROM {RECORDED_DUMP_STORED} LIMIT 1").fetchall()
+            recorded = json.loads(row[0])
+            st = os.stat(path)
+        except (sqlite3.Error, ValueError, OSError):
+            return None  # an older state file, or no such dump: it is read again
+        same = (recorded.get("path") == os.path.abspath(path) and recorded.get("size") == st.st_size
+                and recorded.get("mtime_ns") == st.st_mtime_ns and recorded.get("inode") == st.st_ino)
+        return recorded.get("summary") if same and isinstance(recorded.get("summary"), dict) else None
 
     def load_listing(self, wanted) -> None:
         """List the (uuid, size) pairs given, a {uuid: size} or any iterable of pairs (a dump's
@@ -524,8 +558,8 @@ class State:
         read into Python, however many files the archive holds."""
         if self.listing == _INDEX_LISTING:
             source, size, md5 = "idx.AttachedFiles", "a.compressedSize", "a.compressedMD5"
-        elif self.listing == DUMP_LISTING:
-            source, size, md5 = DUMP_LISTING, "a.size", "a.md5"
+        elif self.listing in (DUMP_LISTING, RECORDED_DUMP_LISTING):
+            source, size, md5 = self.listing, "a.size", "a.md5"
         else:
             raise PacsError("read index", "the completion check compares the state with a captured index or a "
                             "dump's listing only")
@@ -867,8 +901,9 @@ def _uncounted(_files: int, _nbytes: int) -> None:
 
 class Delta:
     """The delta pass, in two steps: ``fetch`` places what the captured index (``index``, a
-    SQLite file) or a dump's list (``wanted``: {uuid: size} or an iterable of (uuid, size), see
-    ``_db.listing.attachment_sizes``) lists and the hot pass did not place
+    SQLite file) or a dump's list (``wanted``: {uuid: size} or an iterable of (uuid, size); or an
+    object whose ``load_into(state)`` reads the dump into the state file, as the dump's delta pass
+    does: ``_verify.RecordedDump``) lists and the hot pass did not place
     (or placed with another size): the only step that must run while Orthanc is stopped, its
     work follows what changed since the hot pass. ``tidy`` removes what the hot pass placed and
     the index no longer lists, and sums up the storage: it can wait until Orthanc runs again."""
@@ -885,6 +920,8 @@ class Delta:
         try:
             if index is not None:
                 self.state.attach_index(index)
+            elif callable(getattr(wanted, "load_into", None)):  # a dump read into the state (_verify.RecordedDump)
+                wanted.load_into(self.state)
             else:
                 self.state.load_listing(wanted)
         except BaseException:

@@ -246,7 +246,9 @@ verification:
   description:
     - The check C(complete) ran, counts of problems by kind, files checked (statted on disk) and hashed,
       orphans; C(storage_check) (C(changed) or C(all), see O(md5)) and, for C(changed),
-      C(files_compared), the index's attachments compared with the storage state.
+      C(files_compared), the index's attachments compared with the storage state; for a dump backup,
+      C(dump_listing), C(recorded) (the listing the delta pass read into the storage state) or C(read)
+      (the dump read again).
   type: dict
   returned: complete
 deleted_by_retention:

@@ -214,8 +214,7 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pacs.orthanc.plugins.module_utils import (
-    _backupset, _layout, _progress, _record, _rest, _specs, _storage)
-from ansible_collections.pacs.orthanc.plugins.module_utils._db import listing as db_listing
+    _backupset, _layout, _progress, _record, _rest, _specs, _storage, _verify)
 from ansible_collections.pacs.orthanc.plugins.module_utils._common import PacsError, run_module
 
 
@@ -251,8 +250,9 @@ def _snapshot_phase(module, p, state_file, common):
     else:
         if p["dump"]:
             engine = _layout.dump_engine(p["dump"])
-            # streamed from the dump into SQLite: no dict of every file (issue 15)
-            wanted = db_listing.attachment_sizes(engine, p["dump"], container=p["dump_container"])
+            # streamed from the dump into the state file (no dict of every file, issue 15), where
+            # the completion check finds it again instead of reading the dump once more
+            wanted = _verify.RecordedDump(engine, p["dump"], p["dump_container"])
         elif p["index"]:
             wanted = None  # SQLite compares the captured index with the state itself
         else:

@@ -121,6 +121,9 @@ def test_round_trip_into_a_fresh_database(database, servers, tmp_path, engine, i
     # read the files placed new (all, in a first backup); files in the database: each one checked
     assert manifest["verification"]["storage_check"] == ("all" if in_db else "changed")
     assert manifest["verification"]["files_compared"] == (None if in_db else 9)
+    # files on disk: the dump was read once, by the delta pass, which recorded its listing in the
+    # storage state for the completion; files in the database: no delta pass, the completion reads it
+    assert manifest["verification"]["dump_listing"] == ("read" if in_db else "recorded")
     dump = backup / manifest["dump"]["path"]
     assert dump.is_file() and stat.S_IMODE(dump.stat().st_mode) == 0o600
     assert hashlib.sha256(dump.read_bytes()).hexdigest() == manifest["dump"]["sha256"] == manifest["files"][manifest["dump"]["path"]]

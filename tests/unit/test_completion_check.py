@@ -241,6 +241,53 @@ def test_the_completion_checks_the_index_in_full_or_quick_and_a_quick_one_is_che
     assert ran[-1] == "full" and closed["manifest"]["verification"]["index_integrity"] == "integrity_check"
 
 
+def test_the_completion_uses_the_dump_listing_that_the_delta_pass_recorded(tmp_path, monkeypatch):
+    """A dump backup's delta pass reads the dump (a real mysqldump of Orthanc's database, files on
+    disk) into the state file; the completion check then compares that recorded listing with the
+    state without reading the dump again (dump_listing: recorded), and reads it again once the
+    file is no longer the one the delta pass read (another modification time)."""
+    fixture = pathlib.Path(__file__).resolve().parent / "fixtures" / "mysql-files-on-disk.sql"
+    expected = json.loads((fixture.parent / "expected.json").read_text())[fixture.name]
+    live, backup = tmp_path / "live", tmp_path / "backup"
+    live.mkdir()
+    for uuid, attachment in expected["attachments"].items():  # right sizes; md5 none checks sizes only
+        at(live, uuid).parent.mkdir(parents=True, exist_ok=True)
+        at(live, uuid).write_bytes(b"x" * attachment["size"])
+    (backup / "database").mkdir(parents=True)
+    dump = backup / "database" / "orthanc.sql"
+    shutil.copy(fixture, dump)
+    state_file = tmp_path / "state"
+    _storage.hot_pass(str(live), str(backup / "storage"), str(state_file), link_mode="copy", settle=0)
+    delta = _storage.delta_pass(str(live), str(backup / "storage"), str(state_file),
+                                _verify.RecordedDump("mysql", str(dump)), link_mode="copy")
+    assert delta["fetched_files"] == 0 and delta["missing_files"] == 0 and delta["removed_files"] == 0
+    real_stream = _verify.db_listing.stream_dump
+    reads = []
+    monkeypatch.setattr(_verify.db_listing, "stream_dump", lambda *a, **k: reads.append(a) or real_stream(*a, **k))
+
+    def complete() -> dict:
+        with _storage.State(str(state_file), readonly=True) as state:
+            return _verify.verify_backup(str(backup), md5="none", state=state)
+
+    result = complete()
+    assert result["ok"], result
+    assert result["dump_listing"] == "recorded" and result["storage_check"] == "changed" and reads == []
+    assert result["counts"] == expected["counts"] and result["files_compared"] == len(expected["attachments"])
+    os.utime(dump, ns=(time.time_ns(), time.time_ns() - 10**9))  # the dump is not the file that was read
+    result = complete()
+    assert result["ok"] and result["dump_listing"] == "read" and len(reads) == 1
+    assert result["counts"] == expected["counts"]
+    # a file the recorded listing names with a wrong size is found from the recording too
+    os.utime(dump, ns=(time.time_ns(), time.time_ns()))
+    with _storage.State(str(state_file)) as state:
+        state.record_dump(str(dump), {"counts": expected["counts"], "schema_version": "6"})
+        victim = sorted(expected["attachments"])[0]
+        state.conn.execute(f"UPDATE {_storage.RECORDED_DUMP_LISTING} SET size = size + 1 WHERE uuid = ?", (victim,))
+    result = complete()
+    assert result["dump_listing"] == "recorded" and len(reads) == 1
+    assert list(result["problems"]) == ["storage files with a wrong size"], result["problems"]
+
+
 def test_a_dump_listing_is_keyed_by_uuid_the_last_row_of_a_uuid_winning():
     """A dump's rows come in its table's order (random uuids): staged as they come, then moved into
     the table keyed by uuid sorted; of two rows for one uuid the later one is kept, as in a dict."""

@@ -53,11 +53,17 @@ def test_without_contents_the_files_are_not_read(name):
 
 
 @pytest.mark.parametrize("name", params(DUMPS))
-def test_attachment_sizes_stream_what_the_reader_finds(name):
-    """The storage delta pass of a dump reads the attachments one by one (no dict of every file)."""
-    stream = listing.attachment_sizes(engine_of(name), str(FIXTURES / name))
-    assert iter(stream) is stream  # a generator, not a list or dict
-    assert dict(stream) == {uuid: a["size"] for uuid, a in EXPECTED[name]["attachments"].items()}
+def test_stream_dump_hands_on_what_the_reader_finds(name):
+    """The delta pass and the verification of a dump get the attachments one by one (no dict of
+    every file), and the summary without them."""
+    attachments, stored = {}, {}
+    summary = listing.stream_dump(engine_of(name), str(FIXTURES / name),
+                                  lambda uuid, size, md5: attachments.setdefault(uuid, (size, md5)),
+                                  lambda uuid, size, md5: stored.setdefault(uuid, (size, md5)))
+    expected = EXPECTED[name]
+    assert attachments == {uuid: (a["size"], a["md5"]) for uuid, a in expected["attachments"].items()}
+    assert stored == {uuid: (a["size"], a["md5"]) for uuid, a in expected["stored"].items()}
+    assert summary["attachments"] == {} and summary["stored"] == {} and summary["counts"] == expected["counts"]
 
 
 @needs_pg_restore

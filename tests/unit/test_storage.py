@@ -23,7 +23,7 @@ def test_hot_then_delta_matches_the_index(tmp_path):
     os.unlink(backup_file(src, deleted))
     late = put(src, b"late")
     wanted = {n: os.path.getsize(backup_file(src, n)) for n in old + [young, late]}
-    # a dump's listing arrives as a stream of (uuid, size) pairs (_db.listing.attachment_sizes)
+    # a listing may arrive as a stream of (uuid, size) pairs, never gathered
     delta = _storage.delta_pass(str(src), str(dest), state, (pair for pair in wanted.items()), link_mode="copy")
     assert delta["removed_files"] == 1 and delta["fetched_files"] == 2 and delta["missing_files"] == 0
     present = {e[0] for e in _storage.walk_storage(str(dest))}

@@ -8,8 +8,8 @@ in the database, from ``pg_restore --list`` and the SQL it writes, or from a mys
 Each reader is a stream of events, ``("resource", type)`` (or ``("resources", {type: count})``,
 a table's resources counted at once), ``("attachment", uuid, size, md5)``,
 ``("property", property, value)``, ``("stored", uuid, size, md5)``: ``read_dump`` gathers them
-into one summary (for verification), ``attachment_sizes`` passes the attachments on one by one
-(for the storage delta pass, which holds none of them in memory)."""
+into one summary, ``stream_dump`` passes the attachments and the files kept in the database on one
+by one (for verification and the storage delta pass, which hold none of them in memory)."""
 
 from __future__ import annotations
 
@@ -298,12 +298,3 @@ def stream_dump(engine: str, path: str, attachment, stored, with_contents: bool 
             listing.take(event)
     return listing.as_dict()
 
-
-def attachment_sizes(engine: str, path: str, bin_dir: str | None = None, container: str | None = None):
-    """(uuid, compressed size) of every attachment a dump lists, one at a time, nothing held:
-    what the storage delta pass of a dump compares with its state (``_storage.Delta``)."""
-    events = (_pg_dump_events(path, False, bin_dir, container) if engine == "postgresql"
-              else _mysql_events(path, False))
-    for event in events:
-        if event[0] == "attachment":
-            yield event[1], int(event[2]) if event[2] is not None else 0
