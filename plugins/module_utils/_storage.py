@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -52,8 +54,13 @@ ORIGIN_PREVIOUS = "previous"   # hard link to the previous backup's file
 ORIGIN_LINK = "link"           # hard link to the live file (same filesystem)
 ORIGIN_COPY = "copy"           # copied bytes
 
-LINK_WORKERS = 2    # threads linking the hot pass's files (the syscalls release the GIL)
-_IN_FLIGHT = 64     # xx/yy folders handed to the link threads ahead of the one being recorded
+# Processes linking the hot pass's files, each a run of xx folders at a time (at most the CPUs).
+# Processes, not threads: one stat and one link per file, each releasing and taking the GIL
+# again, and two threads doing so hand the GIL back and forth on every call: at 1,000,000 files
+# two threads took 25-33 s against 18-21 s for one, two processes 12.6-13.6 s (ext4, 2 CPUs,
+# benchmarks/README.md).
+LINK_WORKERS = 2
+_IN_FLIGHT = 4      # xx folders per process handed out ahead of the one being recorded
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 MAX_PENDING = 4096             # copies queued at most before the oldest are waited for
 BATCH = 5000                   # rows written to the state database per statement
@@ -692,8 +699,8 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
     ``limit_rate``: at most so many bytes per second placed (0: no limit), to spare a busy disk.
     ``change_position``: Orthanc's change position, read before this call (recorded before the
     walk, with the files skipped as not settled: what lets the window examine only what changed).
-    ``link_workers``: threads that walk the xx/yy folders and link their files (``_ShardLinker``);
-    copies still go to ``workers`` threads."""
+    ``link_workers``: processes that walk the xx/yy folders and link their files (``_ShardLinker``,
+    ``_linked_in_order``), at most one per CPU; copies still go to ``workers`` threads."""
     began = time.monotonic()
     placed_bytes = 0
     count = progress.add if progress is not None else _uncounted  # files walked but not placed
@@ -705,13 +712,13 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
         placer.on_done = progress.add if progress is not None else None
         linker = _ShardLinker(source, dest, previous, link_source, check_mode, time.time() - settle,
                               known=state.known if again else None)
-        # one thread when the state is read per file (a second pass) or the rate is limited
-        threads = 1 if (again or limit_rate > 0) else max(1, link_workers)
+        # in this process when the state is read per file (a second pass) or the rate is limited
+        processes = 1 if (again or limit_rate > 0) else max(1, min(link_workers, os.cpu_count() or 1))
         deferred = 0
         batch: list = []
         skipped: list = []
         try:
-            for work in _in_order(linker.run, _shards(source), threads):
+            for work in _linked_in_order(linker, source, processes):
                 count(work.walked, work.walked_bytes)
                 deferred += len(work.skipped)
                 skipped.extend(work.skipped)
@@ -733,10 +740,12 @@ def hot_pass(source: str, dest: str, state_file: str, previous: str | None = Non
                 if len(batch) >= BATCH:
                     state.put(batch)
                     batch = []
-        except (OSError, PacsError) as exc:
+        except (OSError, PacsError, concurrent.futures.process.BrokenProcessPool) as exc:
             placer.pool.shutdown(wait=True, cancel_futures=True)
             if isinstance(exc, PacsError):
                 raise
+            if isinstance(exc, concurrent.futures.process.BrokenProcessPool):
+                raise PacsError("copy storage (hot pass)", f"a linking process died: {exc}")
             raise PacsError("copy storage (hot pass)", os_error_cause(exc))
         state.put(batch)
         state.skip(skipped)
@@ -763,25 +772,46 @@ def _shards(root: str):
             yield name1 + "/" + name
 
 
-def _in_order(work, items, threads: int):
-    """``work(item)`` of every item, in order: at once, or by ``threads`` threads, at most
-    ``_IN_FLIGHT`` items ahead (memory stays flat however many folders there are)."""
-    if threads <= 1:
-        for item in items:
-            yield work(item)
+def _linked_in_order(linker, source: str, processes: int):
+    """``linker.run(shard)`` of every xx/yy folder of ``source``, in ``_shards``' order: in this
+    process, or by ``processes`` forked processes, each handed one xx folder's yy folders at a time
+    (about 1/256 of the archive), at most ``_IN_FLIGHT`` per process ahead of the one being
+    recorded (memory stays flat however many files). The forked processes only list, stat and
+    link; the state is written by this process alone."""
+    if processes <= 1:
+        for shard in _shards(source):
+            yield linker.run(shard)
         return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
         pending: collections.deque = collections.deque()
         try:
-            for item in items:
-                pending.append(pool.submit(work, item))
-                if len(pending) >= _IN_FLIGHT:
-                    yield pending.popleft().result()
+            for group in _shard_groups(source):
+                pending.append(pool.submit(_link_group, linker, group))
+                if len(pending) >= _IN_FLIGHT * processes:
+                    yield from pending.popleft().result()
             while pending:
-                yield pending.popleft().result()
+                yield from pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _shard_groups(source: str):
+    """The xx/yy folders of ``source`` in ``_shards``' order, as lists of one xx folder's each."""
+    group: list = []
+    for shard in _shards(source):
+        if group and group[0][:2] != shard[:2]:
+            yield group
+            group = []
+        group.append(shard)
+    if group:
+        yield group
+
+
+def _link_group(linker, shards: list) -> list:
+    """In a linking process: the work of each folder of ``shards``."""
+    return [linker.run(shard) for shard in shards]
 
 
 class _ShardWork:

@@ -114,7 +114,7 @@ def test_the_same_inode_is_linked_from_the_previous_backup_without_asking_its_si
     assert os.stat(backup_file(second, grown)).st_ino == os.stat(backup_file(src, grown)).st_ino
 
 
-def test_link_threads_place_what_one_thread_places(tmp_path):
+def test_link_processes_place_what_one_process_places(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     names = [put(src, os.urandom(10 + n)) for n in range(300)]
@@ -123,7 +123,7 @@ def test_link_threads_place_what_one_thread_places(tmp_path):
     _storage.hot_pass(str(src), str(base), str(tmp_path / "s0"), link_mode="auto", settle=5)
     os.unlink(backup_file(base, names[0]))  # not in the previous backup: linked from the live file
     results = {}
-    for threads in (1, 2, 4):
+    for threads in (1, 2, 4):  # link_workers: processes (at most the CPUs)
         dest = tmp_path / str(threads) / "storage"
         walked = []
 
