@@ -297,4 +297,3 @@ def stream_dump(engine: str, path: str, attachment, stored, with_contents: bool 
         else:
             listing.take(event)
     return listing.as_dict()
-
