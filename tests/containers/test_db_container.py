@@ -167,10 +167,18 @@ def test_round_trip_with_the_database_in_its_own_container(db_containers, orthan
         orthanc_container_engine=engine)})
     pid_before = server.pid()
     with procs.SecretWatch(db.secrets, DUMP_TOOLS | RESTORE_TOOLS | {"psql"}, host_environ_only=True) as watch:
-        backed_up = run_playbook(inventory, verbosity=3)
-        assert backed_up.returncode == 0, backed_up.stdout
-        assert server.pid() == pid_before  # Orthanc was never stopped
-        dumped_by = set(watch.seen)
+        # a dump of a few instances lasts milliseconds: on a loaded machine the watch may read the
+        # dump tool's process only after it ended (seen in CI, mariadb-dump, other suites beside
+        # it); another backup then gives it another look, at most three in all
+        outputs = []
+        for _attempt in range(3):
+            backed_up = run_playbook(inventory, verbosity=3)
+            outputs.append(backed_up.stdout)
+            assert backed_up.returncode == 0, backed_up.stdout
+            assert server.pid() == pid_before  # Orthanc was never stopped
+            dumped_by = set(watch.seen)
+            if dumped_by & DUMP_TOOLS:
+                break
 
         # destroy: Orthanc stopped, its database dropped in the container, its storage wiped
         server.stop()
@@ -184,7 +192,7 @@ def test_round_trip_with_the_database_in_its_own_container(db_containers, orthan
     assert watch.seen & RESTORE_TOOLS, "the sampler never saw the restore tool run"
     assert not watch.leaks, watch.leaks
     for secret in db.secrets:
-        assert secret not in backed_up.stdout and secret not in restored.stdout  # -vvv: arguments and results
+        assert all(secret not in out for out in outputs) and secret not in restored.stdout  # -vvv: arguments, results
 
     backup = (root / "latest").resolve()
     manifest = checks.read_manifest(backup)
